@@ -1,0 +1,30 @@
+"""distload: load safetensors checkpoints into every process of a distributed job, reading
+each byte once and moving only what each rank needs.
+
+Public API::
+
+    state = distload.load(source, placement=distload.TensorParallel(rules))
+    state.report.table()
+"""
+
+from distload.api import LoadedState, load
+from distload.errors import CheckpointError, DistLoadError, PeerError, PlacementError
+from distload.placement import Layout, Placement, ReplicateAll, TensorParallel, preset
+from distload.report import LoadReport
+
+__all__ = [
+    "CheckpointError",
+    "DistLoadError",
+    "Layout",
+    "LoadReport",
+    "LoadedState",
+    "PeerError",
+    "Placement",
+    "PlacementError",
+    "ReplicateAll",
+    "TensorParallel",
+    "load",
+    "preset",
+]
+
+__version__ = "0.1.0"

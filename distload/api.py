@@ -1,0 +1,244 @@
+"""``distload.load``: the one orchestrator of the load phases.
+
+Every rank of the group calls :func:`load` with the same arguments (``out=`` and ``device``
+may differ per rank). Phases, in order, on every rank:
+
+1. runtime -- find or bootstrap the process group (``distload.runtime``);
+2. index + plan -- on rank 0 only: read and validate the checkpoint's index and headers, run
+   the placement and the planner; the plan (JSON, no pickle) is broadcast to all ranks;
+3. prepare -- each rank allocates or checks its destination tensors; all ranks agree;
+4. read / transfer -- the executor runs the plan bucket by bucket;
+5. close -- all ranks agree on success and exchange their figures for the report.
+
+A failure in any phase on any rank raises the same :class:`~distload.errors.DistLoadError` on
+every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distload import runtime as runtime_mod
+from distload.checkpoint import DEFAULT_MAX_HEADER_BYTES, read_checkpoint
+from distload.coordination import agree, from_coordinator
+from distload.dtypes import parse_dtype
+from distload.errors import DistLoadError
+from distload.execute import PREFETCH_DEPTH, Executor
+from distload.materialize import prepare_destinations
+from distload.placement.base import Placement
+from distload.plan import LoadPlan
+from distload.planner import make_plan
+from distload.report import LoadReport, RankReport
+from distload.storage import DEFAULT_READ_THREADS, Arenas, FileReader
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STAGING_BYTES = 256 * 1024 * 1024
+_STAGING_ARENAS = PREFETCH_DEPTH + 2  # read ring + one receive + one pack buffer
+
+
+class LoadedState(dict[str, torch.Tensor]):
+    """The tensors this rank loaded (name -> local piece), with the load's :attr:`report`."""
+
+    report: LoadReport
+    plan: LoadPlan
+
+
+def _build_plan(
+    source: str | os.PathLike[str],
+    world_size: int,
+    placement: Placement | None,
+    dtype: str | None,
+    bucket_bytes: int,
+    readers: Collection[int] | None,
+    names: Collection[str] | None,
+    max_header_bytes: int,
+) -> bytes:
+    """Coordinator step: index + plan, serialised for broadcast."""
+    try:
+        index = read_checkpoint(source, max_header_bytes=max_header_bytes)
+    except DistLoadError as exc:
+        exc.phase = "index"
+        raise
+    if names is not None:
+        missing = sorted(set(names) - {t.name for t in index.tensors})
+        if missing:
+            raise DistLoadError(
+                f"out= names {len(missing)} tensor(s) not in the checkpoint: {missing[:5]}",
+                tensor=missing[0],
+                phase="plan",
+            )
+    try:
+        plan = make_plan(
+            index,
+            world_size,
+            placement,
+            dtype=dtype,
+            bucket_bytes=bucket_bytes,
+            readers=readers,
+            names=names,
+        )
+    except DistLoadError as exc:
+        exc.phase = "plan"
+        raise
+    return plan.to_json()
+
+
+def load(
+    source: str | os.PathLike[str],
+    placement: Placement | None = None,
+    *,
+    dtype: Any = None,
+    device: str | torch.device | None = None,
+    out: Mapping[str, torch.Tensor] | None = None,
+    group: dist.ProcessGroup | None = None,
+    staging_bytes: int = DEFAULT_STAGING_BYTES,
+    bucket_bytes: int | None = None,
+    readers: Collection[int] | None = None,
+    timeout: float = 300.0,
+    read_threads: int = DEFAULT_READ_THREADS,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    progress: Callable[[int, int], None] | None = None,
+) -> LoadedState:
+    """Load this rank's piece of every tensor of a safetensors checkpoint.
+
+    Collective: every rank of ``group`` calls it with the same ``source``, ``placement``,
+    ``dtype`` and sizes. Each checkpoint byte is read from storage by exactly one rank; the
+    others get what they need over the process group.
+
+    Args:
+        source: folder with ``model.safetensors.index.json`` and shards, folder with one
+            ``model.safetensors``, or the path of one ``.safetensors`` file.
+        placement: how tensors lie over the ranks, e.g. ``distload.TensorParallel(rules)``.
+            Default: every rank gets every tensor.
+        dtype: ``None``/``"auto"`` keeps stored dtypes; a floating ``torch.dtype`` casts the
+            floating tensors (integer and bool tensors are never cast). The cast happens on the
+            side that moves fewer bytes.
+        device: where the tensors go (default ``cuda:{LOCAL_RANK}`` with CUDA, else ``cpu``).
+        out: name -> preallocated tensor of this rank's local shape. Only these tensors are
+            loaded, written in place; nothing else is allocated.
+        group: process group (default: the world group, initialised from the torchrun
+            environment if needed; a single process needs none).
+        staging_bytes: bound on this rank's staging memory (read ring, receive and pack
+            buffers). Buckets are ``staging_bytes / 4`` unless ``bucket_bytes`` is given.
+        readers: ranks allowed to read from storage (default: all).
+        timeout: seconds any rank waits for a peer before failing with a clear error.
+        read_threads: positioned reads in flight per reader rank.
+        progress: called on rank 0 as ``progress(done_buckets, total_buckets)``.
+
+    Returns:
+        :class:`LoadedState`: a dict of this rank's tensors, plus ``.report`` (per-rank bytes
+        read/sent/received/held, staging peak, seconds per phase) and ``.plan``.
+
+    Example:
+        >>> import distload                                       # doctest: +SKIP
+        >>> state = distload.load("ckpt/", distload.TensorParallel({"*.q_proj.weight": "colwise"}))
+        >>> print(state.report.table())
+    """
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    target_dtype = parse_dtype(dtype)
+    if staging_bytes < _STAGING_ARENAS:
+        raise DistLoadError(f"staging_bytes must be >= {_STAGING_ARENAS}, got {staging_bytes}")
+    bucket = bucket_bytes or max(1, staging_bytes // _STAGING_ARENAS)
+    rt, transport = runtime_mod.setup(group, device, timeout=timeout)
+    seconds["runtime"] = time.perf_counter() - t0
+
+    tick = time.perf_counter()
+    names = sorted(out) if out is not None else None
+    payload = from_coordinator(
+        transport,
+        "index",
+        lambda: _build_plan(
+            source,
+            rt.world_size,
+            placement,
+            target_dtype,
+            bucket,
+            readers,
+            names,
+            max_header_bytes,
+        ),
+    )
+    plan = LoadPlan.from_json(payload)
+    seconds["plan"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    dests: dict[int, torch.Tensor] = {}
+    error: BaseException | None = None
+    try:
+        dests = prepare_destinations(plan, rt.rank, rt.device, out)
+    except Exception as exc:
+        error = exc
+    agree(transport, "prepare", error)
+    seconds["prepare"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    host = Arenas(torch.device("cpu"), pin=transport.device.type == "cuda")
+    comm = Arenas(transport.device) if transport.device.type == "cuda" else host
+    total = len(plan.buckets)
+    reader = FileReader(plan.index.root, threads=read_threads)
+    try:
+        executor = Executor(
+            plan,
+            transport,
+            dests,
+            reader,
+            host_arenas=host,
+            comm_arenas=comm,
+            on_bucket=(lambda n: progress(n + 1, total))
+            if progress is not None and rt.rank == 0
+            else None,
+        )
+        stats = executor.run()
+        agree(transport, "close", executor.pending)
+    finally:
+        reader.close()
+    staging = host.nbytes + (comm.nbytes if comm is not host else 0)
+    host.clear()
+    comm.clear()
+    seconds["read"] = stats.read_seconds
+    seconds["transfer"] = stats.transfer_seconds
+    seconds["execute"] = time.perf_counter() - tick
+    seconds["total"] = time.perf_counter() - t0
+
+    names_by_index = {t: plan.tensors[t].name for t in dests}
+    mine = RankReport(
+        rank=rt.rank,
+        bytes_read=stats.bytes_read,
+        bytes_sent=stats.bytes_sent,
+        bytes_received=stats.bytes_received,
+        bytes_held=sum(d.numel() * d.element_size() for d in dests.values()),
+        peak_staging_bytes=staging,
+        seconds=seconds,
+    )
+    reports = [
+        RankReport.from_json(b) for b in transport.all_gather_bytes(mine.to_json(), "close: report")
+    ]
+    state = LoadedState((names_by_index[t], d) for t, d in dests.items())
+    state.plan = plan
+    state.report = LoadReport(
+        source=str(source),
+        world_size=rt.world_size,
+        total_bytes=plan.index.total_bytes,
+        tensors=len(plan.tensors),
+        buckets=total,
+        placement=plan.placement,
+        ranks=reports,
+        wall_seconds=max(r.seconds.get("total", 0.0) for r in reports),
+    )
+    log.info(
+        "loaded %d tensors (%d bytes held) on rank %d in %.2f s",
+        len(state),
+        mine.bytes_held,
+        rt.rank,
+        seconds["total"],
+    )
+    return state

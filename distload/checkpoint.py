@@ -1,0 +1,448 @@
+"""Checkpoint sources, safetensors header and index parsing, validation -> :class:`TensorMeta`.
+
+Runs on the coordinator only (rank 0 of the load's group). It reads the index and the
+safetensors *headers* -- never tensor data -- checks every invariant a loader relies on, and
+produces a :class:`CheckpointIndex`, a compact description that travels to the other ranks as
+JSON inside the load plan. Nothing here imports torch.
+
+Checks, each raising :class:`~distload.errors.CheckpointError` naming the file and tensor:
+
+* source exists; a folder holds ``model.safetensors.index.json`` or ``model.safetensors``;
+  pickle-based checkpoints (``.bin``/``.pt``) are refused with a pointer to safetensors;
+* index is a JSON object with a ``weight_map`` of str -> str; every file named stays inside the
+  folder (no absolute paths, no ``..``, no symlink escaping it) and is a regular file;
+* header length is within ``max_header_bytes`` and the file; the header is a JSON object without
+  duplicate keys; every entry has a known dtype, a shape of non-negative ints and two ordered
+  ``data_offsets`` whose span equals ``prod(shape) * itemsize``; the data region is covered
+  exactly (no overlap, no gap, no truncation, no trailing bytes);
+* every tensor of the ``weight_map`` is in its file's header; ``metadata.total_size`` (when
+  given) equals the byte count of the mapped tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distload.dtypes import ITEMSIZE
+from distload.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself applies
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """One tensor of the checkpoint, as read from its file's header."""
+
+    name: str  # full tensor name, e.g. "model.layers.0.self_attn.q_proj.weight"
+    file: str  # file name relative to the checkpoint root
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]  # logical shape
+    offset: int  # absolute byte offset of the data inside the file
+    nbytes: int  # byte count of the data
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype]
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one index along dim 0 (the whole tensor for 0-d tensors)."""
+        if not self.shape:
+            return self.nbytes
+        return math.prod(self.shape[1:]) * self.itemsize
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    """One safetensors file of the checkpoint."""
+
+    name: str  # relative to the checkpoint root
+    size: int  # file size in bytes
+    header_bytes: int  # 8 + JSON header length: data starts here
+
+
+@dataclass(frozen=True)
+class CheckpointIndex:
+    """The validated description of a checkpoint (what the coordinator shares with all ranks)."""
+
+    root: str  # absolute path of the checkpoint folder
+    files: tuple[FileMeta, ...]
+    tensors: tuple[TensorMeta, ...]  # ordered by (file, offset): the order reads happen in
+    metadata: dict[str, str]  # the safetensors ``__metadata__`` of the first file
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def to_json(self) -> dict[str, Any]:
+        files = [f.name for f in self.files]
+        pos = {name: i for i, name in enumerate(files)}
+        return {
+            "root": self.root,
+            "files": [[f.name, f.size, f.header_bytes] for f in self.files],
+            "tensors": [
+                [t.name, pos[t.file], t.dtype, list(t.shape), t.offset, t.nbytes]
+                for t in self.tensors
+            ],
+            "metadata": self.metadata,
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> CheckpointIndex:
+        files = tuple(FileMeta(n, s, h) for n, s, h in data["files"])
+        tensors = tuple(
+            TensorMeta(name, files[fi].name, dt, tuple(shape), off, nb)
+            for name, fi, dt, shape, off, nb in data["tensors"]
+        )
+        return CheckpointIndex(data["root"], files, tensors, dict(data["metadata"]))
+
+
+# --------------------------------------------------------------------------------------------
+# sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved local checkpoint: its root folder and either an index or one file."""
+
+    root: Path
+    index_file: Path | None  # model.safetensors.index.json, if the checkpoint is sharded
+    single_file: str | None  # file name (relative to root) of a one-file checkpoint
+
+
+def resolve_source(source: str | os.PathLike[str]) -> Source:
+    """Resolve a user ``source`` argument to a local checkpoint.
+
+    Accepts a folder with ``model.safetensors.index.json``, a folder with ``model.safetensors``
+    (or exactly one ``*.safetensors`` file), or the path of one ``.safetensors`` file. Hub repo
+    ids are resolved to a local folder before this is called (see ``distload.hub``).
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        hint = ""
+        text = str(source)
+        if text.count("/") == 1 and not text.startswith((".", "/")):
+            hint = " (it looks like a Hub repo id; Hub sources are not supported by this build)"
+        raise CheckpointError(f"checkpoint source {text!r} does not exist{hint}", file=text)
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix == ".json":
+            return Source(path.parent, path, None)
+        _refuse_pickle(path.name, path)
+        if path.suffix != ".safetensors":
+            raise CheckpointError(
+                f"{path} is not a .safetensors file or an index .json", file=str(path)
+            )
+        return Source(path.parent, None, path.name)
+    if (path / INDEX_NAME).is_file():
+        return Source(path, path / INDEX_NAME, None)
+    if (path / SINGLE_NAME).is_file():
+        return Source(path, None, SINGLE_NAME)
+    found = sorted(p.name for p in path.iterdir())
+    shards = [n for n in found if n.endswith(".safetensors")]
+    indexes = [n for n in found if n.endswith(".safetensors.index.json")]
+    if len(indexes) == 1:
+        return Source(path, path / indexes[0], None)
+    if len(shards) == 1:
+        return Source(path, None, shards[0])
+    for name in found:
+        _refuse_pickle(name, path / name)
+    raise CheckpointError(
+        f"folder {path} has no {INDEX_NAME} and no single .safetensors file "
+        f"(found: {found[:10]}{' ...' if len(found) > 10 else ''})",
+        file=str(path),
+    )
+
+
+def _refuse_pickle(name: str, path: Path) -> None:
+    if name.endswith(_PICKLE_SUFFIXES):
+        raise CheckpointError(
+            f"{path} is a pickle-based checkpoint; distload loads safetensors only because "
+            "unpickling can run arbitrary code. Convert it with safetensors.torch.save_file.",
+            file=str(path),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# headers
+
+
+def read_header(
+    path: Path, *, display: str | None = None, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+) -> tuple[FileMeta, dict[str, TensorMeta], dict[str, str]]:
+    """Read and validate the header of one safetensors file (header bytes only).
+
+    Returns the file record, the tensors it holds, and its ``__metadata__``.
+    """
+    name = display or path.name
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(
+                    f"{name}: file is {size} bytes, too small for a safetensors header "
+                    "(8-byte length prefix expected)",
+                    file=name,
+                )
+            length = int.from_bytes(fh.read(8), "little")
+            if length > max_header_bytes:
+                raise CheckpointError(
+                    f"{name}: header length {length} exceeds the limit of {max_header_bytes} "
+                    "bytes (corrupted file or not safetensors)",
+                    file=name,
+                )
+            if 8 + length > size:
+                raise CheckpointError(
+                    f"{name}: header length {length} runs past the end of the {size}-byte file "
+                    "(truncated or corrupted)",
+                    file=name,
+                )
+            raw = fh.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"{name}: cannot read: {exc}", file=name) from exc
+    header = _decode_header(raw, name)
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise CheckpointError(f"{name}: __metadata__ must map strings to strings", file=name)
+    data_start = 8 + length
+    tensors = {t: _tensor_entry(t, entry, name, data_start) for t, entry in header.items()}
+    _check_coverage(tensors, name, size - data_start, data_start)
+    return FileMeta(name, size, data_start), tensors, meta
+
+
+def _decode_header(raw: bytes, name: str) -> dict[str, Any]:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise CheckpointError(f"{name}: duplicate key {key!r} in header", file=name)
+            out[key] = value
+        return out
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except CheckpointError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(
+            f"{name}: header is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})",
+            file=name,
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{name}: header must be a JSON object, got {type(header).__name__}", file=name
+        )
+    return header
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensor_entry(tensor: str, entry: object, name: str, data_start: int) -> TensorMeta:
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{name}: tensor {tensor!r}: {what}", file=name, tensor=tensor)
+
+    if not isinstance(entry, dict):
+        raise bad(f"entry must be an object, got {type(entry).__name__}")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in ITEMSIZE:
+        raise bad(f"unknown dtype {dtype!r}; valid: {sorted(ITEMSIZE)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise bad(f"shape must be a list of non-negative integers, got {shape!r}"[:300])
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise bad(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+    expected = math.prod(shape) * ITEMSIZE[dtype]
+    begin, end = offsets
+    if end - begin != expected:
+        raise bad(
+            f"data_offsets span {end - begin} bytes but dtype {dtype} x shape {shape} needs "
+            f"{expected} bytes"
+        )
+    return TensorMeta(tensor, name, dtype, tuple(shape), data_start + begin, expected)
+
+
+def _check_coverage(
+    tensors: dict[str, TensorMeta], name: str, data_size: int, data_start: int
+) -> None:
+    cursor = 0
+    for meta in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes)):
+        begin, end = meta.offset - data_start, meta.offset - data_start + meta.nbytes
+        if end > data_size:
+            raise CheckpointError(
+                f"{name}: tensor {meta.name!r} ends at data byte {end} but the file holds only "
+                f"{data_size} data bytes (truncated file?)",
+                file=name,
+                tensor=meta.name,
+            )
+        if meta.nbytes == 0:
+            continue
+        if begin < cursor:
+            raise CheckpointError(
+                f"{name}: tensor {meta.name!r} at data bytes [{begin}, {end}) overlaps the "
+                f"previous tensor ending at {cursor}",
+                file=name,
+                tensor=meta.name,
+            )
+        if begin > cursor:
+            raise CheckpointError(
+                f"{name}: gap of {begin - cursor} bytes before tensor {meta.name!r} "
+                f"(data bytes [{cursor}, {begin}) belong to no tensor)",
+                file=name,
+                tensor=meta.name,
+            )
+        cursor = end
+    if cursor != data_size:
+        raise CheckpointError(
+            f"{name}: {data_size - cursor} trailing data bytes after the last tensor "
+            f"(header covers {cursor} of {data_size})",
+            file=name,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# index
+
+
+def safe_member(root: Path, name: object, *, where: str) -> Path:
+    """Path of file ``name`` inside ``root``; refuses anything that could escape the folder."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{where}: invalid file name {name!r}", file=str(name))
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in name:
+        raise CheckpointError(
+            f"{where}: file name {name!r} escapes the checkpoint folder "
+            "(absolute paths and '..' are refused)",
+            file=name,
+        )
+    path = root / rel
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise CheckpointError(
+            f"{where}: file {name!r} resolves to {real}, outside the checkpoint folder "
+            f"{real_root} (symlink escape refused)",
+            file=name,
+        )
+    if not path.exists():
+        raise CheckpointError(f"{where}: file {name!r} is missing from {root}", file=name)
+    if not path.is_file():
+        raise CheckpointError(f"{where}: {name!r} is not a regular file", file=name)
+    return path
+
+
+def _read_index(path: Path) -> tuple[dict[str, str], int | None]:
+    where = path.name
+    try:
+        size = path.stat().st_size
+        if size > MAX_INDEX_BYTES:
+            raise CheckpointError(
+                f"{where}: index is {size} bytes, more than the {MAX_INDEX_BYTES}-byte limit",
+                file=where,
+            )
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except CheckpointError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(
+            f"{where}: cannot parse index ({type(exc).__name__}: {str(exc)[:200]})", file=where
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+        raise CheckpointError(f"{where}: index must be an object with a 'weight_map'", file=where)
+    weight_map = data["weight_map"]
+    for tensor, file in weight_map.items():
+        if not isinstance(file, str):
+            raise CheckpointError(
+                f"{where}: weight_map[{tensor!r}] must be a file name, got {file!r}",
+                file=where,
+                tensor=tensor,
+            )
+    total = None
+    metadata = data.get("metadata") or {}
+    if isinstance(metadata, dict) and "total_size" in metadata:
+        total = metadata["total_size"]
+        if isinstance(total, float) and total.is_integer():
+            total = int(total)
+        if not _is_int(total):
+            raise CheckpointError(
+                f"{where}: metadata.total_size must be an integer, got {total!r}", file=where
+            )
+    return weight_map, total
+
+
+def read_checkpoint(
+    source: str | os.PathLike[str] | Source,
+    *,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+) -> CheckpointIndex:
+    """Resolve ``source``, read and validate its index and headers (coordinator only)."""
+    src = source if isinstance(source, Source) else resolve_source(source)
+    root = src.root
+    if src.index_file is None:
+        assert src.single_file is not None
+        path = safe_member(root, src.single_file, where=str(root))
+        fmeta, tensors, meta = read_header(path, max_header_bytes=max_header_bytes)
+        ordered = sorted(tensors.values(), key=lambda t: (t.offset, t.name))
+        return CheckpointIndex(str(root), (fmeta,), tuple(ordered), meta)
+
+    weight_map, total = _read_index(src.index_file)
+    where = src.index_file.name
+    by_file: dict[str, list[str]] = {}
+    for tensor, file in weight_map.items():
+        by_file.setdefault(file, []).append(tensor)
+    files: list[FileMeta] = []
+    chosen: list[TensorMeta] = []
+    first_meta: dict[str, str] = {}
+    for file in sorted(by_file):
+        path = safe_member(root, file, where=where)
+        fmeta, tensors, meta = read_header(
+            path, display=file, max_header_bytes=max_header_bytes
+        )
+        first_meta = first_meta or meta
+        files.append(fmeta)
+        for tensor in by_file[file]:
+            if tensor not in tensors:
+                raise CheckpointError(
+                    f"{where} maps tensor {tensor!r} to {file!r}, but that file's header has "
+                    f"no such tensor ({len(tensors)} tensors in it)",
+                    file=file,
+                    tensor=tensor,
+                )
+            chosen.append(tensors[tensor])
+        unmapped = set(tensors) - set(by_file[file])
+        if unmapped:
+            log.warning(
+                "%s: %d tensor(s) in the header are not in %s and will not be loaded (e.g. %s)",
+                file,
+                len(unmapped),
+                where,
+                sorted(unmapped)[0],
+            )
+    mapped = sum(t.nbytes for t in chosen)
+    if total is not None and total != mapped:
+        raise CheckpointError(
+            f"{where}: metadata.total_size is {total} bytes but the headers of the mapped "
+            f"tensors add up to {mapped} bytes",
+            file=where,
+        )
+    chosen.sort(key=lambda t: (t.file, t.offset, t.name))
+    return CheckpointIndex(str(root), tuple(files), tuple(chosen), first_meta)

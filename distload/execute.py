@@ -1,0 +1,338 @@
+"""Execute a plan on one rank: read, transfer and copy every bucket into the destinations.
+
+Runs on every rank of the group, each with the same plan. Buckets are processed in the plan's
+single global order:
+
+* a ``local`` bucket concerns its reader only (no communication); pieces that land unchanged
+  in a contiguous region of the destination are read straight into it;
+* before each shared bucket all ranks agree on a status flag (one small ``all_reduce``), so a
+  rank whose read failed ends the load everywhere instead of leaving peers waiting;
+* ``broadcast`` buckets move one packed buffer from the reader to all ranks; ``p2p`` buckets
+  send each rank only its own parts (packed), point to point.
+
+A background thread reads this rank's upcoming buckets (in plan order) into a ring of staging
+arenas while the main thread transfers the current one, overlapping storage and network.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from distload.coordination import agree
+from distload.dtypes import to_torch
+from distload.errors import DistLoadError
+from distload.plan import Bucket, Item, LoadPlan, Segment, read_slots, segments_for
+from distload.storage import Arenas, FileReader, ReadRequest, byte_view
+from distload.transport.base import Transport
+
+log = logging.getLogger(__name__)
+
+PREFETCH_DEPTH = 2  # staging arenas in the read-ahead ring
+
+
+@dataclass
+class ExecStats:
+    """What this rank did while executing (part of the load report)."""
+
+    bytes_read: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    read_seconds: float = 0.0
+    transfer_seconds: float = 0.0
+    buckets: int = 0
+    direct_reads: int = 0
+
+
+def _region(tensor: torch.Tensor, box: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    return tensor[tuple(slice(a, b) for a, b in box)] if box else tensor
+
+
+def _view(buf: torch.Tensor, seg: Segment) -> torch.Tensor:
+    """The segment's bytes in ``buf`` as a tensor of its dtype and shape."""
+    raw = buf[seg.offset : seg.offset + seg.nbytes]
+    return raw.view(to_torch(seg.dtype)).view(seg.part.shape)
+
+
+@dataclass
+class _Ready:
+    """A bucket read by this rank: its slots and the arena holding them (or the error)."""
+
+    bucket: Bucket
+    buffer: torch.Tensor | None = None
+    slots: dict[Item, Segment] = field(default_factory=dict)
+    direct: set[Item] = field(default_factory=set)
+    arena: str | None = None
+    error: BaseException | None = None
+
+
+class _Prefetcher:
+    """Reads this rank's buckets in plan order on a background thread (bounded ring)."""
+
+    def __init__(
+        self,
+        plan: LoadPlan,
+        rank: int,
+        reader: FileReader,
+        arenas: Arenas,
+        direct_target: Callable[[Item], memoryview | None],
+        stats: ExecStats,
+    ) -> None:
+        self.plan, self.rank, self.reader, self.arenas = plan, rank, reader, arenas
+        self.direct_target = direct_target
+        self.stats = stats
+        self.mine = [b for b in plan.buckets if b.reader == rank]
+        self.free: queue.Queue[str] = queue.Queue()
+        for i in range(PREFETCH_DEPTH):
+            self.free.put(f"read{i}")
+        self.ready: queue.Queue[_Ready] = queue.Queue()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="distload-prefetch", daemon=True)
+        if self.mine:
+            self.thread.start()
+
+    def _run(self) -> None:
+        for bucket in self.mine:
+            arena = None
+            while arena is None:
+                if self._stop.is_set():
+                    return
+                try:
+                    arena = self.free.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+            self.ready.put(self._read(bucket, arena))
+
+    def _read(self, bucket: Bucket, arena: str) -> _Ready:
+        out = _Ready(bucket, arena=arena)
+        start = time.perf_counter()
+        try:
+            slots, _ = read_slots(self.plan, bucket)
+            targets: dict[Item, memoryview] = {}
+            if bucket.kind == "local":
+                for slot in slots:
+                    direct = self.direct_target(slot.item)
+                    if direct is not None:
+                        targets[slot.item] = direct
+            staged = [s for s in slots if s.item not in targets]
+            size = max((s.offset + s.nbytes for s in staged), default=0)
+            out.buffer = self.arenas.get(arena, size)
+            if staged:
+                host = byte_view(out.buffer)
+                for slot in staged:
+                    targets[slot.item] = host[slot.offset : slot.offset + slot.nbytes]
+            out.direct = {s.item for s in slots} - {s.item for s in staged}
+            requests = []
+            for slot in slots:
+                meta = self.plan.tensors[slot.item.tensor]
+                out.slots[slot.item] = slot
+                target = targets[slot.item]
+                if len(target):
+                    offset = meta.offset + slot.item.start * meta.row_bytes
+                    requests.append(ReadRequest(meta.file, offset, target, meta.name))
+            self.reader.read(requests)
+        except BaseException as exc:  # delivered to the main thread, which decides
+            out.error = exc
+        self.stats.read_seconds += time.perf_counter() - start
+        return out
+
+    def next(self, bucket: Bucket) -> _Ready:
+        got = self.ready.get()
+        if got.bucket is not bucket:  # pragma: no cover - would be a bug in ordering
+            raise RuntimeError("prefetch order diverged from the plan order")
+        return got
+
+    def release(self, ready: _Ready) -> None:
+        if ready.arena is not None:
+            self.free.put(ready.arena)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.thread.is_alive():
+            # drain so the worker is never blocked, then wait for the read in flight
+            while self.thread.is_alive():
+                try:
+                    self.release(self.ready.get(timeout=0.05))
+                except queue.Empty:
+                    pass
+            self.thread.join()
+
+
+class Executor:
+    """Runs one plan on one rank. Every rank of the group must call :meth:`run` together."""
+
+    def __init__(
+        self,
+        plan: LoadPlan,
+        transport: Transport,
+        dests: dict[int, torch.Tensor],
+        reader: FileReader,
+        *,
+        host_arenas: Arenas,
+        comm_arenas: Arenas,
+        on_bucket: Callable[[int], None] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.transport = transport
+        self.rank = transport.rank
+        self.dests = dests
+        self.reader = reader
+        self.host_arenas = host_arenas
+        self.comm_arenas = comm_arenas
+        self.on_bucket = on_bucket
+        self.stats = ExecStats()
+        self.pending: BaseException | None = None  # a local failure not yet shared
+        self._agreed = False  # whether the current bucket's status check has passed
+
+    # -- destinations -------------------------------------------------------------------------
+
+    def _direct_target(self, item: Item) -> memoryview | None:
+        """Destination memory a piece can be read into unchanged, if there is such memory."""
+        meta = self.plan.tensors[item.tensor]
+        dest = self.dests.get(item.tensor)
+        if dest is None or dest.device.type != "cpu" or dest.dtype != to_torch(meta.dtype):
+            return None
+        segs, _ = segments_for(self.plan, Bucket("local", self.rank, (item,)), self.rank)
+        if len(segs) != 1 or segs[0].part.shape != (
+            (item.stop - item.start, *meta.shape[1:]) if meta.shape else ()
+        ):
+            return None
+        region = _region(dest, segs[0].part.dst)
+        if not region.is_contiguous():
+            return None
+        return byte_view(region)
+
+    def _deliver(self, segs: list[Segment], buf: torch.Tensor) -> None:
+        """Copy packed segments of ``buf`` into this rank's destinations."""
+        for seg in segs:
+            dest = self.dests.get(seg.item.tensor)
+            if dest is not None:
+                _region(dest, seg.part.dst).copy_(_view(buf, seg), non_blocking=True)
+
+    def _own_parts(self, ready: _Ready) -> None:
+        """Copy the parts this reader holds itself straight from its read slots."""
+        for seg in segments_for(self.plan, ready.bucket, self.rank)[0]:
+            if seg.item in ready.direct:
+                continue
+            dest = self.dests.get(seg.item.tensor)
+            if dest is None:
+                continue
+            assert ready.buffer is not None
+            piece = _view(ready.buffer, ready.slots[seg.item])
+            _region(dest, seg.part.dst).copy_(_region(piece, seg.part.src), non_blocking=True)
+
+    def _pack(self, ready: _Ready, segs: list[Segment], size: int) -> torch.Tensor:
+        """Pack parts of the read pieces into the send layout ``segs`` (casting if needed)."""
+        assert ready.buffer is not None
+        buf = self.comm_arenas.get("pack", size)
+        for seg in segs:
+            piece = _view(ready.buffer, ready.slots[seg.item])
+            _view(buf, seg).copy_(_region(piece, seg.part.src), non_blocking=True)
+        return buf
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> ExecStats:
+        prefetch = _Prefetcher(
+            self.plan, self.rank, self.reader, self.host_arenas, self._direct_target, self.stats
+        )
+        try:
+            for number, bucket in enumerate(self.plan.buckets):
+                self._agreed = False
+                try:
+                    self._step(number, bucket, prefetch)
+                except DistLoadError:
+                    raise
+                except Exception as exc:
+                    if self._agreed:
+                        raise  # peers are inside this bucket's transfer; they time out
+                    # not yet in this bucket's collectives: share the failure instead
+                    agree(self.transport, "transfer", exc)
+                    raise
+                if self.on_bucket is not None:
+                    self.on_bucket(number)
+        finally:
+            prefetch.stop()
+        self.stats.bytes_read = self.reader.bytes_read
+        if self.comm_arenas.device.type == "cuda":
+            torch.cuda.synchronize(self.comm_arenas.device)
+        return self.stats
+
+    def _step(self, number: int, bucket: Bucket, prefetch: _Prefetcher) -> None:
+        mine = bucket.reader == self.rank
+        ready = prefetch.next(bucket) if mine else None
+        if ready is not None and ready.error is not None and self.pending is None:
+            self.pending = ready.error
+        if bucket.kind == "local":
+            if ready is not None and self.pending is None:
+                self._guard(lambda: self._own_parts(ready))
+            if ready is not None:
+                prefetch.release(ready)
+            return
+        agree(self.transport, "read", self.pending)
+        self._agreed = True
+        start = time.perf_counter()
+        what = f"transfer: bucket {number} ({bucket.kind}, reader rank {bucket.reader})"
+        try:
+            if bucket.kind == "broadcast":
+                self._broadcast(bucket, ready, what)
+            else:
+                self._p2p(bucket, ready, what)
+        finally:
+            if ready is not None:
+                prefetch.release(ready)
+        self.stats.transfer_seconds += time.perf_counter() - start
+        self.stats.buckets += 1
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # shared with all ranks at the next agreement
+            self.pending = self.pending or exc
+
+    def _broadcast(self, bucket: Bucket, ready: _Ready | None, what: str) -> None:
+        segs, size = segments_for(self.plan, bucket, self.rank)
+        if ready is not None:
+            assert ready.buffer is not None
+            same = all(s.dtype == ready.slots[s.item].dtype for s in segs)
+            if same and ready.buffer.device == self.transport.device:
+                buf = ready.buffer  # the read layout is the wire layout: no copy
+            elif same:
+                buf = self.comm_arenas.get("pack", size)
+                buf.copy_(ready.buffer, non_blocking=True)
+            else:
+                buf = self._pack(ready, segs, size)
+            self.transport.broadcast(buf, bucket.reader, what)
+            self.stats.bytes_sent += size * (self.transport.world_size - 1)
+        else:
+            buf = self.comm_arenas.get("recv", size)
+            self.transport.broadcast(buf, bucket.reader, what)
+            self.stats.bytes_received += size
+        self._guard(lambda: self._deliver(segs, buf))
+
+    def _p2p(self, bucket: Bucket, ready: _Ready | None, what: str) -> None:
+        if ready is not None:
+            for peer in range(self.transport.world_size):
+                if peer == self.rank:
+                    continue
+                segs, size = segments_for(self.plan, bucket, peer)
+                if not segs:
+                    continue
+                buf = self._pack(ready, segs, size)
+                self.transport.send(buf, peer, f"{what}: sending to rank {peer}")
+                self.stats.bytes_sent += size
+            self._guard(lambda: self._own_parts(ready))
+            return
+        segs, size = segments_for(self.plan, bucket, self.rank)
+        if not segs:
+            return
+        buf = self.comm_arenas.get("recv", size)
+        self.transport.recv(buf, bucket.reader, f"{what}: receiving")
+        self.stats.bytes_received += size
+        self._guard(lambda: self._deliver(segs, buf))

@@ -1,0 +1,17 @@
+"""Placements: how each tensor is laid out over the ranks."""
+
+from distload.placement.base import REPLICATED, Layout, Placement, ReplicateAll, local_box
+from distload.placement.presets import preset, presets, register_preset
+from distload.placement.tensor_parallel import TensorParallel
+
+__all__ = [
+    "REPLICATED",
+    "Layout",
+    "Placement",
+    "ReplicateAll",
+    "TensorParallel",
+    "local_box",
+    "preset",
+    "presets",
+    "register_preset",
+]

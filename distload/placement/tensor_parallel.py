@@ -1,0 +1,105 @@
+"""Tensor parallelism as data: fnmatch rules over tensor names -> shard or replicate."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from typing import Any
+
+from distload.checkpoint import TensorMeta
+from distload.errors import PlacementError
+from distload.placement.base import REPLICATED, Layout
+
+_STRING_RULES = ("colwise", "rowwise", "replicate")
+
+
+def _torch_placement_dim(spec: object) -> tuple[bool, int | None]:
+    """(is a torch placement, shard dim or None) for torch's Shard/Replicate objects."""
+    try:
+        from torch.distributed.tensor import Replicate, Shard
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False, None
+    if isinstance(spec, Shard):
+        return True, spec.dim
+    if isinstance(spec, Replicate):
+        return True, None
+    return False, None
+
+
+class TensorParallel:
+    """Shard tensors over tensor-parallel groups by name rules.
+
+    Args:
+        rules: maps fnmatch patterns over full tensor names to a placement: torch's
+            ``Shard(dim)`` / ``Replicate()`` (``torch.distributed.tensor``), or the strings
+            ``"colwise"`` (``Shard(0)``: output features of a Linear weight, and its bias),
+            ``"rowwise"`` (``Shard(-1)`` of a >=2-d weight; 1-d tensors such as the bias are
+            replicated) or ``"replicate"``. The first matching pattern wins (dict order);
+            unmatched tensors are replicated.
+        size: tensor-parallel degree. Defaults to the group size. When smaller, consecutive
+            ranks form TP groups (rank ``r`` holds chunk ``r % size``) and the groups are
+            data-parallel replicas; ``world_size`` must be a multiple of ``size``.
+
+    Example:
+        >>> from torch.distributed.tensor import Shard, Replicate
+        >>> tp = TensorParallel({"*.q_proj.weight": "colwise", "*.o_proj.weight": "rowwise",
+        ...                      "model.embed_tokens.weight": Shard(0), "*norm*": Replicate()})
+    """
+
+    def __init__(self, rules: Mapping[str, Any], size: int | None = None) -> None:
+        if size is not None and (not isinstance(size, int) or size < 1):
+            raise PlacementError(f"TensorParallel size must be a positive integer, got {size!r}")
+        for pattern, spec in rules.items():
+            if not isinstance(pattern, str):
+                raise PlacementError(f"rule pattern must be a string, got {pattern!r}")
+            is_torch, _ = _torch_placement_dim(spec)
+            if not is_torch and spec not in _STRING_RULES:
+                raise PlacementError(
+                    f"rule {pattern!r}: unknown placement {spec!r}; valid: Shard(dim), "
+                    f"Replicate(), {', '.join(repr(s) for s in _STRING_RULES)}"
+                )
+        self.rules = dict(rules)
+        self.size = size
+
+    def match(self, name: str) -> tuple[str, Any] | None:
+        """The first (pattern, placement) rule matching ``name``, if any."""
+        for pattern, spec in self.rules.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return pattern, spec
+        return None
+
+    def layout(self, meta: TensorMeta, world_size: int) -> Layout:
+        size = self.size or world_size
+        if world_size % size:
+            raise PlacementError(
+                f"tensor-parallel size {size} does not divide the group size {world_size} "
+                f"(world_size({world_size}) % tp({size}) = {world_size % size})"
+            )
+        found = self.match(meta.name)
+        if found is None:
+            return REPLICATED
+        pattern, spec = found
+        ndim = len(meta.shape)
+        is_torch, dim = _torch_placement_dim(spec)
+        if not is_torch:
+            if spec == "replicate":
+                dim = None
+            elif spec == "colwise":
+                dim = 0
+            else:  # rowwise
+                dim = -1 if ndim >= 2 else None
+        if dim is None or size == 1:
+            return REPLICATED
+        if not -ndim <= dim < ndim:
+            raise PlacementError(
+                f"rule {pattern!r} -> {spec!r} shards dim {dim}, but tensor {meta.name!r} has "
+                f"shape {list(meta.shape)} ({ndim} dims; valid dims {-ndim}..{ndim - 1})"
+                if ndim
+                else f"rule {pattern!r} -> {spec!r} cannot shard 0-d tensor {meta.name!r}",
+                tensor=meta.name,
+            )
+        return Layout(dim % ndim, size, None)
+
+    def describe(self) -> str:
+        rules = ", ".join(f"{p}: {s}" for p, s in self.rules.items())
+        return f"tensor parallel (size={self.size or 'group'}) {{{rules}}}"

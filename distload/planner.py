@@ -1,0 +1,243 @@
+"""The planner: placement + checkpoint index -> :class:`~distload.plan.LoadPlan`.
+
+Pure Python, run by the coordinator only; it never imports torch.distributed, so it is tested
+with plain integers for the world size and used offline by ``distload plan``.
+
+Steps:
+
+1. evaluate the placement for every tensor (a :class:`~distload.placement.base.Layout`);
+2. cut tensors into pieces of at most ``bucket_bytes`` along dim 0, also at dim-0 shard
+   boundaries so that a piece of a row-sharded tensor belongs to one chunk;
+3. classify each piece: needed by one rank only -> that rank reads it itself (``local``); needed
+   in full by every rank -> ``broadcast``; anything else -> ``p2p`` (each rank gets its part);
+4. group consecutive pieces of one kind into buckets of at most ``bucket_bytes`` and give each
+   bucket to the reader with the fewest bytes so far, so every byte is read by exactly one rank
+   and reading is balanced; local pieces count towards their reader's share first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+from distload.checkpoint import CheckpointIndex, TensorMeta
+from distload.dtypes import FLOATING, ITEMSIZE
+from distload.errors import PlacementError
+from distload.placement.base import Layout, Placement, ReplicateAll
+from distload.plan import (
+    Bucket,
+    BucketKind,
+    Item,
+    LoadPlan,
+    needers,
+    part_of,
+    piece_bytes,
+    read_slots,
+    segments_for,
+)
+
+DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
+
+
+def destination_dtypes(tensors: Sequence[TensorMeta], dtype: str | None) -> tuple[str, ...]:
+    """Destination dtype per tensor: ``dtype`` for floating tensors, stored dtype otherwise."""
+    if dtype is None:
+        return tuple(t.dtype for t in tensors)
+    if dtype not in FLOATING:
+        raise PlacementError(f"cast target must be a floating dtype, got {dtype}")
+    return tuple(dtype if t.dtype in FLOATING else t.dtype for t in tensors)
+
+
+def evaluate_layouts(
+    tensors: Sequence[TensorMeta], placement: Placement, world_size: int
+) -> tuple[Layout, ...]:
+    """Run the placement on every tensor, checking what it returns."""
+    layouts = []
+    for meta in tensors:
+        try:
+            layout = placement.layout(meta, world_size)
+        except PlacementError as exc:
+            if exc.tensor is None:
+                raise PlacementError(str(exc), tensor=meta.name) from None
+            raise
+        if layout.holders is not None and not all(0 <= r < world_size for r in layout.holders):
+            raise PlacementError(
+                f"placement put tensor {meta.name!r} on ranks {list(layout.holders)}, outside "
+                f"the group of {world_size}",
+                tensor=meta.name,
+            )
+        if layout.dim is not None and not (0 <= layout.dim < len(meta.shape)):
+            raise PlacementError(
+                f"placement shards dim {layout.dim} of tensor {meta.name!r} with shape "
+                f"{list(meta.shape)}",
+                tensor=meta.name,
+            )
+        layouts.append(layout)
+    return tuple(layouts)
+
+
+def split_pieces(meta: TensorMeta, index: int, layout: Layout, bucket_bytes: int) -> list[Item]:
+    """Cut one tensor into pieces along dim 0 (at most ``bucket_bytes`` unless a row is bigger)."""
+    if meta.nbytes == 0:
+        return []
+    if not meta.shape:
+        return [Item(index, 0, 1)]
+    rows = meta.shape[0]
+    per_piece = max(1, bucket_bytes // max(1, meta.row_bytes))
+    cuts = {0, rows}
+    if layout.dim == 0:
+        step = -(-rows // layout.chunks)
+        cuts.update(min(rows, i * step) for i in range(layout.chunks))
+    edges = sorted(cuts)
+    items = []
+    for lo, hi in zip(edges, edges[1:], strict=False):
+        for start in range(lo, hi, per_piece):
+            items.append(Item(index, start, min(hi, start + per_piece)))
+    return items
+
+
+def _whole(meta: TensorMeta, layout: Layout, rank: int, item: Item) -> bool:
+    """Whether ``rank`` holds all of piece ``item``."""
+    part = part_of(meta, layout, rank, item)
+    return part is not None and part.numel * meta.itemsize == piece_bytes(meta, item)
+
+
+@dataclass
+class _Open:
+    items: list[Item] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def make_plan(
+    index: CheckpointIndex,
+    world_size: int,
+    placement: Placement | None = None,
+    *,
+    dtype: str | None = None,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    readers: Collection[int] | None = None,
+    names: Collection[str] | None = None,
+) -> LoadPlan:
+    """Build the plan for loading ``index`` into a group of ``world_size`` ranks.
+
+    Args:
+        placement: layout rule per tensor (default: replicate everything).
+        dtype: destination dtype for floating tensors (None keeps the stored dtype).
+        bucket_bytes: bound on one bucket's bytes (staging buffers are a few of these).
+        readers: ranks allowed to read from storage (default: all).
+        names: load only these tensors (default: all in the checkpoint).
+    """
+    if world_size < 1:
+        raise PlacementError(f"world_size must be >= 1, got {world_size}")
+    if bucket_bytes < 1:
+        raise PlacementError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    placement = placement or ReplicateAll()
+    if names is not None:
+        wanted = set(names)
+        index = CheckpointIndex(
+            index.root,
+            index.files,
+            tuple(t for t in index.tensors if t.name in wanted),
+            index.metadata,
+        )
+    reader_set = sorted(set(range(world_size) if readers is None else readers))
+    if not reader_set or not all(0 <= r < world_size for r in reader_set):
+        raise PlacementError(f"readers {reader_set} must be non-empty ranks of 0..{world_size - 1}")
+    layouts = evaluate_layouts(index.tensors, placement, world_size)
+    dtypes = destination_dtypes(index.tensors, dtype)
+    skeleton = LoadPlan(world_size, bucket_bytes, index, layouts, dtypes, (), placement.describe())
+
+    load = dict.fromkeys(reader_set, 0)
+    ordered: list[tuple[int, Bucket]] = []  # (position of first piece, bucket)
+    local_open: dict[int, _Open] = {}
+    shared_open: dict[BucketKind, _Open] = {"broadcast": _Open(), "p2p": _Open()}
+    position = 0
+
+    def close(kind: BucketKind, reader: int | None, bucket: _Open) -> None:
+        if not bucket.items:
+            return
+        if reader is None:
+            reader = min(reader_set, key=lambda r: (load[r], r))
+        load[reader] += bucket.nbytes
+        ordered.append((position, Bucket(kind, reader, tuple(bucket.items))))
+        bucket.items, bucket.nbytes = [], 0
+
+    for t, meta in enumerate(index.tensors):
+        for item in split_pieces(meta, t, layouts[t], bucket_bytes):
+            position += 1
+            nbytes = piece_bytes(meta, item)
+            who = list(needers(skeleton, item))
+            if not who:
+                continue
+            if len(who) == 1 and who[0] in load:
+                kind: BucketKind = "local"
+                bucket = local_open.setdefault(who[0], _Open())
+            elif len(who) == world_size and all(
+                _whole(meta, layouts[t], r, item) for r in who
+            ):
+                kind, bucket = "broadcast", shared_open["broadcast"]
+            else:
+                kind, bucket = "p2p", shared_open["p2p"]
+            if bucket.items and bucket.nbytes + nbytes > bucket_bytes:
+                close(kind, who[0] if kind == "local" else None, bucket)
+            bucket.items.append(item)
+            bucket.nbytes += nbytes
+    for kind, bucket in shared_open.items():
+        close(kind, None, bucket)
+    for rank, bucket in sorted(local_open.items()):
+        close("local", rank, bucket)
+    ordered.sort(key=lambda pb: pb[0])
+    buckets = tuple(b for _, b in ordered)
+    return LoadPlan(
+        world_size, bucket_bytes, index, layouts, dtypes, buckets, placement.describe()
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# accounting
+
+
+@dataclass(frozen=True)
+class RankTraffic:
+    """Bytes one rank reads, sends, receives and finally holds under a plan."""
+
+    rank: int
+    read: int
+    sent: int
+    received: int
+    held: int
+    staging: int  # largest staging buffer this rank needs, in bytes
+
+
+def traffic(plan: LoadPlan) -> list[RankTraffic]:
+    """Per-rank byte accounting of a plan (what ``distload plan`` prints)."""
+    world = plan.world_size
+    read, sent, recv, staging = [0] * world, [0] * world, [0] * world, [0] * world
+    for bucket in plan.buckets:
+        _, size = read_slots(plan, bucket)
+        read[bucket.reader] += sum(piece_bytes(plan.tensors[i.tensor], i) for i in bucket.items)
+        staging[bucket.reader] = max(staging[bucket.reader], size)
+        if bucket.kind == "local":
+            continue
+        ranks = range(world)
+        for rank in ranks:
+            if rank == bucket.reader:
+                continue
+            _, nbytes = segments_for(plan, bucket, rank)
+            if bucket.kind == "p2p" and nbytes == 0:
+                continue
+            recv[rank] += nbytes
+            sent[bucket.reader] += nbytes
+            staging[rank] = max(staging[rank], nbytes)
+    held = [0] * world
+    for t, meta in enumerate(plan.tensors):
+        for rank in range(world):
+            shape = plan.local_shape(t, rank)
+            if shape is not None:
+                n = 1
+                for d in shape:
+                    n *= d
+                held[rank] += n * ITEMSIZE[plan.dtypes[t]]
+    return [
+        RankTraffic(r, read[r], sent[r], recv[r], held[r], staging[r]) for r in range(world)
+    ]

@@ -1,0 +1,80 @@
+"""The load report: what each rank read, sent, received and held, and how long each phase took."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+@dataclass
+class RankReport:
+    """One rank's figures for one load."""
+
+    rank: int
+    bytes_read: int = 0  # bytes this rank read from storage
+    bytes_sent: int = 0  # bytes this rank sent to peers
+    bytes_received: int = 0  # bytes this rank received from peers
+    bytes_held: int = 0  # bytes of the tensors this rank ends with
+    peak_staging_bytes: int = 0  # largest staging memory (arenas) this rank used
+    seconds: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @staticmethod
+    def from_json(data: bytes) -> RankReport:
+        return RankReport(**json.loads(data.decode()))
+
+
+@dataclass
+class LoadReport:
+    """Figures of every rank of one load (identical on all ranks)."""
+
+    source: str
+    world_size: int
+    total_bytes: int  # bytes of the checkpoint's loaded tensors
+    tensors: int
+    buckets: int
+    placement: str
+    ranks: list[RankReport]
+    wall_seconds: float  # slowest rank, from the start of the load to its end
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(r.bytes_read for r in self.ranks)
+
+    def table(self) -> str:
+        """A printable table, one row per rank."""
+        head = (
+            f"distload: {self.tensors} tensors, {human_bytes(self.total_bytes)} from "
+            f"{self.source}\n  placement: {self.placement}\n  world {self.world_size}, "
+            f"{self.buckets} buckets, {self.wall_seconds:.2f} s (slowest rank), read "
+            f"{human_bytes(self.bytes_read)} "
+            f"({self.bytes_read / max(1, self.total_bytes):.2f}x the checkpoint)"
+        )
+        phases = sorted({p for r in self.ranks for p in r.seconds})
+        cols = ["rank", "read", "sent", "received", "held", "staging", *phases]
+        rows = [
+            [
+                str(r.rank),
+                human_bytes(r.bytes_read),
+                human_bytes(r.bytes_sent),
+                human_bytes(r.bytes_received),
+                human_bytes(r.bytes_held),
+                human_bytes(r.peak_staging_bytes),
+                *(f"{r.seconds.get(p, 0.0):.3f}s" for p in phases),
+            ]
+            for r in self.ranks
+        ]
+        widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+        lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+        return head + "\n" + "\n".join("  " + line for line in lines)

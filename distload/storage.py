@@ -1,0 +1,162 @@
+"""Storage: positioned reads of checkpoint bytes into caller buffers, and reusable staging arenas.
+
+Used by reader ranks. Reads use ``os.preadv`` into preallocated memory (no whole-file loads and
+no reliance on mmap page faults, which are slow on network filesystems), split into blocks
+issued from a small thread pool so several requests are in flight at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distload.checkpoint import safe_member
+from distload.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_BYTES = 8 * 1024 * 1024
+DEFAULT_READ_THREADS = 4
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """Writable flat byte memoryview over a contiguous CPU tensor (no copy)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("byte_view needs a contiguous CPU tensor")
+    flat = tensor.reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """Read ``len(target)`` bytes of ``file`` at ``offset`` into ``target``."""
+
+    file: str  # relative to the checkpoint root
+    offset: int
+    target: memoryview
+    tensor: str  # for error messages
+
+
+class FileReader:
+    """Reads byte ranges of the checkpoint's files. Runs on reader ranks (any thread).
+
+    Files are opened once and kept open for the reader's lifetime; call :meth:`close` at the
+    end (or use it as a context manager).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        threads: int = DEFAULT_READ_THREADS,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ) -> None:
+        self.root = Path(root)
+        self.block_bytes = max(4096, block_bytes)
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="distload-read")
+        self.bytes_read = 0
+
+    def _fd(self, file: str) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                path = safe_member(self.root, file, where=str(self.root))
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self._fds[file] = fd
+            return fd
+
+    def _read_block(self, fd: int, offset: int, target: memoryview, file: str, tensor: str) -> None:
+        done = 0
+        while done < len(target):
+            n = os.preadv(fd, [target[done:]], offset + done)
+            if n == 0:
+                raise CheckpointError(
+                    f"{file}: unexpected end of file at byte {offset + done} while reading "
+                    f"tensor {tensor!r} (file truncated after it was indexed?)",
+                    file=file,
+                    tensor=tensor,
+                )
+            done += n
+
+    def read(self, requests: Sequence[ReadRequest]) -> None:
+        """Fill every request's target; blocks until all are read (parallel blocks)."""
+        futures = []
+        for req in requests:
+            fd = self._fd(req.file)
+            size = len(req.target)
+            for start in range(0, size, self.block_bytes):
+                stop = min(size, start + self.block_bytes)
+                futures.append(
+                    self._pool.submit(
+                        self._read_block,
+                        fd,
+                        req.offset + start,
+                        req.target[start:stop],
+                        req.file,
+                        req.tensor,
+                    )
+                )
+        error: BaseException | None = None
+        for fut in futures:
+            try:
+                fut.result()
+            except BaseException as exc:  # keep waiting so no thread writes after we return
+                error = error or exc
+        if error is not None:
+            if isinstance(error, OSError):
+                raise CheckpointError(f"read failed: {error}") from error
+            raise error
+        self.bytes_read += sum(len(r.target) for r in requests)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> FileReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Arenas:
+    """Named, reusable staging buffers that grow to the largest size asked of them.
+
+    Each name (e.g. ``"read0"``, ``"recv"``) is one buffer reused for every bucket, so a rank's
+    staging memory is the sum of its arenas' sizes, bounded by the plan's bucket size.
+    Host arenas are pinned when ``pin`` is set (for fast copies to CUDA).
+    """
+
+    def __init__(self, device: torch.device, *, pin: bool = False) -> None:
+        self.device = device
+        self.pin = pin and device.type == "cpu" and torch.cuda.is_available()
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of ``nbytes`` backed by arena ``name`` (contents undefined)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < nbytes:
+            self._buffers.pop(name, None)
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pin)
+            self._buffers[name] = buf
+        return buf[:nbytes]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all arenas now (their peak, since they never shrink)."""
+        return sum(b.numel() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()

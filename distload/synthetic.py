@@ -1,0 +1,126 @@
+"""Synthetic Llama-shaped checkpoints for demos, tests and benchmarks (nothing downloaded).
+
+Writes safetensors shards plus ``model.safetensors.index.json`` the way Hugging Face's
+``save_pretrained`` does. Values are deterministic from ``seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from distload.checkpoint import INDEX_NAME
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """Dimensions of a Llama-style decoder (defaults: a tiny one)."""
+
+    vocab: int = 1000
+    hidden: int = 64
+    intermediate: int = 172
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+
+    @staticmethod
+    def for_bytes(target: int, dtype_bytes: int = 2) -> LlamaShape:
+        """A shape whose parameters take roughly ``target`` bytes."""
+        hidden = 1024 if target < 2**31 else 2048
+        per_layer = (hidden * hidden * 3 + hidden * hidden // 2 * 2 + hidden) * dtype_bytes
+        per_layer += 3 * hidden * (hidden * 11 // 4) * dtype_bytes
+        vocab = 32000
+        embed = 2 * vocab * hidden * dtype_bytes
+        layers = max(1, round((target - embed) / per_layer))
+        return LlamaShape(vocab, hidden, hidden * 11 // 4, layers, 16, 8)
+
+
+def llama_tensors(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a Llama-style model."""
+    h, kv = shape.hidden, shape.hidden // shape.heads * shape.kv_heads
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape.vocab, h)}
+    for i in range(shape.layers):
+        p = f"model.layers.{i}"
+        out[f"{p}.input_layernorm.weight"] = (h,)
+        out[f"{p}.self_attn.q_proj.weight"] = (h, h)
+        out[f"{p}.self_attn.k_proj.weight"] = (kv, h)
+        out[f"{p}.self_attn.v_proj.weight"] = (kv, h)
+        out[f"{p}.self_attn.o_proj.weight"] = (h, h)
+        out[f"{p}.post_attention_layernorm.weight"] = (h,)
+        out[f"{p}.mlp.gate_proj.weight"] = (shape.intermediate, h)
+        out[f"{p}.mlp.up_proj.weight"] = (shape.intermediate, h)
+        out[f"{p}.mlp.down_proj.weight"] = (h, shape.intermediate)
+    out["model.norm.weight"] = (h,)
+    out["lm_head.weight"] = (shape.vocab, h)
+    return out
+
+
+def _fill(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    if not dtype.is_floating_point:
+        info = torch.iinfo(dtype)
+        lo, hi = max(info.min, -(2**31)), min(info.max, 2**31 - 1)
+        return torch.randint(lo, hi, shape, generator=gen, dtype=torch.int64).to(dtype)
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+
+
+def write_checkpoint(
+    folder: str | Path,
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    *,
+    max_shard_bytes: int = 64 * 1024 * 1024,
+    seed: int = 0,
+    single_file: bool = False,
+) -> Path:
+    """Write ``tensors`` (name -> (shape, dtype)) as a sharded safetensors checkpoint."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, (shape, dtype) in tensors.items():
+        t = _fill(shape, dtype, gen)
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes and not single_file:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if single_file:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return folder
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+        del shard
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def write_llama(
+    folder: str | Path,
+    shape: LlamaShape | None = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = 64 * 1024 * 1024,
+    seed: int = 0,
+) -> Path:
+    """Write a Llama-shaped checkpoint in ``dtype`` split into shards."""
+    spec = {n: (s, dtype) for n, s in llama_tensors(shape or LlamaShape()).items()}
+    return write_checkpoint(folder, spec, max_shard_bytes=max_shard_bytes, seed=seed)
+
+
+def checkpoint_bytes(shape: LlamaShape, dtype_bytes: int = 2) -> int:
+    return sum(math.prod(s) for s in llama_tensors(shape).values()) * dtype_bytes

@@ -1,0 +1,155 @@
+"""Scenario functions run inside each rank of a test group (see launch.py / worker.py).
+
+Each takes JSON args and returns JSON-able results; an exception is reported as the rank's
+outcome. Verification happens inside the rank against single-process safetensors reads.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import Replicate, Shard
+
+import distload
+from tests.reference import expected_local, read_all, same_bits
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _rules(json_rules: list[list[Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pattern, spec in json_rules:
+        if isinstance(spec, list):
+            out[pattern] = Shard(spec[1]) if spec[0] == "shard" else Replicate()
+        else:
+            out[pattern] = spec
+    return out
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return getattr(torch, name) if name else None
+
+
+def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One load per ``cfg``, every local piece compared bit for bit with safetensors."""
+    rank, world = _rank(), _world()
+    rules = cfg.get("rules", [])
+    tp = cfg.get("tp") or world
+    dtype = _dtype(cfg.get("dtype"))
+    placement = distload.TensorParallel(_rules(rules), size=cfg.get("tp")) if rules else None
+    reference = read_all(cfg["source"])
+    out = None
+    if cfg.get("out"):
+        out = {}
+        for name, full in reference.items():
+            exp = expected_local(full, name, rules, tp, rank, dtype)
+            out[name] = torch.full(exp.shape, 0, dtype=exp.dtype)
+    state = distload.load(
+        cfg["source"],
+        placement,
+        dtype=dtype,
+        out=out,
+        bucket_bytes=cfg.get("bucket_bytes"),
+        device="cpu",
+        timeout=cfg.get("timeout", 60),
+    )
+    if set(state) != set(reference):
+        raise AssertionError(f"loaded names differ: {sorted(set(state) ^ set(reference))[:5]}")
+    for name, full in reference.items():
+        exp = expected_local(full, name, rules, tp, rank, dtype)
+        got = state[name]
+        if out is not None and got.data_ptr() != out[name].data_ptr() and got.numel():
+            raise AssertionError(f"{name}: out= tensor was not used in place")
+        if not same_bits(got, exp):
+            raise AssertionError(
+                f"rank {rank}: tensor {name} differs: got {got.dtype} {tuple(got.shape)}, "
+                f"expected {exp.dtype} {tuple(exp.shape)}"
+            )
+    rep = state.report
+    return {
+        "tensors": len(state),
+        "total_bytes": rep.total_bytes,
+        "bytes_read": [r.bytes_read for r in rep.ranks],
+        "bytes_sent": [r.bytes_sent for r in rep.ranks],
+        "bytes_received": [r.bytes_received for r in rep.ranks],
+        "staging": [r.peak_staging_bytes for r in rep.ranks],
+        "buckets": rep.buckets,
+    }
+
+
+def matrix(args: dict[str, Any]) -> list[dict[str, Any]]:
+    """Several loads in one process group (also checks loads can follow each other)."""
+    return [load_and_verify(cfg) for cfg in args["configs"]]
+
+
+def expect_failure(args: dict[str, Any]) -> dict[str, Any]:
+    """Run a load expected to fail; optionally sabotage one rank first. Reports the error."""
+    rank = _rank()
+    sabotage = args.get("sabotage")
+    if sabotage and rank == sabotage["rank"]:
+        _install_sabotage(sabotage)
+    start = time.monotonic()
+    try:
+        load_and_verify(args["cfg"])
+    except distload.DistLoadError as exc:
+        result = {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "phase": exc.phase,
+            "ranks": list(exc.ranks),
+            "file": exc.file,
+            "tensor": exc.tensor,
+            "seconds": time.monotonic() - start,
+        }
+        if args.get("then_load"):
+            # the process group must still work after a failed load
+            result["after"] = load_and_verify(args["then_load"])
+        return result
+    raise AssertionError("the load did not fail")
+
+
+def _install_sabotage(spec: dict[str, Any]) -> None:
+    """Make this rank fail in a chosen way (test-only monkeypatching of distload internals)."""
+    from distload import execute, storage
+
+    kind = spec["kind"]
+    if kind == "read_error":
+        original = storage.FileReader.read
+        calls = {"n": 0}
+
+        def failing_read(self: storage.FileReader, requests: Any) -> None:
+            calls["n"] += 1
+            if calls["n"] > spec.get("after", 0):
+                raise OSError(5, "Input/output error (injected)")
+            original(self, requests)
+
+        storage.FileReader.read = failing_read  # type: ignore[method-assign]
+    elif kind in ("kill", "stall", "raise"):
+        original_step = execute.Executor._step
+        count = {"n": 0}
+
+        def step(self: execute.Executor, number: int, bucket: Any, prefetch: Any) -> None:
+            count["n"] += 1
+            if count["n"] == spec.get("at", 2):
+                if kind == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                elif kind == "stall":
+                    time.sleep(spec["seconds"])
+                else:
+                    raise RuntimeError("injected failure in the transfer loop")
+            original_step(self, number, bucket, prefetch)
+
+        execute.Executor._step = step  # type: ignore[method-assign]
+    else:  # pragma: no cover
+        raise ValueError(kind)
