@@ -77,7 +77,15 @@ class FileReader:
     def _read_block(self, fd: int, offset: int, target: memoryview, file: str, tensor: str) -> None:
         done = 0
         while done < len(target):
-            n = os.preadv(fd, [target[done:]], offset + done)
+            try:
+                n = os.preadv(fd, [target[done:]], offset + done)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"{file}: read of {len(target) - done} bytes at offset {offset + done} "
+                    f"failed while reading tensor {tensor!r}: {exc}",
+                    file=file,
+                    tensor=tensor,
+                ) from exc
             if n == 0:
                 raise CheckpointError(
                     f"{file}: unexpected end of file at byte {offset + done} while reading "

@@ -48,9 +48,9 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
     tp = cfg.get("tp") or world
     dtype = _dtype(cfg.get("dtype"))
     placement = distload.TensorParallel(_rules(rules), size=cfg.get("tp")) if rules else None
-    reference = read_all(cfg["source"])
     out = None
     if cfg.get("out"):
+        reference = read_all(cfg["source"])
         out = {}
         for name, full in reference.items():
             exp = expected_local(full, name, rules, tp, rank, dtype)
@@ -64,6 +64,8 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
         device="cpu",
         timeout=cfg.get("timeout", 60),
     )
+    if out is None:
+        reference = read_all(cfg["source"])
     if set(state) != set(reference):
         raise AssertionError(f"loaded names differ: {sorted(set(state) ^ set(reference))[:5]}")
     for name, full in reference.items():
@@ -97,12 +99,15 @@ def expect_failure(args: dict[str, Any]) -> dict[str, Any]:
     """Run a load expected to fail; optionally sabotage one rank first. Reports the error."""
     rank = _rank()
     sabotage = args.get("sabotage")
+    restore = None
     if sabotage and rank == sabotage["rank"]:
-        _install_sabotage(sabotage)
+        restore = _install_sabotage(sabotage)
     start = time.monotonic()
     try:
         load_and_verify(args["cfg"])
     except distload.DistLoadError as exc:
+        if restore is not None:
+            restore()
         result = {
             "type": type(exc).__name__,
             "message": str(exc),
@@ -119,23 +124,28 @@ def expect_failure(args: dict[str, Any]) -> dict[str, Any]:
     raise AssertionError("the load did not fail")
 
 
-def _install_sabotage(spec: dict[str, Any]) -> None:
+def _install_sabotage(spec: dict[str, Any]) -> Any:
     """Make this rank fail in a chosen way (test-only monkeypatching of distload internals)."""
     from distload import execute, storage
 
     kind = spec["kind"]
     if kind == "read_error":
-        original = storage.FileReader.read
+        original = storage.os.preadv
         calls = {"n": 0}
 
-        def failing_read(self: storage.FileReader, requests: Any) -> None:
+        def failing_preadv(fd: int, buffers: Any, offset: int) -> int:
             calls["n"] += 1
             if calls["n"] > spec.get("after", 0):
                 raise OSError(5, "Input/output error (injected)")
-            original(self, requests)
+            return original(fd, buffers, offset)
 
-        storage.FileReader.read = failing_read  # type: ignore[method-assign]
-    elif kind in ("kill", "stall", "raise"):
+        storage.os.preadv = failing_preadv  # type: ignore[assignment]
+
+        def restore() -> None:
+            storage.os.preadv = original  # type: ignore[assignment]
+
+        return restore
+    if kind in ("kill", "stall", "raise"):
         original_step = execute.Executor._step
         count = {"n": 0}
 
@@ -151,5 +161,17 @@ def _install_sabotage(spec: dict[str, Any]) -> None:
             original_step(self, number, bucket, prefetch)
 
         execute.Executor._step = step  # type: ignore[method-assign]
-    else:  # pragma: no cover
-        raise ValueError(kind)
+
+        def restore_step() -> None:
+            execute.Executor._step = original_step  # type: ignore[method-assign]
+
+        return restore_step
+    raise ValueError(kind)
+
+
+def stalled_load(args: dict[str, Any]) -> dict[str, Any]:
+    """One rank stalls briefly (shorter than the timeout); the load must still succeed."""
+    if _rank() == args["rank"]:
+        _install_sabotage({"kind": "stall", "rank": args["rank"], "at": 3,
+                           "seconds": args["seconds"]})
+    return load_and_verify(args["cfg"])
