@@ -53,6 +53,7 @@ class LoadedState(dict[str, torch.Tensor]):
 
 def _build_plan(
     source: str | os.PathLike[str],
+    *,
     world_size: int,
     placement: Placement | None,
     dtype: str | None,
@@ -158,13 +159,13 @@ def load(
         "index",
         lambda: _build_plan(
             source,
-            rt.world_size,
-            placement,
-            target_dtype,
-            bucket,
-            readers,
-            names,
-            max_header_bytes,
+            world_size=rt.world_size,
+            placement=placement,
+            dtype=target_dtype,
+            bucket_bytes=bucket,
+            readers=readers,
+            names=names,
+            max_header_bytes=max_header_bytes,
         ),
     )
     plan = LoadPlan.from_json(payload)

@@ -414,9 +414,7 @@ def read_checkpoint(
     first_meta: dict[str, str] = {}
     for file in sorted(by_file):
         path = safe_member(root, file, where=where)
-        fmeta, tensors, meta = read_header(
-            path, display=file, max_header_bytes=max_header_bytes
-        )
+        fmeta, tensors, meta = read_header(path, display=file, max_header_bytes=max_header_bytes)
         first_meta = first_meta or meta
         files.append(fmeta)
         for tensor in by_file[file]:

@@ -75,7 +75,5 @@ def parse_dtype(value: object) -> str | None:
         for key, name in _TORCH_NAMES.items():
             if value.removeprefix("torch.") == name:
                 return key
-        raise ValueError(
-            f"unknown dtype {value!r}; valid: 'auto', {sorted(_TORCH_NAMES.values())}"
-        )
+        raise ValueError(f"unknown dtype {value!r}; valid: 'auto', {sorted(_TORCH_NAMES.values())}")
     return from_torch(value)  # type: ignore[arg-type]

@@ -108,10 +108,7 @@ def error_from_failures(failures: list[Failure], world_size: int) -> DistLoadErr
     first = failures[0]
     cls = _KINDS.get(first.kind, DistLoadError)
     ranks = ", ".join(str(f.rank) for f in failures)
-    head = (
-        f"distload: load failed in phase '{first.phase}' on rank(s) {ranks} "
-        f"of {world_size}"
-    )
+    head = f"distload: load failed in phase '{first.phase}' on rank(s) {ranks} of {world_size}"
     body = "\n".join("  " + f.describe() for f in failures)
     return cls(
         f"{head}\n{body}",

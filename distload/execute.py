@@ -16,6 +16,7 @@ arenas while the main thread transfers the current one, overlapping storage and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -79,6 +80,7 @@ class _Prefetcher:
         self,
         plan: LoadPlan,
         rank: int,
+        *,
         reader: FileReader,
         arenas: Arenas,
         direct_target: Callable[[Item], memoryview | None],
@@ -157,10 +159,8 @@ class _Prefetcher:
         if self.thread.is_alive():
             # drain so the worker is never blocked, then wait for the read in flight
             while self.thread.is_alive():
-                try:
+                with contextlib.suppress(queue.Empty):
                     self.release(self.ready.get(timeout=0.05))
-                except queue.Empty:
-                    pass
             self.thread.join()
 
 
@@ -240,7 +240,12 @@ class Executor:
 
     def run(self) -> ExecStats:
         prefetch = _Prefetcher(
-            self.plan, self.rank, self.reader, self.host_arenas, self._direct_target, self.stats
+            self.plan,
+            self.rank,
+            reader=self.reader,
+            arenas=self.host_arenas,
+            direct_target=self._direct_target,
+            stats=self.stats,
         )
         try:
             for number, bucket in enumerate(self.plan.buckets):

@@ -170,7 +170,7 @@ class Segment:
 
 
 def read_slots(plan: LoadPlan, bucket: Bucket) -> tuple[list[Segment], int]:
-    """The reader's layout of a bucket: each whole piece in its stored dtype. Returns (slots, size)."""
+    """The reader's layout of a bucket: whole pieces in their stored dtype -> (slots, size)."""
     slots: list[Segment] = []
     cursor = 0
     for item in bucket.items:

@@ -17,6 +17,7 @@ Steps:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -90,7 +91,7 @@ def split_pieces(meta: TensorMeta, index: int, layout: Layout, bucket_bytes: int
         cuts.update(min(rows, i * step) for i in range(layout.chunks))
     edges = sorted(cuts)
     items = []
-    for lo, hi in zip(edges, edges[1:], strict=False):
+    for lo, hi in itertools.pairwise(edges):
         for start in range(lo, hi, per_piece):
             items.append(Item(index, start, min(hi, start + per_piece)))
     return items
@@ -172,9 +173,7 @@ def make_plan(
             if len(who) == 1 and who[0] in load:
                 kind: BucketKind = "local"
                 bucket = local_open.setdefault(who[0], _Open())
-            elif len(who) == world_size and all(
-                _whole(meta, layouts[t], r, item) for r in who
-            ):
+            elif len(who) == world_size and all(_whole(meta, layouts[t], r, item) for r in who):
                 kind, bucket = "broadcast", shared_open["broadcast"]
             else:
                 kind, bucket = "p2p", shared_open["p2p"]
@@ -188,9 +187,7 @@ def make_plan(
         close("local", rank, bucket)
     ordered.sort(key=lambda pb: pb[0])
     buckets = tuple(b for _, b in ordered)
-    return LoadPlan(
-        world_size, bucket_bytes, index, layouts, dtypes, buckets, placement.describe()
-    )
+    return LoadPlan(world_size, bucket_bytes, index, layouts, dtypes, buckets, placement.describe())
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +227,7 @@ def traffic(plan: LoadPlan) -> list[RankTraffic]:
             sent[bucket.reader] += nbytes
             staging[rank] = max(staging[rank], nbytes)
     held = [0] * world
-    for t, meta in enumerate(plan.tensors):
+    for t, _meta in enumerate(plan.tensors):
         for rank in range(world):
             shape = plan.local_shape(t, rank)
             if shape is not None:
@@ -238,6 +235,4 @@ def traffic(plan: LoadPlan) -> list[RankTraffic]:
                 for d in shape:
                     n *= d
                 held[rank] += n * ITEMSIZE[plan.dtypes[t]]
-    return [
-        RankTraffic(r, read[r], sent[r], recv[r], held[r], staging[r]) for r in range(world)
-    ]
+    return [RankTraffic(r, read[r], sent[r], recv[r], held[r], staging[r]) for r in range(world)]

@@ -86,8 +86,8 @@ def setup(
     dev = torch.device(device) if device is not None else default_device(local_rank)
     backend = str(dist.get_backend(group)).lower()
     uses_nccl = "nccl" in backend and (dev.type == "cuda" or "gloo" not in backend)
-    comm_device = torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device(
-        "cpu"
+    comm_device = (
+        torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device("cpu")
     )
     transport = TorchDistTransport(group, comm_device, timeout)
     runtime = Runtime(transport.rank, transport.world_size, local_rank, dev, launcher)

@@ -95,7 +95,11 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def expected_local(
-    full: torch.Tensor, name: str, rules: list[list[Any]], tp: int, rank: int,
+    full: torch.Tensor,
+    name: str,
+    rules: list[list[Any]],
+    tp: int,
+    rank: int,
     dtype: torch.dtype | None,
 ) -> torch.Tensor:
     t = full

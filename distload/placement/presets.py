@@ -36,9 +36,7 @@ def preset(name: str) -> dict[str, Any]:
     try:
         return dict(_REGISTRY[name])
     except KeyError:
-        raise PlacementError(
-            f"unknown preset {name!r}; valid: {sorted(_REGISTRY)}"
-        ) from None
+        raise PlacementError(f"unknown preset {name!r}; valid: {sorted(_REGISTRY)}") from None
 
 
 def presets() -> list[str]:

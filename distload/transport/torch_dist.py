@@ -49,9 +49,8 @@ class TorchDistTransport:
             text = str(exc).split("\n")[0][:400]
             if "timed out" in text.lower() or "timeout" in text.lower():
                 text = f"no answer within {self.timeout.total_seconds():g} s ({text})"
-            raise PeerError(
-                f"rank {self.rank}: {what}: {text}", phase=what.split(":")[0]
-            ) from exc
+            phase = what.split(":", maxsplit=1)[0]
+            raise PeerError(f"rank {self.rank}: {what}: {text}", phase=phase) from exc
 
     def broadcast(self, buf: torch.Tensor, src: int, what: str) -> None:
         self._wait(dist.broadcast(buf, self._global(src), group=self.group, async_op=True), what)
@@ -64,9 +63,7 @@ class TorchDistTransport:
 
     def all_reduce_max(self, value: int, what: str) -> int:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        self._wait(
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True), what
-        )
+        self._wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True), what)
         return int(t.item())
 
     def all_gather_bytes(self, data: bytes, what: str) -> list[bytes]:

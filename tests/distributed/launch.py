@@ -77,7 +77,13 @@ def run_group(
         logs.append(log)
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "tests.distributed.worker", scenario, json.dumps(args or {})],
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.distributed.worker",
+                    scenario,
+                    json.dumps(args or {}),
+                ],
                 cwd=ROOT,
                 env=penv,
                 stdout=log,
@@ -109,8 +115,15 @@ def run_group(
         if path.exists():
             data = json.loads(path.read_text())
             outcomes.append(
-                Outcome(rank, data["ok"], data.get("result"), data.get("error"), proc.returncode,
-                        data.get("seconds", 0.0), output)
+                Outcome(
+                    rank,
+                    data["ok"],
+                    data.get("result"),
+                    data.get("error"),
+                    proc.returncode,
+                    data.get("seconds", 0.0),
+                    output,
+                )
             )
         else:
             outcomes.append(Outcome(rank, False, None, None, proc.returncode, 0.0, output))

@@ -20,11 +20,13 @@ from tests.reference import expected_local, read_all, same_bits
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    return (
+        dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    )
 
 
 def _rules(json_rules: list[list[Any]]) -> dict[str, Any]:
@@ -172,6 +174,7 @@ def _install_sabotage(spec: dict[str, Any]) -> Any:
 def stalled_load(args: dict[str, Any]) -> dict[str, Any]:
     """One rank stalls briefly (shorter than the timeout); the load must still succeed."""
     if _rank() == args["rank"]:
-        _install_sabotage({"kind": "stall", "rank": args["rank"], "at": 3,
-                           "seconds": args["seconds"]})
+        _install_sabotage(
+            {"kind": "stall", "rank": args["rank"], "at": 3, "seconds": args["seconds"]}
+        )
     return load_and_verify(args["cfg"])

@@ -69,8 +69,9 @@ def test_missing_shard(mixed_ckpt: Path, tmp_path: Path) -> None:
     folder = _broken_copy(mixed_ckpt, tmp_path)
     victim = _shards(folder)[1]
     victim.unlink()
-    errors = _expect(folder, kind="CheckpointError", phase="index",
-                     contains=[victim.name, "missing"], ranks=[0])
+    errors = _expect(
+        folder, kind="CheckpointError", phase="index", contains=[victim.name, "missing"], ranks=[0]
+    )
     assert errors[0]["file"] == victim.name
 
 
@@ -79,8 +80,9 @@ def test_truncated_shard(mixed_ckpt: Path, tmp_path: Path) -> None:
     victim = _shards(folder)[-1]
     data = victim.read_bytes()
     victim.write_bytes(data[:-100])
-    errors = _expect(folder, kind="CheckpointError", phase="index",
-                     contains=[victim.name, "truncated"])
+    errors = _expect(
+        folder, kind="CheckpointError", phase="index", contains=[victim.name, "truncated"]
+    )
     assert errors[0]["tensor"]
 
 
@@ -90,8 +92,7 @@ def test_corrupted_header(mixed_ckpt: Path, tmp_path: Path) -> None:
     data = bytearray(victim.read_bytes())
     data[8:24] = b"\xff\xfe garbage!!!!!!"
     victim.write_bytes(bytes(data))
-    _expect(folder, kind="CheckpointError", phase="index",
-            contains=[victim.name, "not valid JSON"])
+    _expect(folder, kind="CheckpointError", phase="index", contains=[victim.name, "not valid JSON"])
 
 
 def test_huge_header_length(mixed_ckpt: Path, tmp_path: Path) -> None:
@@ -109,8 +110,12 @@ def test_index_names_tensor_header_lacks(mixed_ckpt: Path, tmp_path: Path) -> No
     shard = _shards(folder)[0].name
     index["weight_map"]["model.ghost.weight"] = shard
     _write_index(folder, index)
-    errors = _expect(folder, kind="CheckpointError", phase="index",
-                     contains=["model.ghost.weight", shard, "no such tensor"])
+    errors = _expect(
+        folder,
+        kind="CheckpointError",
+        phase="index",
+        contains=["model.ghost.weight", shard, "no such tensor"],
+    )
     assert errors[0]["tensor"] == "model.ghost.weight"
 
 
@@ -122,22 +127,30 @@ def test_weight_map_escaping_folder(mixed_ckpt: Path, tmp_path: Path) -> None:
     name = next(iter(index["weight_map"]))
     index["weight_map"][name] = "../outside.safetensors"
     _write_index(folder, index)
-    _expect(folder, kind="CheckpointError", phase="index",
-            contains=["../outside.safetensors", "escapes"])
+    _expect(
+        folder,
+        kind="CheckpointError",
+        phase="index",
+        contains=["../outside.safetensors", "escapes"],
+    )
 
 
 def test_rule_with_missing_dim(mixed_ckpt: Path) -> None:
     rules = [["*.q_proj.weight", ["shard", 2]]]
-    errors = _expect(mixed_ckpt, kind="PlacementError", phase="plan",
-                     contains=["q_proj.weight", "dim 2", "shape"], rules=rules)
+    errors = _expect(
+        mixed_ckpt,
+        kind="PlacementError",
+        phase="plan",
+        contains=["q_proj.weight", "dim 2", "shape"],
+        rules=rules,
+    )
     assert errors[0]["tensor"].endswith("q_proj.weight")
 
 
 def test_rank_read_error_mid_load(mixed_ckpt: Path) -> None:
     """A reader failing mid-transfer ends every rank with its error; the group stays usable."""
     cfg = {"source": str(mixed_ckpt), "rules": MIXED_RULES, "bucket_bytes": 4000, "timeout": 30}
-    args = {"cfg": cfg, "sabotage": {"kind": "read_error", "rank": 1, "after": 2},
-            "then_load": cfg}
+    args = {"cfg": cfg, "sabotage": {"kind": "read_error", "rank": 1, "after": 2}, "then_load": cfg}
     errors = _failures(run_group(WORLD, "expect_failure", args, timeout=90))
     for err in errors:
         assert err["ranks"] == [1], err
@@ -184,7 +197,5 @@ def test_stalled_rank_past_timeout(mixed_ckpt: Path) -> None:
 
 def test_stall_shorter_than_timeout_is_not_a_failure(mixed_ckpt: Path) -> None:
     cfg = {"source": str(mixed_ckpt), "rules": MIXED_RULES, "bucket_bytes": 4000, "timeout": 20}
-    outcomes = run_group(
-        WORLD, "stalled_load", {"cfg": cfg, "rank": 1, "seconds": 2}, timeout=90
-    )
+    outcomes = run_group(WORLD, "stalled_load", {"cfg": cfg, "rank": 1, "seconds": 2}, timeout=90)
     check_all_ok(outcomes)

@@ -45,8 +45,13 @@ def _configs(world: int, mixed: Path, llama: Path, single: Path) -> list[dict[st
         {"name": "replicate", "source": m},
         {"name": "tp-mixed", "source": m, "rules": MIXED_RULES},
         {"name": "tp-mixed-out", "source": m, "rules": MIXED_RULES, "out": True},
-        {"name": "tp-upcast-small-buckets", "source": m, "rules": MIXED_RULES,
-         "dtype": "float32", "bucket_bytes": 3000},
+        {
+            "name": "tp-upcast-small-buckets",
+            "source": m,
+            "rules": MIXED_RULES,
+            "dtype": "float32",
+            "bucket_bytes": 3000,
+        },
         {"name": "replicate-downcast-out", "source": m, "dtype": "bfloat16", "out": True},
         {"name": "tp-llama", "source": lm, "rules": LLAMA_RULES, "bucket_bytes": 20_000},
         {"name": "single-file", "source": str(single)},
@@ -92,7 +97,5 @@ def test_tp_sharded_ranks_receive_only_their_slice(llama_ckpt: Path) -> None:
 def test_env_bootstrap_initialises_the_group(mixed_ckpt: Path) -> None:
     """distload initialises the process group itself from torchrun-style variables."""
     cfg = {"source": str(mixed_ckpt), "rules": MIXED_RULES}
-    results = check_all_ok(
-        run_group(2, "matrix", {"configs": [cfg]}, bootstrap="env", timeout=120)
-    )
+    results = check_all_ok(run_group(2, "matrix", {"configs": [cfg]}, bootstrap="env", timeout=120))
     assert sum(results[0][0]["bytes_read"]) == results[0][0]["total_bytes"]

@@ -21,7 +21,10 @@ def main() -> None:
     if os.environ["DISTLOAD_TEST_BOOTSTRAP"] == "filestore" and world > 1:
         store = dist.FileStore(str(Path(os.environ["DISTLOAD_TEST_DIR"]) / "store"), world)
         dist.init_process_group(
-            "gloo", store=store, rank=rank, world_size=world,
+            "gloo",
+            store=store,
+            rank=rank,
+            world_size=world,
             timeout=datetime.timedelta(seconds=60),
         )
     from tests.distributed import scenarios

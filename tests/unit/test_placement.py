@@ -1,0 +1,137 @@
+"""Placement slicing: chunk arithmetic, every rule form, uneven and empty chunks, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.tensor import Replicate, Shard
+
+from distload.checkpoint import TensorMeta
+from distload.errors import PlacementError
+from distload.placement import REPLICATED, Layout, TensorParallel, local_box, preset
+from distload.placement.base import box_shape, chunk_range
+
+
+def meta(name: str, shape: tuple[int, ...], dtype: str = "BF16") -> TensorMeta:
+    n = 1
+    for d in shape:
+        n *= d
+    return TensorMeta(name, "f.safetensors", dtype, shape, 0, n * 2)
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 5, 7, 8, 13])
+@pytest.mark.parametrize("chunks", [1, 2, 3, 4, 6])
+def test_chunk_range_matches_torch_chunk(size: int, chunks: int) -> None:
+    pieces = torch.arange(size).chunk(chunks) if size else ()
+    for i in range(chunks):
+        start, stop = chunk_range(size, chunks, i)
+        expected = pieces[i].tolist() if i < len(pieces) else []
+        assert list(range(start, stop)) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "shape", "dim"),
+    [
+        ("colwise", (8, 4), 0),
+        ("colwise", (8,), 0),
+        ("rowwise", (8, 4), 1),
+        ("rowwise", (8,), None),
+        ("rowwise", (2, 3, 4), 2),
+        ("replicate", (8, 4), None),
+        (Shard(0), (8, 4), 0),
+        (Shard(1), (8, 4), 1),
+        (Shard(-1), (2, 3, 4), 2),
+        (Shard(1), (2, 3, 4), 1),
+        (Replicate(), (8, 4), None),
+    ],
+)
+def test_rule_forms(spec: object, shape: tuple[int, ...], dim: int | None) -> None:
+    layout = TensorParallel({"w": spec}).layout(meta("w", shape), 4)
+    assert layout.dim == dim
+    assert layout.chunks == (4 if dim is not None else 1)
+
+
+def test_first_match_wins_and_unmatched_replicate() -> None:
+    tp = TensorParallel({"*.q_proj.weight": "colwise", "*.weight": "rowwise"})
+    assert tp.layout(meta("l.q_proj.weight", (8, 8)), 2).dim == 0
+    assert tp.layout(meta("l.o_proj.weight", (8, 8)), 2).dim == 1
+    assert tp.layout(meta("l.o_proj.bias", (8,)), 2) == REPLICATED
+
+
+@pytest.mark.parametrize(
+    ("shape", "dim", "world", "expected"),
+    [
+        ((10, 3), 0, 4, [(3, 3), (3, 3), (3, 3), (1, 3)]),
+        ((3,), 0, 4, [(1,), (1,), (1,), (0,)]),
+        ((2, 5), 1, 4, [(2, 2), (2, 2), (2, 1), (2, 0)]),
+        ((3, 10, 9), 1, 4, [(3, 3, 9), (3, 3, 9), (3, 3, 9), (3, 1, 9)]),
+        ((0, 8), 0, 2, [(0, 8), (0, 8)]),
+        ((4, 6), 1, 3, [(4, 2), (4, 2), (4, 2)]),
+    ],
+)
+def test_local_shapes(
+    shape: tuple[int, ...], dim: int, world: int, expected: list[tuple[int, ...]]
+) -> None:
+    layout = TensorParallel({"w": Shard(dim)}).layout(meta("w", shape), world)
+    shapes = [box_shape(local_box(shape, layout, r)) for r in range(world)]  # type: ignore[arg-type]
+    assert shapes == expected
+    # the same as torch.chunk (padded with empty chunks like DTensor)
+    full = torch.zeros(shape)
+    chunks = full.chunk(world, dim) if full.shape[dim] else ()
+    for r in range(world):
+        if r < len(chunks):
+            assert tuple(chunks[r].shape) == shapes[r]
+
+
+def test_tp_size_smaller_than_world_makes_replicas() -> None:
+    layout = TensorParallel({"w": "colwise"}, size=2).layout(meta("w", (8, 2)), 4)
+    boxes = [local_box((8, 2), layout, r) for r in range(4)]
+    assert boxes[0] == boxes[2] == ((0, 4), (0, 2))
+    assert boxes[1] == boxes[3] == ((4, 8), (0, 2))
+
+
+@pytest.mark.parametrize(
+    ("rules", "shape", "size", "world", "message"),
+    [
+        ({"w": Shard(2)}, (4, 4), None, 2, "shards dim 2"),
+        ({"w": Shard(-3)}, (4, 4), None, 2, "shards dim -3"),
+        ({"w": "colwise"}, (), None, 2, "cannot shard 0-d"),
+        ({"w": "colwise"}, (4, 4), 3, 4, "world_size(4) % tp(3) = 1"),
+    ],
+)
+def test_placement_errors(
+    rules: dict[str, object], shape: tuple[int, ...], size: int | None, world: int, message: str
+) -> None:
+    with pytest.raises(PlacementError) as info:
+        TensorParallel(rules, size=size).layout(meta("w", shape), world)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["diagonal", 3, None])
+def test_unknown_rule_lists_valid_choices(bad: object) -> None:
+    with pytest.raises(PlacementError, match="valid: Shard"):
+        TensorParallel({"w": bad})
+
+
+def test_bad_size() -> None:
+    with pytest.raises(PlacementError, match="positive integer"):
+        TensorParallel({}, size=0)
+
+
+def test_layout_json_roundtrip() -> None:
+    for layout in (Layout(), Layout(1, 4), Layout(0, 2, (3, 1))):
+        assert Layout.from_json(layout.to_json()) == layout
+
+
+def test_holders_subset() -> None:
+    layout = Layout(0, 2, (3, 1))
+    assert local_box((4,), layout, 0) is None
+    assert local_box((4,), layout, 3) == ((0, 2),)
+    assert local_box((4,), layout, 1) == ((2, 4),)
+
+
+def test_presets() -> None:
+    rules = preset("llama")
+    assert rules["*.self_attn.o_proj.weight"] == "rowwise"
+    with pytest.raises(PlacementError, match="valid: "):
+        preset("nope")

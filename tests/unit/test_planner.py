@@ -1,0 +1,238 @@
+"""The planner with plain integers: read once, balance, bucket bound, coverage, determinism."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed.tensor import Shard
+
+from distload.checkpoint import CheckpointIndex, FileMeta, TensorMeta
+from distload.dtypes import ITEMSIZE
+from distload.errors import PlacementError
+from distload.placement import Layout, ReplicateAll, TensorParallel, local_box
+from distload.plan import LoadPlan, piece_bytes, segments_for
+from distload.planner import make_plan, traffic
+
+
+def index_of(shapes: list[tuple[tuple[int, ...], str]], files: int = 2) -> CheckpointIndex:
+    tensors = []
+    offsets = [100] * files
+    for i, (shape, dtype) in enumerate(shapes):
+        f = i % files
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
+        tensors.append(TensorMeta(f"t{i}", f"f{f}.safetensors", dtype, shape, offsets[f], nbytes))
+        offsets[f] += nbytes
+    fmetas = tuple(FileMeta(f"f{f}.safetensors", offsets[f], 100) for f in range(files))
+    tensors.sort(key=lambda t: (t.file, t.offset))
+    return CheckpointIndex("/ckpt", fmetas, tuple(tensors), {})
+
+
+LLAMAISH = [
+    ((64, 16), "BF16"),
+    ((16,), "F32"),
+    ((16, 16), "BF16"),
+    ((8, 16), "BF16"),
+    ((16, 16), "BF16"),
+    ((43, 16), "BF16"),
+    ((16, 43), "BF16"),
+    ((), "I64"),
+    ((0, 4), "F32"),
+    ((3, 5, 7), "BF16"),
+    ((5,), "BOOL"),
+]
+
+
+def file_ranges(plan: LoadPlan) -> Counter[tuple[str, int]]:
+    """How many times each byte of each file is read (by any rank)."""
+    reads: Counter[tuple[str, int]] = Counter()
+    for bucket in plan.buckets:
+        for item in bucket.items:
+            meta = plan.tensors[item.tensor]
+            start = meta.offset + (item.start * meta.row_bytes if meta.shape else 0)
+            for b in range(start, start + piece_bytes(meta, item)):
+                reads[(meta.file, b)] += 1
+    return reads
+
+
+def simulate(plan: LoadPlan) -> None:
+    """Run the plan's geometry on integer grids: every local element written exactly once."""
+    world = plan.world_size
+    for rank in range(world):
+        writes: dict[int, Counter[tuple[int, ...]]] = {}
+        for bucket in plan.buckets:
+            if bucket.kind == "local" and bucket.reader != rank:
+                continue
+            segs, size = segments_for(plan, bucket, rank)
+            for seg in segs:
+                assert seg.offset % 64 == 0 and seg.offset + seg.nbytes <= size
+                counter = writes.setdefault(seg.item.tensor, Counter())
+                ranges = [range(a, b) for a, b in seg.part.dst]
+                for idx in _product(ranges):
+                    counter[idx] += 1
+        for t, meta in enumerate(plan.tensors):
+            box = local_box(meta.shape, plan.layouts[t], rank)
+            if box is None:
+                assert t not in writes
+                continue
+            local = [range(0, b - a) for a, b in box]
+            expected = Counter(_product(local))
+            assert writes.get(t, Counter()) == expected, (rank, meta.name)
+
+
+def _product(ranges: list[range]) -> list[tuple[int, ...]]:
+    out: list[tuple[int, ...]] = [()]
+    for r in ranges:
+        out = [(*o, i) for o in out for i in r]
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("bucket", [64, 500, 10**6])
+@pytest.mark.parametrize("rules", ["replicate", "tp", "tp2"])
+def test_plans_read_once_cover_exactly_and_balance(world: int, bucket: int, rules: str) -> None:
+    index = index_of(LLAMAISH)
+    placement = {
+        "replicate": ReplicateAll(),
+        "tp": TensorParallel(
+            {
+                "t0": "colwise",
+                "t2": "rowwise",
+                "t3": Shard(0),
+                "t6": "rowwise",
+                "t9": Shard(1),
+                "t10": Shard(0),
+                "t8": Shard(0),
+            }
+        ),
+        "tp2": TensorParallel({"t0": "colwise", "t9": Shard(2)}, size=2 if world % 2 == 0 else 1),
+    }[rules]
+    plan = make_plan(index, world, placement, bucket_bytes=bucket)
+    # each byte of every (non-empty) tensor is read exactly once
+    reads = file_ranges(plan)
+    assert set(reads.values()) <= {1}
+    assert sum(reads.values()) == index.total_bytes
+    # bucket bound (a single row larger than the bucket is the only exception)
+    for b in plan.buckets:
+        nbytes = sum(piece_bytes(plan.tensors[i.tensor], i) for i in b.items)
+        biggest_row = max(plan.tensors[i.tensor].row_bytes for i in b.items)
+        assert nbytes <= max(bucket, biggest_row)
+    simulate(plan)
+    stats = traffic(plan)
+    assert sum(s.read for s in stats) == index.total_bytes
+    assert sum(s.sent for s in stats) == sum(s.received for s in stats)
+
+
+def test_replicated_reads_are_balanced() -> None:
+    index = index_of([((256, 64), "BF16")] * 16)
+    plan = make_plan(index, 4, bucket_bytes=32 * 1024)
+    reads = [s.read for s in traffic(plan)]
+    assert max(reads) - min(reads) <= 32 * 1024
+    assert all(b.kind == "broadcast" for b in plan.buckets)
+
+
+def test_row_shards_are_read_locally_without_traffic() -> None:
+    index = index_of([((64, 16), "BF16"), ((32, 16), "F32")])
+    plan = make_plan(index, 4, TensorParallel({"*": "colwise"}), bucket_bytes=10**6)
+    assert {b.kind for b in plan.buckets} == {"local"}
+    assert all(s.sent == 0 and s.received == 0 for s in traffic(plan))
+    assert sorted(b.reader for b in plan.buckets) == [0, 1, 2, 3]
+
+
+def test_column_shards_go_point_to_point_with_only_own_slice() -> None:
+    index = index_of([((8, 64), "BF16")])
+    plan = make_plan(index, 4, TensorParallel({"*": "rowwise"}), bucket_bytes=10**6)
+    assert [b.kind for b in plan.buckets] == ["p2p"]
+    stats = traffic(plan)
+    reader = plan.buckets[0].reader
+    for s in stats:
+        if s.rank != reader:
+            assert s.received == 8 * 16 * 2  # its quarter, nothing more
+
+
+def test_plan_is_deterministic_and_roundtrips() -> None:
+    index = index_of(LLAMAISH)
+    tp = TensorParallel({"t0": "colwise", "t2": "rowwise"})
+    a = make_plan(index, 3, tp, bucket_bytes=300)
+    b = make_plan(index, 3, tp, bucket_bytes=300)
+    assert a == b
+    assert LoadPlan.from_json(a.to_json()) == a
+    assert a.to_json() == LoadPlan.from_json(a.to_json()).to_json()
+
+
+def test_downcast_travels_narrow_upcast_travels_stored() -> None:
+    index = index_of([((4, 4), "F32"), ((4, 4), "BF16"), ((4,), "I32")])
+    down = make_plan(index, 2, dtype="BF16")
+    by_name = {t.name: d for t, d in zip(down.tensors, down.dtypes, strict=True)}
+    assert by_name == {"t0": "BF16", "t1": "BF16", "t2": "I32"}  # ints are never cast
+    seg_dtypes = {s.dtype for b in down.buckets for s in segments_for(down, b, 1)[0]}
+    assert seg_dtypes == {"BF16", "I32"}
+    up = make_plan(index, 2, dtype="F32")
+    seg_dtypes = {s.dtype for b in up.buckets for s in segments_for(up, b, 1)[0]}
+    assert seg_dtypes == {"F32", "BF16", "I32"}
+
+
+def test_readers_restriction() -> None:
+    index = index_of([((64, 16), "BF16")] * 4)
+    plan = make_plan(index, 4, TensorParallel({"*": "colwise"}), readers=[0], bucket_bytes=512)
+    assert {b.reader for b in plan.buckets} == {0}
+    assert sum(s.read for s in traffic(plan)) == index.total_bytes
+    simulate(plan)
+
+
+def test_names_filter() -> None:
+    plan = make_plan(index_of(LLAMAISH), 2, names=["t1", "t3"])
+    assert [t.name for t in plan.tensors] == ["t1", "t3"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"world_size": 0}, "world_size must be >= 1"),
+        ({"world_size": 2, "bucket_bytes": 0}, "bucket_bytes"),
+        ({"world_size": 2, "readers": [5]}, "readers"),
+        ({"world_size": 2, "dtype": "I32"}, "floating"),
+    ],
+)
+def test_plan_argument_errors(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(PlacementError, match=message):
+        make_plan(index_of(LLAMAISH), **kwargs)  # type: ignore[arg-type]
+
+
+def test_placement_outside_group_refused() -> None:
+    class Bad:
+        def layout(self, meta: TensorMeta, world_size: int) -> Layout:
+            return Layout(None, 1, (0, 9))
+
+        def describe(self) -> str:
+            return "bad"
+
+    with pytest.raises(PlacementError, match="outside the group of 2"):
+        make_plan(index_of(LLAMAISH), 2, Bad())
+
+
+dims = st.integers(min_value=0, max_value=9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=st.lists(st.lists(dims, min_size=0, max_size=3), min_size=1, max_size=6),
+    world=st.integers(1, 5),
+    bucket=st.integers(1, 400),
+    shard=st.lists(st.integers(-1, 2), min_size=6, max_size=6),
+)
+def test_random_plans_cover_exactly(
+    shapes: list[list[int]], world: int, bucket: int, shard: list[int]
+) -> None:
+    index = index_of([(tuple(s), "BF16") for s in shapes], files=1)
+    rules = {}
+    for i, s in enumerate(shapes):
+        if shard[i] >= 0 and shard[i] < len(s):
+            rules[f"t{i}"] = Shard(shard[i])
+    plan = make_plan(index, world, TensorParallel(rules), bucket_bytes=bucket)
+    reads = file_ranges(plan)
+    assert set(reads.values()) <= {1}
+    simulate(plan)
