@@ -30,13 +30,17 @@ class LlamaShape:
 
     @staticmethod
     def for_bytes(target: int, dtype_bytes: int = 2) -> LlamaShape:
-        """A shape whose parameters take roughly ``target`` bytes."""
-        hidden = 1024 if target < 2**31 else 2048
-        per_layer = (hidden * hidden * 3 + hidden * hidden // 2 * 2 + hidden) * dtype_bytes
-        per_layer += 3 * hidden * (hidden * 11 // 4) * dtype_bytes
-        vocab = 32000
-        embed = 2 * vocab * hidden * dtype_bytes
-        layers = max(1, round((target - embed) / per_layer))
+        """A shape whose parameters take roughly ``target`` bytes (embeddings <= 1/4 of it)."""
+        choices = ((128, 2000), (256, 4000), (512, 8000), (1024, 32000), (2048, 32000))
+        hidden, vocab = choices[0]
+        for h, v in choices:
+            if 2 * v * h * dtype_bytes <= target // 4:
+                hidden, vocab = h, v
+        base = LlamaShape(vocab, hidden, hidden * 11 // 4, 0, 16, 8)
+        one = LlamaShape(vocab, hidden, hidden * 11 // 4, 1, 16, 8)
+        fixed = checkpoint_bytes(base, dtype_bytes)
+        per_layer = checkpoint_bytes(one, dtype_bytes) - fixed
+        layers = max(1, round((target - fixed) / per_layer))
         return LlamaShape(vocab, hidden, hidden * 11 // 4, layers, 16, 8)
 
 

@@ -1,0 +1,150 @@
+"""One rank of a benchmark run (started by torchrun from benchmarks/memory.py).
+
+Measures this rank's private memory (RssAnon, sampled every 2 ms) while loading its
+tensor-parallel part of a checkpoint into preallocated destinations with one method, checks the
+result bit for bit against safetensors, and writes a JSON line of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import distload
+from distload.checkpoint import read_checkpoint
+from distload.placement import preset
+from distload.planner import make_plan
+
+
+def rss_anon() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakSampler:
+    def __init__(self) -> None:
+        self.peak = rss_anon()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_anon())
+            time.sleep(0.002)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon())
+        return self.peak
+
+
+def evict(root: Path) -> None:
+    for path in root.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def slices_for(plan, rank):  # type: ignore[no-untyped-def]
+    from distload.placement.base import local_box
+
+    out = {}
+    for t, meta in enumerate(plan.tensors):
+        box = local_box(meta.shape, plan.layouts[t], rank)
+        out[meta.name] = (meta, tuple(slice(a, b) for a, b in box))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("method")
+    parser.add_argument("ckpt")
+    parser.add_argument("out")
+    parser.add_argument("--staging-mb", type=float, default=256)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root = Path(args.ckpt)
+    index = read_checkpoint(root)
+    tp = distload.TensorParallel(preset("llama"))
+    plan = make_plan(index, world, tp)
+    wanted = slices_for(plan, rank)
+    if rank == 0:
+        evict(root)
+    dist.barrier()
+    base = rss_anon()
+    dests = {
+        name: torch.empty(tuple(s.stop - s.start for s in sl), dtype=torch.bfloat16)
+        for name, (meta, sl) in wanted.items()
+    }
+    for d in dests.values():  # touch the pages: the part is resident before loading
+        d.view(torch.uint8).fill_(0)
+    part = sum(d.numel() * d.element_size() for d in dests.values())
+    after_alloc = rss_anon()
+    sampler = PeakSampler()
+    dist.barrier()
+    start = time.perf_counter()
+    if args.method == "distload":
+        distload.load(root, tp, out=dests, staging_bytes=int(args.staging_mb * 2**20))
+    elif args.method == "load_file":  # every rank loads whole shards, keeps its slices
+        for f in index.files:
+            shard = load_file(str(root / f.name))
+            for name, t in shard.items():
+                if name in wanted:
+                    dests[name].copy_(t[wanted[name][1]])
+            del shard
+    elif args.method == "get_slice":  # every rank reads only its slices (safe_open)
+        for f in index.files:
+            with safe_open(str(root / f.name), "pt") as fh:
+                for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    dests[name].copy_(fh.get_slice(name)[wanted[name][1]])
+    else:
+        raise SystemExit(f"unknown method {args.method}")
+    elapsed = time.perf_counter() - start
+    peak = sampler.stop()
+    times = [torch.tensor([elapsed]) for _ in range(world)]
+    dist.all_gather(times, torch.tensor([elapsed]))
+    # bit-exact check against safetensors single-process reads
+    ok = True
+    for f in index.files:
+        with safe_open(str(root / f.name), "pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+                exp = fh.get_slice(name)[wanted[name][1]]
+                ok &= torch.equal(exp.view(torch.int16), dests[name].view(torch.int16))
+    row = {
+        "method": args.method,
+        "rank": rank,
+        "world": world,
+        "part_bytes": part,
+        "baseline_rss_anon": base,
+        "alloc_rss_anon": after_alloc,
+        "peak_rss_anon": peak,
+        "extra_over_part": peak - base - part,
+        "staging_budget": int(args.staging_mb * 2**20),
+        "seconds": elapsed,
+        "slowest_seconds": max(float(t.item()) for t in times),
+        "bit_exact": bool(ok),
+    }
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"{args.method}-{rank}.json").write_text(json.dumps(row))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""``distload`` command line: inspect, plan, load, make-checkpoint.
+
+``inspect`` and ``plan`` run in one process without a process group; ``load`` runs on every
+rank of a launcher (torchrun, ...) and prints the report on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from distload.checkpoint import read_checkpoint
+from distload.errors import DistLoadError
+from distload.placement import TensorParallel, preset, presets
+from distload.placement.base import Placement
+from distload.planner import DEFAULT_BUCKET_BYTES, make_plan, traffic
+from distload.report import human_bytes
+
+log = logging.getLogger("distload")
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _parse_rule(text: str) -> tuple[str, Any]:
+    pattern, sep, spec = text.rpartition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"rule {text!r} must be PATTERN=SPEC")
+    if spec.startswith("shard"):
+        from torch.distributed.tensor import Shard
+
+        try:
+            return pattern, Shard(int(spec[len("shard") :].strip("():")))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"bad shard spec {spec!r}; use shard0, shard1 ..."
+            ) from None
+    if spec in ("colwise", "rowwise", "replicate"):
+        return pattern, spec
+    raise argparse.ArgumentTypeError(
+        f"unknown spec {spec!r}; valid: colwise, rowwise, replicate, shardN"
+    )
+
+
+def _placement(args: argparse.Namespace) -> Placement | None:
+    rules: dict[str, Any] = {}
+    for pattern, spec in args.rule or []:
+        rules[pattern] = spec
+    if args.preset:
+        rules.update(preset(args.preset))
+    if not rules and args.tp is None:
+        return None
+    if not rules:
+        rules = preset("llama")
+    return TensorParallel(rules, size=args.tp)
+
+
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: group)")
+    p.add_argument("--preset", choices=presets(), help="TP rule preset (default with --tp: llama)")
+    p.add_argument(
+        "--rule",
+        action="append",
+        type=_parse_rule,
+        metavar="PATTERN=SPEC",
+        help="TP rule, e.g. '*.q_proj.weight=colwise' or 'lm_head.weight=shard1' (repeatable)",
+    )
+    p.add_argument("--dtype", default=None, help="cast floating tensors (e.g. bfloat16)")
+    p.add_argument("--bucket-mb", type=float, default=None, help="bucket size in MiB (default 64)")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    index = read_checkpoint(args.source)
+    _out(f"checkpoint {index.root}: OK")
+    _out(
+        f"  {len(index.files)} file(s), {len(index.tensors)} tensors, "
+        f"{human_bytes(index.total_bytes)}"
+    )
+    if args.json:
+        _out(json.dumps(index.to_json(), indent=1))
+        return 0
+    dtypes: dict[str, int] = {}
+    for t in index.tensors:
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.nbytes
+    _out("  dtypes: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(dtypes.items())))
+    _out("")
+    _out(f"  {'file':40} {'tensors':>8} {'bytes':>12}")
+    for f in index.files:
+        ts = [t for t in index.tensors if t.file == f.name]
+        _out(f"  {f.name:40} {len(ts):>8} {human_bytes(sum(t.nbytes for t in ts)):>12}")
+    if args.tensors:
+        _out("")
+        _out(f"  {'tensor':60} {'dtype':6} {'shape':20} {'bytes':>12}")
+        for t in index.tensors:
+            _out(f"  {t.name:60} {t.dtype:6} {list(t.shape)!s:20} {human_bytes(t.nbytes):>12}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from distload.dtypes import parse_dtype
+
+    index = read_checkpoint(args.source)
+    bucket = int((args.bucket_mb or DEFAULT_BUCKET_BYTES / 2**20) * 2**20)
+    plan = make_plan(
+        index, args.world, _placement(args), dtype=parse_dtype(args.dtype), bucket_bytes=bucket
+    )
+    kinds: dict[str, int] = {}
+    for b in plan.buckets:
+        kinds[b.kind] = kinds.get(b.kind, 0) + 1
+    _out(f"plan: {len(plan.tensors)} tensors, {human_bytes(index.total_bytes)}, world {args.world}")
+    _out(f"  placement: {plan.placement}")
+    _out(
+        f"  {len(plan.buckets)} buckets of <= {human_bytes(bucket)} ("
+        + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        + ")"
+    )
+    _out("")
+    _out(
+        f"  {'rank':>4} {'reads':>12} {'sends':>12} {'receives':>12} {'holds':>12} {'staging':>12}"
+    )
+    for s in traffic(plan):
+        _out(
+            f"  {s.rank:>4} {human_bytes(s.read):>12} {human_bytes(s.sent):>12} "
+            f"{human_bytes(s.received):>12} {human_bytes(s.held):>12} {human_bytes(s.staging):>12}"
+        )
+    if args.buckets:
+        _out("")
+        for i, b in enumerate(plan.buckets):
+            names = sorted({plan.tensors[it.tensor].name for it in b.items})
+            _out(f"  bucket {i:>4} {b.kind:9} reader {b.reader:>3}  {', '.join(names)[:100]}")
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from distload.api import load
+    from distload.verify import verify_against_safetensors
+
+    bar = None
+    progress = None
+    rank = 0
+    try:
+        from tqdm import tqdm
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=total, unit="bucket", desc="distload", disable=args.quiet)
+            bar.update(done - bar.n)
+
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        bucket = int(args.bucket_mb * 2**20) if args.bucket_mb else None
+        state = load(
+            args.source,
+            _placement(args),
+            dtype=args.dtype,
+            device=args.device,
+            bucket_bytes=bucket,
+            timeout=args.timeout,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    status = 0
+    if args.verify:
+        bad = verify_against_safetensors(state.plan, state, rank)
+        if bad:
+            log.error("rank %d: %d tensor(s) differ from safetensors: %s", rank, len(bad), bad[:5])
+            status = 1
+        if dist.is_initialized():
+            import torch
+
+            nccl = "nccl" in str(dist.get_backend()).lower() and torch.cuda.is_available()
+            flag = torch.tensor([status], device="cuda" if nccl else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            status = int(flag.item())
+    if rank == 0:
+        _out(state.report.table())
+        if args.verify:
+            _out(
+                "verify: every rank's pieces equal safetensors single-process reads"
+                if status == 0
+                else "verify: MISMATCH (see the log above)"
+            )
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return status
+
+
+def cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    import torch
+
+    from distload.synthetic import LlamaShape, checkpoint_bytes, write_llama
+
+    shape = (
+        LlamaShape.for_bytes(int(args.size_mb * 2**20))
+        if args.size_mb
+        else LlamaShape(layers=args.layers)
+    )
+    write_llama(
+        args.out,
+        shape,
+        dtype=getattr(torch, args.dtype),
+        max_shard_bytes=int(args.shard_mb * 2**20),
+    )
+    _out(
+        f"wrote {args.out}: Llama-shaped {shape}, {human_bytes(checkpoint_bytes(shape))} "
+        f"({args.dtype})"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distload", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="validate a checkpoint and list its files and tensors")
+    p.add_argument("source")
+    p.add_argument("--tensors", action="store_true", help="list every tensor")
+    p.add_argument("--json", action="store_true", help="print the index as JSON")
+    p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("plan", help="who reads, sends, receives and holds what (no launch)")
+    p.add_argument("source")
+    p.add_argument("--world", type=int, required=True, help="number of ranks")
+    p.add_argument("--buckets", action="store_true", help="list every bucket")
+    _add_placement_args(p)
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("load", help="load under a launcher (torchrun ...), print the report")
+    p.add_argument("source")
+    p.add_argument("--verify", action="store_true", help="compare with safetensors reads")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK or cpu")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for peers")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_placement_args(p)
+    p.set_defaults(fn=cmd_load)
+
+    p = sub.add_parser("make-checkpoint", help="write a synthetic Llama-shaped checkpoint")
+    p.add_argument("out")
+    p.add_argument("--size-mb", type=float, default=None, help="approximate size in MiB")
+    p.add_argument("--layers", type=int, default=4, help="layers of the tiny default shape")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--shard-mb", type=float, default=64.0, help="max shard size in MiB")
+    p.set_defaults(fn=cmd_make_checkpoint)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.fn(args))
+    except DistLoadError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
