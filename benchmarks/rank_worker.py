@@ -25,30 +25,45 @@ from distload.placement import preset
 from distload.planner import make_plan
 
 
-def rss_anon() -> int:
+def rss() -> tuple[int, int]:
+    """(RssAnon, RssFile) of this process in bytes: private memory and mapped file pages."""
+    anon = file = 0
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+                anon = int(line.split()[1]) * 1024
+            elif line.startswith("RssFile:"):
+                file = int(line.split()[1]) * 1024
+    return anon, file
+
+
+def rss_anon() -> int:
+    return rss()[0]
 
 
 class PeakSampler:
+    """Samples RssAnon and RssFile every 2 ms on a thread; keeps the peaks."""
+
     def __init__(self) -> None:
-        self.peak = rss_anon()
+        self.peak, self.peak_file = rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _sample(self) -> None:
+        anon, file = rss()
+        self.peak = max(self.peak, anon)
+        self.peak_file = max(self.peak_file, file)
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_anon())
+            self._sample()
             time.sleep(0.002)
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_anon())
+        self._sample()
         return self.peak
 
 
@@ -77,6 +92,7 @@ def main() -> None:
     parser.add_argument("ckpt")
     parser.add_argument("out")
     parser.add_argument("--staging-mb", type=float, default=256)
+    parser.add_argument("--round", type=int, default=0)
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -97,11 +113,15 @@ def main() -> None:
         d.view(torch.uint8).fill_(0)
     part = sum(d.numel() * d.element_size() for d in dests.values())
     after_alloc = rss_anon()
+    base_file = rss()[1]
     sampler = PeakSampler()
     dist.barrier()
     start = time.perf_counter()
+    report = None
     if args.method == "distload":
-        distload.load(root, tp, out=dests, staging_bytes=int(args.staging_mb * 2**20))
+        state = distload.load(root, tp, out=dests, staging_bytes=int(args.staging_mb * 2**20))
+        report = state.report.table()
+        del state
     elif args.method == "load_file":  # every rank loads whole shards, keeps its slices
         for f in index.files:
             shard = load_file(str(root / f.name))
@@ -136,13 +156,15 @@ def main() -> None:
         "alloc_rss_anon": after_alloc,
         "peak_rss_anon": peak,
         "extra_over_part": peak - base - part,
+        "peak_file_mapped": sampler.peak_file - base_file,
         "staging_budget": int(args.staging_mb * 2**20),
         "seconds": elapsed,
         "slowest_seconds": max(float(t.item()) for t in times),
         "bit_exact": bool(ok),
+        "report": report,
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"{args.method}-{rank}.json").write_text(json.dumps(row))
+    (Path(args.out) / f"{args.method}-{args.round}-{rank}.json").write_text(json.dumps(row))
     dist.destroy_process_group()
 
 

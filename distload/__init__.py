@@ -9,16 +9,28 @@ Public API::
 
 from distload.api import LoadedState, load
 from distload.errors import CheckpointError, DistLoadError, PeerError, PlacementError
-from distload.placement import Layout, Placement, ReplicateAll, TensorParallel, preset
+from distload.placement import (
+    DeviceMap,
+    Layout,
+    Mesh,
+    PipelineParallel,
+    Placement,
+    ReplicateAll,
+    TensorParallel,
+    preset,
+)
 from distload.report import LoadReport
 
 __all__ = [
     "CheckpointError",
+    "DeviceMap",
     "DistLoadError",
     "Layout",
     "LoadReport",
     "LoadedState",
+    "Mesh",
     "PeerError",
+    "PipelineParallel",
     "Placement",
     "PlacementError",
     "ReplicateAll",

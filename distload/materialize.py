@@ -36,7 +36,8 @@ def prepare_destinations(
             continue
         planned.add(meta.name)
         if out is None:
-            dests[t] = torch.empty(shape, dtype=to_torch(plan.dtypes[t]), device=device)
+            where = torch.device("cpu") if plan.layouts[t].host else device
+            dests[t] = torch.empty(shape, dtype=to_torch(plan.dtypes[t]), device=where)
             continue
         if meta.name not in out:
             raise DistLoadError(

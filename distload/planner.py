@@ -53,14 +53,12 @@ def evaluate_layouts(
     tensors: Sequence[TensorMeta], placement: Placement, world_size: int
 ) -> tuple[Layout, ...]:
     """Run the placement on every tensor, checking what it returns."""
-    layouts = []
-    for meta in tensors:
-        try:
-            layout = placement.layout(meta, world_size)
-        except PlacementError as exc:
-            if exc.tensor is None:
-                raise PlacementError(str(exc), tensor=meta.name) from None
-            raise
+    layouts = placement.layouts(tensors, world_size)
+    if len(layouts) != len(tensors):
+        raise PlacementError(
+            f"placement returned {len(layouts)} layouts for {len(tensors)} tensors"
+        )
+    for meta, layout in zip(tensors, layouts, strict=True):
         if layout.holders is not None and not all(0 <= r < world_size for r in layout.holders):
             raise PlacementError(
                 f"placement put tensor {meta.name!r} on ranks {list(layout.holders)}, outside "
@@ -73,7 +71,6 @@ def evaluate_layouts(
                 f"{list(meta.shape)}",
                 tensor=meta.name,
             )
-        layouts.append(layout)
     return tuple(layouts)
 
 

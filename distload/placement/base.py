@@ -33,6 +33,7 @@ class Layout:
     dim: int | None = None  # sharded dim (non-negative), or None for a full copy
     chunks: int = 1  # number of chunks along ``dim``
     holders: tuple[int, ...] | None = None  # ranks holding a part; None = all ranks
+    host: bool = False  # held in host memory ("cpu") instead of the rank's device
 
     def position(self, rank: int) -> int | None:
         """Position of ``rank`` among the holders, or None if it holds nothing."""
@@ -44,15 +45,17 @@ class Layout:
             return None
 
     def to_json(self) -> list[object]:
-        return [self.dim, self.chunks, list(self.holders) if self.holders is not None else None]
+        holders = list(self.holders) if self.holders is not None else None
+        return [self.dim, self.chunks, holders, self.host]
 
     @staticmethod
     def from_json(data: Sequence[object]) -> Layout:
-        dim, chunks, holders = data
+        dim, chunks, holders, host = data
         return Layout(
             dim,  # type: ignore[arg-type]
             chunks,  # type: ignore[arg-type]
             tuple(holders) if holders is not None else None,  # type: ignore[arg-type]
+            bool(host),
         )
 
 
@@ -90,11 +93,13 @@ class Placement(Protocol):
     """Decides how each tensor is laid out over a group of ``world_size`` ranks.
 
     Implementations are pure: the same metas and world size give the same layouts on every
-    rank. ``layout`` raises :class:`~distload.errors.PlacementError` for a rule that cannot be
+    rank (the coordinator evaluates them; any rank could). ``layouts`` sees the whole
+    checkpoint at once, so placements can balance by bytes; it returns one layout per tensor,
+    in order, and raises :class:`~distload.errors.PlacementError` for a rule that cannot be
     applied (naming the tensor and the rule).
     """
 
-    def layout(self, meta: TensorMeta, world_size: int) -> Layout: ...
+    def layouts(self, tensors: Sequence[TensorMeta], world_size: int) -> list[Layout]: ...
 
     def describe(self) -> str: ...
 
@@ -102,8 +107,8 @@ class Placement(Protocol):
 class ReplicateAll:
     """Every rank receives every tensor in full (the default placement)."""
 
-    def layout(self, meta: TensorMeta, world_size: int) -> Layout:
-        return REPLICATED
+    def layouts(self, tensors: Sequence[TensorMeta], world_size: int) -> list[Layout]:
+        return [REPLICATED] * len(tensors)
 
     def describe(self) -> str:
         return "replicate every tensor on every rank"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from distload.checkpoint import TensorMeta
@@ -99,6 +99,9 @@ class TensorParallel:
                 tensor=meta.name,
             )
         return Layout(dim % ndim, size, None)
+
+    def layouts(self, tensors: Sequence[TensorMeta], world_size: int) -> list[Layout]:
+        return [self.layout(meta, world_size) for meta in tensors]
 
     def describe(self) -> str:
         rules = ", ".join(f"{p}: {s}" for p, s in self.rules.items())

@@ -119,7 +119,7 @@ def test_bad_size() -> None:
 
 
 def test_layout_json_roundtrip() -> None:
-    for layout in (Layout(), Layout(1, 4), Layout(0, 2, (3, 1))):
+    for layout in (Layout(), Layout(1, 4), Layout(0, 2, (3, 1)), Layout(None, 1, (2,), True)):
         assert Layout.from_json(layout.to_json()) == layout
 
 

@@ -204,8 +204,8 @@ def test_plan_argument_errors(kwargs: dict[str, object], message: str) -> None:
 
 def test_placement_outside_group_refused() -> None:
     class Bad:
-        def layout(self, meta: TensorMeta, world_size: int) -> Layout:
-            return Layout(None, 1, (0, 9))
+        def layouts(self, tensors: list[TensorMeta], world_size: int) -> list[Layout]:
+            return [Layout(None, 1, (0, 9))] * len(tensors)
 
         def describe(self) -> str:
             return "bad"
