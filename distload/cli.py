@@ -15,7 +15,7 @@ from typing import Any
 
 from distload.checkpoint import read_checkpoint
 from distload.errors import DistLoadError
-from distload.placement import TensorParallel, preset, presets
+from distload.placement import DeviceMap, Mesh, TensorParallel, preset, presets
 from distload.placement.base import Placement
 from distload.planner import DEFAULT_BUCKET_BYTES, make_plan, traffic
 from distload.report import human_bytes
@@ -47,12 +47,30 @@ def _parse_rule(text: str) -> tuple[str, Any]:
     )
 
 
+def _device_map(text: str) -> DeviceMap:
+    if text in ("auto", "balanced", "sequential"):
+        return DeviceMap(text)
+    try:
+        mapping = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--device-map {text!r}: use auto, balanced, sequential or a JSON object"
+        ) from None
+    return DeviceMap(mapping)
+
+
 def _placement(args: argparse.Namespace) -> Placement | None:
+    if args.device_map is not None:
+        return args.device_map  # type: ignore[no-any-return]
     rules: dict[str, Any] = {}
     for pattern, spec in args.rule or []:
         rules[pattern] = spec
     if args.preset:
         rules.update(preset(args.preset))
+    if args.pp is not None or args.dp is not None:
+        if not rules and args.tp:
+            rules = preset("llama")
+        return Mesh(dp=args.dp or 1, pp=args.pp or 1, tp=args.tp or 1, tp_rules=rules)
     if not rules and args.tp is None:
         return None
     if not rules:
@@ -62,6 +80,14 @@ def _placement(args: argparse.Namespace) -> Placement | None:
 
 def _add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: group)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages (balanced by bytes)")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel replicas (with --pp/--tp)")
+    p.add_argument(
+        "--device-map",
+        type=_device_map,
+        default=None,
+        help='auto | balanced | sequential | JSON {module prefix: rank or "cpu"}',
+    )
     p.add_argument("--preset", choices=presets(), help="TP rule preset (default with --tp: llama)")
     p.add_argument(
         "--rule",
@@ -109,6 +135,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = make_plan(
         index, args.world, _placement(args), dtype=parse_dtype(args.dtype), bucket_bytes=bucket
     )
+    placement = _placement(args)
+    if isinstance(placement, DeviceMap):
+        _out("device map: " + json.dumps(placement.resolve(index.tensors, args.world)))
     kinds: dict[str, int] = {}
     for b in plan.buckets:
         kinds[b.kind] = kinds.get(b.kind, 0) + 1
@@ -268,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DistLoadError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
