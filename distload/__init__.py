@@ -7,7 +7,7 @@ Public API::
     state.report.table()
 """
 
-from distload.api import LoadedState, load
+from distload.api import LoadedState, LoadIntoResult, load, load_into
 from distload.errors import CheckpointError, DistLoadError, PeerError, PlacementError
 from distload.placement import (
     DeviceMap,
@@ -27,6 +27,7 @@ __all__ = [
     "DistLoadError",
     "Layout",
     "LoadReport",
+    "LoadIntoResult",
     "LoadedState",
     "Mesh",
     "PeerError",
@@ -36,6 +37,7 @@ __all__ = [
     "ReplicateAll",
     "TensorParallel",
     "load",
+    "load_into",
     "preset",
 ]
 

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -61,6 +61,7 @@ def _build_plan(
     readers: Collection[int] | None,
     names: Collection[str] | None,
     max_header_bytes: int,
+    keys: Collection[str] | None = None,
 ) -> bytes:
     """Coordinator step: index + plan, serialised for broadcast."""
     try:
@@ -68,7 +69,10 @@ def _build_plan(
     except DistLoadError as exc:
         exc.phase = "index"
         raise
-    if names is not None:
+    if keys is not None:
+        present = {t.name for t in index.tensors}
+        names = sorted(set(keys) & present) if names is None else names
+    elif names is not None:
         missing = sorted(set(names) - {t.name for t in index.tensors})
         if missing:
             raise DistLoadError(
@@ -107,6 +111,7 @@ def load(
     read_threads: int = DEFAULT_READ_THREADS,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     progress: Callable[[int, int], None] | None = None,
+    keys: Collection[str] | None = None,
 ) -> LoadedState:
     """Load this rank's piece of every tensor of a safetensors checkpoint.
 
@@ -133,6 +138,8 @@ def load(
         timeout: seconds any rank waits for a peer before failing with a clear error.
         read_threads: positioned reads in flight per reader rank.
         progress: called on rank 0 as ``progress(done_buckets, total_buckets)``.
+        keys: load only these tensor names (names absent from the checkpoint are ignored;
+            ``state.plan.skipped`` lists the checkpoint tensors not loaded).
 
     Returns:
         :class:`LoadedState`: a dict of this rank's tensors, plus ``.report`` (per-rank bytes
@@ -166,6 +173,7 @@ def load(
             readers=readers,
             names=names,
             max_header_bytes=max_header_bytes,
+            keys=keys,
         ),
     )
     plan = LoadPlan.from_json(payload)
@@ -243,3 +251,123 @@ def load(
         seconds["total"],
     )
     return state
+
+
+class LoadIntoResult(NamedTuple):
+    """What :func:`load_into` did, shaped like ``load_state_dict``'s return value."""
+
+    missing_keys: list[str]  # model tensors the checkpoint does not have (still meta)
+    unexpected_keys: list[str]  # checkpoint tensors the model does not have (not read)
+    report: LoadReport
+
+
+def load_into(
+    model: torch.nn.Module,
+    source: str | os.PathLike[str],
+    placement: Placement | None = None,
+    *,
+    strict: bool = True,
+    dtype: Any = None,
+    device: str | torch.device | None = None,
+    group: dist.ProcessGroup | None = None,
+    **kwargs: Any,
+) -> LoadIntoResult:
+    """Materialise a meta-device model's parameters and buffers straight from a checkpoint.
+
+    Collective, like :func:`load`. Each rank's received tensors *become* the model's
+    parameters (no random init, no second copy), on ``device``. Tied weights stay tied (one
+    Parameter for all their names; the checkpoint may hold any one of them). When the model's
+    parameters are already DTensors (built on meta and parallelised with ``parallelize_module``
+    or ``fully_shard``) and no ``placement`` is given, each rank loads exactly its shard and
+    the parameters stay DTensors with the same mesh and placements.
+
+    Args:
+        strict: raise if the model has tensors the checkpoint lacks (else they are reported in
+            ``missing_keys`` and stay as they are). Unexpected checkpoint tensors are never read.
+        dtype: ``None``/``"auto"`` keeps each stored dtype; a floating dtype casts floating
+            tensors only (integer and bool buffers keep theirs).
+        kwargs: passed to :func:`load` (``staging_bytes``, ``timeout``, ...).
+
+    Returns:
+        ``(missing_keys, unexpected_keys, report)``.
+
+    Buffers the checkpoint does not hold keep their value when real (build the model with
+    ``accelerate.init_empty_weights()``, which keeps buffers real); meta buffers that the
+    checkpoint does not hold are an error naming them, never left silently unset.
+    """
+    from distload.materialize import as_dtensor_like, assign, model_entries, tie_groups
+    from distload.placement.from_model import FromModel, mesh_specs_of
+
+    entries = model_entries(model)
+    groups = tie_groups(entries)
+    if placement is None:
+        group_rank_of = None
+        if group is not None:
+            group_rank_of = {
+                g: dist.get_group_rank(group, g) for g in dist.get_process_group_ranks(group)
+            }
+        specs = mesh_specs_of({n: e.tensor for n, e in entries.items()}, group_rank_of)
+        if specs:
+            placement = FromModel(specs)
+    state = load(
+        source,
+        placement,
+        dtype=dtype,
+        device=device,
+        group=group,
+        keys=list(entries),
+        **kwargs,
+    )
+    loaded_names = {t.name for t in state.plan.tensors}
+    missing: list[str] = []
+    for names in groups:
+        source_name = next((n for n in names if n in loaded_names), None)
+        if source_name is None:
+            entry = entries[names[0]]
+            if entry.is_param or entry.persistent:
+                missing.extend(names)
+            continue
+        value = state.get(source_name)
+        if value is None:  # placed on other ranks (pipeline, device map): stays meta here
+            continue
+        like = entries[names[0]].tensor
+        if like.is_meta and tuple(like.shape) != tuple(
+            state.plan.tensors[_index_of(state, source_name)].shape
+        ):
+            raise DistLoadError(
+                f"model tensor {names[0]!r} has shape {list(like.shape)} but the checkpoint's "
+                f"{source_name!r} has {list(state.plan.tensors[_index_of(state, source_name)].shape)}",
+                tensor=names[0],
+            )
+        if _is_dtensor(like):
+            value = as_dtensor_like(value, like)
+        assign(entries, names, value)
+    stale = sorted(
+        n for n, e in entries.items() if not e.is_param and not e.persistent and e.tensor.is_meta
+    )
+    if stale:
+        raise DistLoadError(
+            f"{len(stale)} non-persistent buffer(s) are on the meta device and not in the "
+            f"checkpoint: {stale[:5]}; build the model with accelerate.init_empty_weights() "
+            "(which keeps buffers real) or initialise them before loading",
+            tensor=stale[0],
+        )
+    if missing and strict:
+        raise DistLoadError(
+            f"checkpoint {source} lacks {len(missing)} tensor(s) of the model: {missing[:8]}"
+            " (pass strict=False to load the rest)",
+            tensor=missing[0],
+        )
+    if missing:
+        log.warning("checkpoint lacks %d model tensor(s): %s", len(missing), missing[:8])
+    return LoadIntoResult(sorted(missing), sorted(state.plan.skipped), state.report)
+
+
+def _index_of(state: LoadedState, name: str) -> int:
+    return next(i for i, t in enumerate(state.plan.tensors) if t.name == name)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)

@@ -7,6 +7,7 @@ Runs on every rank after the plan arrives; failures are shared by the caller thr
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -68,3 +69,72 @@ def prepare_destinations(
                 tensor=extra[0],
             )
     return dests
+
+
+# --------------------------------------------------------------------------------------------
+# models built on the meta device
+
+
+@dataclass
+class Entry:
+    """One parameter or buffer slot of a model (a tied tensor has several slots)."""
+
+    module: torch.nn.Module
+    attr: str
+    tensor: torch.Tensor  # the current (usually meta) tensor
+    is_param: bool
+    persistent: bool  # buffers only: part of the state dict
+
+
+def model_entries(model: torch.nn.Module) -> dict[str, Entry]:
+    """Every parameter and buffer slot of ``model`` by its state-dict name (ties included)."""
+    entries: dict[str, Entry] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{mod_name}." if mod_name else ""
+        for attr, param in module._parameters.items():
+            if param is not None:
+                entries[prefix + attr] = Entry(module, attr, param, True, True)
+        for attr, buf in module._buffers.items():
+            if buf is not None:
+                persistent = attr not in module._non_persistent_buffers_set
+                entries[prefix + attr] = Entry(module, attr, buf, False, persistent)
+    return entries
+
+
+def tie_groups(entries: Mapping[str, Entry]) -> list[list[str]]:
+    """Names sharing one tensor object (tied weights), in model order."""
+    groups: dict[int, list[str]] = {}
+    for name, entry in entries.items():
+        groups.setdefault(id(entry.tensor), []).append(name)
+    return list(groups.values())
+
+
+def assign(entries: Mapping[str, Entry], names: list[str], value: torch.Tensor) -> None:
+    """Put ``value`` into every slot of one tie group (one Parameter object for all)."""
+    first = entries[names[0]]
+    if first.is_param:
+        new: torch.Tensor = torch.nn.Parameter(value, requires_grad=first.tensor.requires_grad)
+    else:
+        new = value
+    for name in names:
+        entry = entries[name]
+        if entry.is_param:
+            entry.module._parameters[entry.attr] = new  # type: ignore[assignment]
+        else:
+            entry.module._buffers[entry.attr] = new
+        entry.tensor = new
+
+
+def as_dtensor_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Wrap a local shard as a DTensor with the mesh, placements and global shape of ``like``."""
+    from torch.distributed.tensor import DTensor
+
+    assert isinstance(like, DTensor)
+    return DTensor.from_local(
+        local,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )

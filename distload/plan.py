@@ -62,6 +62,7 @@ class LoadPlan:
     dtypes: tuple[str, ...]  # destination dtype per tensor (safetensors names)
     buckets: tuple[Bucket, ...]  # the one global order of work
     placement: str  # human-readable description of the placement used
+    skipped: tuple[str, ...] = ()  # checkpoint tensors not loaded (filtered out by name)
 
     @property
     def tensors(self) -> tuple[TensorMeta, ...]:
@@ -80,6 +81,7 @@ class LoadPlan:
                     for b in self.buckets
                 ],
                 "placement": self.placement,
+                "skipped": list(self.skipped),
             },
             separators=(",", ":"),
         ).encode()
@@ -98,6 +100,7 @@ class LoadPlan:
                 for kind, reader, items in raw["buckets"]
             ),
             placement=raw["placement"],
+            skipped=tuple(raw.get("skipped", ())),
         )
 
     def local_shape(self, tensor: int, rank: int) -> tuple[int, ...] | None:

@@ -130,8 +130,10 @@ def make_plan(
     if bucket_bytes < 1:
         raise PlacementError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
     placement = placement or ReplicateAll()
+    skipped: tuple[str, ...] = ()
     if names is not None:
         wanted = set(names)
+        skipped = tuple(t.name for t in index.tensors if t.name not in wanted)
         index = CheckpointIndex(
             index.root,
             index.files,
@@ -184,7 +186,9 @@ def make_plan(
         close("local", rank, bucket)
     ordered.sort(key=lambda pb: pb[0])
     buckets = tuple(b for _, b in ordered)
-    return LoadPlan(world_size, bucket_bytes, index, layouts, dtypes, buckets, placement.describe())
+    return LoadPlan(
+        world_size, bucket_bytes, index, layouts, dtypes, buckets, placement.describe(), skipped
+    )
 
 
 # --------------------------------------------------------------------------------------------

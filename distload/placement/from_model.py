@@ -1,0 +1,109 @@
+"""Placement read from a model whose parameters are already DTensors (parallelised on meta).
+
+A model built on the meta device and parallelised with torch's own APIs (``parallelize_module``
+with Colwise/RowwiseParallel, ``fully_shard``) carries, per parameter, a DeviceMesh and
+placements. :class:`FromModel` turns them into layouts, so each rank receives exactly its local
+shard; tensors that are not DTensors are replicated on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from distload.checkpoint import TensorMeta
+from distload.errors import PlacementError
+from distload.placement.base import REPLICATED, Layout
+
+
+class MeshSpec:
+    """A DTensor's mesh (group ranks, row-major) and placements, as plain data."""
+
+    def __init__(
+        self, shape: tuple[int, ...], ranks: tuple[int, ...], shards: tuple[int | None, ...]
+    ):
+        self.shape = shape  # mesh shape
+        self.ranks = ranks  # group ranks of the mesh, flattened row-major
+        self.shards = shards  # per mesh dim: tensor dim sharded over it, or None (replicate)
+
+    def layout(self, name: str, ndim: int) -> Layout:
+        sharded = [(k, d) for k, d in enumerate(self.shards) if d is not None]
+        if len(sharded) > 1:
+            raise PlacementError(
+                f"{name}: sharded over {len(sharded)} mesh dims {sharded}; distload loads "
+                "DTensors sharded over at most one mesh dim",
+                tensor=name,
+            )
+        if not sharded:
+            return Layout(None, 1, self.ranks)
+        mesh_dim, dim = sharded[0]
+        dim = dim % ndim if ndim else dim
+        # order holders with the sharded mesh dim innermost: position % chunks = its coordinate
+        order = _move_last(self.shape, mesh_dim)
+        return Layout(dim, self.shape[mesh_dim], tuple(self.ranks[i] for i in order))
+
+
+def _move_last(shape: tuple[int, ...], axis: int) -> list[int]:
+    """Flat row-major indices of a mesh, enumerated with ``axis`` as the fastest dim."""
+    dims = [d for d in range(len(shape)) if d != axis] + [axis]
+    out: list[int] = []
+
+    def walk(level: int, coord: dict[int, int]) -> None:
+        if level == len(dims):
+            flat = 0
+            for d, size in enumerate(shape):
+                flat = flat * size + coord[d]
+            out.append(flat)
+            return
+        d = dims[level]
+        for i in range(shape[d]):
+            coord[d] = i
+            walk(level + 1, coord)
+
+    walk(0, {})
+    return out
+
+
+class FromModel:
+    """Layouts from per-tensor :class:`MeshSpec` s (see :func:`mesh_specs_of`)."""
+
+    def __init__(self, specs: Mapping[str, MeshSpec]) -> None:
+        self.specs = dict(specs)
+
+    def layouts(self, tensors: Sequence[TensorMeta], world_size: int) -> list[Layout]:
+        out = []
+        for meta in tensors:
+            spec = self.specs.get(meta.name)
+            out.append(REPLICATED if spec is None else spec.layout(meta.name, len(meta.shape)))
+        return out
+
+    def describe(self) -> str:
+        return f"from the model's DTensor placements ({len(self.specs)} DTensors)"
+
+
+def mesh_specs_of(
+    named: Mapping[str, object], group_rank_of: dict[int, int] | None
+) -> dict[str, MeshSpec]:
+    """MeshSpecs of the DTensors among ``named`` tensors; global mesh ranks -> group ranks."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    specs = {}
+    for name, tensor in named.items():
+        if not isinstance(tensor, DTensor):
+            continue
+        mesh = tensor.device_mesh
+        ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
+        if group_rank_of is not None:
+            ranks = [group_rank_of[r] for r in ranks]
+        shards: list[int | None] = []
+        for placement in tensor.placements:
+            if isinstance(placement, Shard):
+                shards.append(placement.dim)
+            elif isinstance(placement, Replicate):
+                shards.append(None)
+            else:
+                raise PlacementError(
+                    f"{name}: placement {placement} cannot be loaded (only Shard and Replicate)",
+                    tensor=name,
+                )
+        specs[name] = MeshSpec(tuple(mesh.mesh.shape), tuple(ranks), tuple(shards))
+    return specs

@@ -1,0 +1,111 @@
+"""load_into on one process: meta models materialised from a checkpoint, ties, keys, dtypes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import distload
+from distload.synthetic import LlamaShape, llama_tensors, write_checkpoint
+from tests.models import TinyLlama
+from tests.reference import read_all, same_bits
+
+SHAPE = LlamaShape(vocab=120, hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = {n: (s, torch.bfloat16) for n, s in llama_tensors(SHAPE).items()}
+    spec["step"] = ((), torch.int64)
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), spec, max_shard_bytes=20_000)
+
+
+def test_meta_model_materialised_bit_exact(ckpt: Path) -> None:
+    with torch.device("meta"):
+        model = TinyLlama(SHAPE)
+    result = distload.load_into(model, ckpt, device="cpu")
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    ref = read_all(ckpt)
+    for name, tensor in model.state_dict().items():
+        assert not tensor.is_meta
+        assert same_bits(tensor, ref[name]), name
+    assert isinstance(model.lm_head.weight, torch.nn.Parameter)
+    # the model runs
+    model(torch.tensor([[1, 2, 3]]))
+
+
+def test_no_second_copy_parameters_are_the_loaded_tensors(ckpt: Path) -> None:
+    with torch.device("meta"):
+        model = TinyLlama(SHAPE)
+    result = distload.load_into(model, ckpt, device="cpu")
+    held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert result.report.ranks[0].bytes_held == held
+
+
+def test_cast_floating_only(ckpt: Path) -> None:
+    with torch.device("meta"):
+        model = TinyLlama(SHAPE)
+    distload.load_into(model, ckpt, dtype=torch.float32, device="cpu")
+    assert model.lm_head.weight.dtype == torch.float32
+    assert model.step.dtype == torch.int64
+    ref = read_all(ckpt)
+    assert torch.equal(model.lm_head.weight, ref["lm_head.weight"].float())
+
+
+def test_tied_weights_stay_tied_when_checkpoint_has_one(tmp_path: Path, ckpt: Path) -> None:
+    ref = read_all(ckpt)
+    ref.pop("lm_head.weight")
+    save_file(ref, str(tmp_path / "model.safetensors"))
+    with torch.device("meta"):
+        model = TinyLlama(SHAPE, tied=True)
+    result = distload.load_into(model, tmp_path, device="cpu")
+    assert result.missing_keys == []
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert same_bits(model.lm_head.weight.data, ref["model.embed_tokens.weight"])
+
+
+def test_missing_and_unexpected_keys(tmp_path: Path, ckpt: Path) -> None:
+    ref = read_all(ckpt)
+    ref.pop("model.norm.weight")
+    ref["extra.bias"] = torch.zeros(3)
+    save_file(ref, str(tmp_path / "model.safetensors"))
+    with torch.device("meta"):
+        model = TinyLlama(SHAPE)
+    with pytest.raises(distload.DistLoadError, match=r"lacks 1 tensor\(s\).*model.norm.weight"):
+        distload.load_into(model, tmp_path, device="cpu")
+    with torch.device("meta"):
+        model = TinyLlama(SHAPE)
+    result = distload.load_into(model, tmp_path, device="cpu", strict=False)
+    assert result.missing_keys == ["model.norm.weight"]
+    assert result.unexpected_keys == ["extra.bias"]
+    assert model.model.norm.weight.is_meta  # left as it was, visibly not loaded
+    assert result.report.bytes_read == sum(
+        t.numel() * t.element_size() for n, t in ref.items() if n != "extra.bias"
+    )
+
+
+def test_shape_mismatch_is_an_error(ckpt: Path) -> None:
+    other = LlamaShape(vocab=121, hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2)
+    with torch.device("meta"):
+        model = TinyLlama(other)
+    with pytest.raises(distload.DistLoadError, match="has shape"):
+        distload.load_into(model, ckpt, device="cpu")
+
+
+def test_meta_non_persistent_buffer_is_an_error(ckpt: Path) -> None:
+    with torch.device("meta"):
+        model = TinyLlama(SHAPE)
+        model.register_buffer("rope", torch.ones(4), persistent=False)
+    with pytest.raises(distload.DistLoadError, match="non-persistent buffer"):
+        distload.load_into(model, ckpt, device="cpu")
+
+
+def test_real_buffers_not_in_checkpoint_are_kept(ckpt: Path) -> None:
+    with torch.device("meta"):
+        model = TinyLlama(SHAPE)
+    model.register_buffer("rope", torch.arange(4.0), persistent=False)
+    distload.load_into(model, ckpt, device="cpu")
+    assert torch.equal(model.rope, torch.arange(4.0))
