@@ -331,12 +331,11 @@ def load_into(
         if value is None:  # placed on other ranks (pipeline, device map): stays meta here
             continue
         like = entries[names[0]].tensor
-        if like.is_meta and tuple(like.shape) != tuple(
-            state.plan.tensors[_index_of(state, source_name)].shape
-        ):
+        stored = state.plan.tensors[_index_of(state, source_name)].shape
+        if like.is_meta and tuple(like.shape) != tuple(stored):
             raise DistLoadError(
                 f"model tensor {names[0]!r} has shape {list(like.shape)} but the checkpoint's "
-                f"{source_name!r} has {list(state.plan.tensors[_index_of(state, source_name)].shape)}",
+                f"{source_name!r} has {list(stored)}",
                 tensor=names[0],
             )
         if _is_dtensor(like):
