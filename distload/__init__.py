@@ -20,6 +20,7 @@ from distload.placement import (
     preset,
 )
 from distload.report import LoadReport
+from distload.transforms import Merge, Rename, Split, Transpose
 
 __all__ = [
     "CheckpointError",
@@ -29,13 +30,17 @@ __all__ = [
     "LoadIntoResult",
     "LoadReport",
     "LoadedState",
+    "Merge",
     "Mesh",
     "PeerError",
     "PipelineParallel",
     "Placement",
     "PlacementError",
+    "Rename",
     "ReplicateAll",
+    "Split",
     "TensorParallel",
+    "Transpose",
     "load",
     "load_into",
     "preset",

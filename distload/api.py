@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -37,6 +37,7 @@ from distload.plan import LoadPlan
 from distload.planner import make_plan
 from distload.report import LoadReport, RankReport
 from distload.storage import DEFAULT_READ_THREADS, Arenas, FileReader
+from distload.transforms import Transform, apply_transforms
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def _build_plan(
     names: Collection[str] | None,
     max_header_bytes: int,
     keys: Collection[str] | None = None,
+    transforms: Sequence[Transform] = (),
 ) -> bytes:
     """Coordinator step: index + plan, serialised for broadcast."""
     try:
@@ -69,11 +71,15 @@ def _build_plan(
     except DistLoadError as exc:
         exc.phase = "index"
         raise
+    try:
+        produced = {v.name for v in apply_transforms(index, transforms)}
+    except DistLoadError as exc:
+        exc.phase = "plan"
+        raise
     if keys is not None:
-        present = {t.name for t in index.tensors}
-        names = sorted(set(keys) & present) if names is None else names
+        names = sorted(set(keys) & produced)
     elif names is not None:
-        missing = sorted(set(names) - {t.name for t in index.tensors})
+        missing = sorted(set(names) - produced)
         if missing:
             raise DistLoadError(
                 f"out= names {len(missing)} tensor(s) not in the checkpoint: {missing[:5]}",
@@ -89,6 +95,7 @@ def _build_plan(
             bucket_bytes=bucket_bytes,
             readers=readers,
             names=names,
+            transforms=transforms,
         )
     except DistLoadError as exc:
         exc.phase = "plan"
@@ -112,6 +119,7 @@ def load(
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     progress: Callable[[int, int], None] | None = None,
     keys: Collection[str] | None = None,
+    transforms: Sequence[Transform] = (),
 ) -> LoadedState:
     """Load this rank's piece of every tensor of a safetensors checkpoint.
 
@@ -140,6 +148,10 @@ def load(
         progress: called on rank 0 as ``progress(done_buckets, total_buckets)``.
         keys: load only these tensor names (names absent from the checkpoint are ignored;
             ``state.plan.skipped`` lists the checkpoint tensors not loaded).
+        transforms: key transforms applied to the checkpoint's names and layouts before
+            placement (``distload.Rename``, ``Split``, ``Merge``, ``Transpose``); placements,
+            ``out`` and the result use the transformed names. Each stored byte is still read
+            once, and each rank receives only its regions of each transformed tensor.
 
     Returns:
         :class:`LoadedState`: a dict of this rank's tensors, plus ``.report`` (per-rank bytes
@@ -174,6 +186,7 @@ def load(
             names=names,
             max_header_bytes=max_header_bytes,
             keys=keys,
+            transforms=transforms,
         ),
     )
     plan = LoadPlan.from_json(payload)
@@ -193,6 +206,9 @@ def load(
     host = Arenas(torch.device("cpu"), pin=transport.device.type == "cuda")
     comm = Arenas(transport.device) if transport.device.type == "cuda" else host
     total = len(plan.buckets)
+    loaded_bytes = sum(
+        plan.tensors[s].nbytes for s in sorted({link.stored for _, link in plan.links})
+    )
     reader = FileReader(plan.index.root, threads=read_threads)
     try:
         executor = Executor(
@@ -218,7 +234,7 @@ def load(
     seconds["execute"] = time.perf_counter() - tick
     seconds["total"] = time.perf_counter() - t0
 
-    names_by_index = {t: plan.tensors[t].name for t in dests}
+    names_by_index = {t: plan.outputs[t].name for t in dests}
     mine = RankReport(
         rank=rt.rank,
         bytes_read=stats.bytes_read,
@@ -236,8 +252,8 @@ def load(
     state.report = LoadReport(
         source=str(source),
         world_size=rt.world_size,
-        total_bytes=plan.index.total_bytes,
-        tensors=len(plan.tensors),
+        total_bytes=loaded_bytes,
+        tensors=len(plan.outputs),
         buckets=total,
         placement=plan.placement,
         ranks=reports,
@@ -270,6 +286,7 @@ def load_into(
     dtype: Any = None,
     device: str | torch.device | None = None,
     group: dist.ProcessGroup | None = None,
+    transforms: Sequence[Transform] = (),
     **kwargs: Any,
 ) -> LoadIntoResult:
     """Materialise a meta-device model's parameters and buffers straight from a checkpoint.
@@ -286,6 +303,8 @@ def load_into(
             ``missing_keys`` and stay as they are). Unexpected checkpoint tensors are never read.
         dtype: ``None``/``"auto"`` keeps each stored dtype; a floating dtype casts floating
             tensors only (integer and bool buffers keep theirs).
+        transforms: key transforms mapping checkpoint names and layouts onto the model's
+            (e.g. split a fused ``qkv``, transpose GPT-2 Conv1D weights).
         kwargs: passed to :func:`load` (``staging_bytes``, ``timeout``, ...).
 
     Returns:
@@ -316,9 +335,10 @@ def load_into(
         device=device,
         group=group,
         keys=list(entries),
+        transforms=transforms,
         **kwargs,
     )
-    loaded_names = {t.name for t in state.plan.tensors}
+    loaded_names = {t.name for t in state.plan.outputs}
     missing: list[str] = []
     for names in groups:
         source_name = next((n for n in names if n in loaded_names), None)
@@ -331,7 +351,7 @@ def load_into(
         if value is None:  # placed on other ranks (pipeline, device map): stays meta here
             continue
         like = entries[names[0]].tensor
-        stored = state.plan.tensors[_index_of(state, source_name)].shape
+        stored = state.plan.outputs[_index_of(state, source_name)].shape
         if like.is_meta and tuple(like.shape) != tuple(stored):
             raise DistLoadError(
                 f"model tensor {names[0]!r} has shape {list(like.shape)} but the checkpoint's "
@@ -363,7 +383,7 @@ def load_into(
 
 
 def _index_of(state: LoadedState, name: str) -> int:
-    return next(i for i, t in enumerate(state.plan.tensors) if t.name == name)
+    return next(i for i, t in enumerate(state.plan.outputs) if t.name == name)
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

@@ -29,7 +29,7 @@ import torch
 from distload.coordination import agree
 from distload.dtypes import to_torch
 from distload.errors import DistLoadError
-from distload.plan import Bucket, Item, LoadPlan, Segment, read_slots, segments_for
+from distload.plan import Bucket, Item, LoadPlan, Segment, piece_shape, read_slots, segments_for
 from distload.storage import Arenas, FileReader, ReadRequest, byte_view
 from distload.transport.base import Transport
 
@@ -59,6 +59,14 @@ def _view(buf: torch.Tensor, seg: Segment) -> torch.Tensor:
     """The segment's bytes in ``buf`` as a tensor of its dtype and shape."""
     raw = buf[seg.offset : seg.offset + seg.nbytes]
     return raw.view(to_torch(seg.dtype)).view(seg.part.shape)
+
+
+def _source(ready: _Ready, seg: Segment) -> torch.Tensor:
+    """The region of a read piece that ``seg`` describes, in output orientation."""
+    assert ready.buffer is not None
+    piece = _view(ready.buffer, ready.slots[seg.item])
+    region = _region(piece, seg.part.src)
+    return region.t() if seg.part.transposed else region
 
 
 @dataclass
@@ -195,13 +203,15 @@ class Executor:
     def _direct_target(self, item: Item) -> memoryview | None:
         """Destination memory a piece can be read into unchanged, if there is such memory."""
         meta = self.plan.tensors[item.tensor]
-        dest = self.dests.get(item.tensor)
-        if dest is None or dest.device.type != "cpu" or dest.dtype != to_torch(meta.dtype):
-            return None
         segs, _ = segments_for(self.plan, Bucket("local", self.rank, (item,)), self.rank)
-        if len(segs) != 1 or segs[0].part.shape != (
-            (item.stop - item.start, *meta.shape[1:]) if meta.shape else ()
+        if (
+            len(segs) != 1
+            or segs[0].part.transposed
+            or segs[0].part.shape != piece_shape(meta, item)
         ):
+            return None
+        dest = self.dests.get(segs[0].part.output)
+        if dest is None or dest.device.type != "cpu" or dest.dtype != to_torch(meta.dtype):
             return None
         region = _region(dest, segs[0].part.dst)
         if not region.is_contiguous():
@@ -211,7 +221,7 @@ class Executor:
     def _deliver(self, segs: list[Segment], buf: torch.Tensor) -> None:
         """Copy packed segments of ``buf`` into this rank's destinations."""
         for seg in segs:
-            dest = self.dests.get(seg.item.tensor)
+            dest = self.dests.get(seg.part.output)
             if dest is not None:
                 _region(dest, seg.part.dst).copy_(_view(buf, seg), non_blocking=True)
 
@@ -220,20 +230,19 @@ class Executor:
         for seg in segments_for(self.plan, ready.bucket, self.rank)[0]:
             if seg.item in ready.direct:
                 continue
-            dest = self.dests.get(seg.item.tensor)
+            dest = self.dests.get(seg.part.output)
             if dest is None:
                 continue
             assert ready.buffer is not None
-            piece = _view(ready.buffer, ready.slots[seg.item])
-            _region(dest, seg.part.dst).copy_(_region(piece, seg.part.src), non_blocking=True)
+            src = _source(ready, seg)
+            _region(dest, seg.part.dst).copy_(src, non_blocking=True)
 
     def _pack(self, ready: _Ready, segs: list[Segment], size: int) -> torch.Tensor:
         """Pack parts of the read pieces into the send layout ``segs`` (casting if needed)."""
         assert ready.buffer is not None
         buf = self.comm_arenas.get("pack", size)
         for seg in segs:
-            piece = _view(ready.buffer, ready.slots[seg.item])
-            _view(buf, seg).copy_(_region(piece, seg.part.src), non_blocking=True)
+            _view(buf, seg).copy_(_source(ready, seg), non_blocking=True)
         return buf
 
     # -- the loop -----------------------------------------------------------------------------
@@ -305,7 +314,12 @@ class Executor:
         segs, size = segments_for(self.plan, bucket, self.rank)
         if ready is not None:
             assert ready.buffer is not None
-            same = all(s.dtype == ready.slots[s.item].dtype for s in segs)
+            same = all(
+                s.dtype == ready.slots[s.item].dtype
+                and not s.part.transposed
+                and s.part.src == ready.slots[s.item].part.src
+                for s in segs
+            ) and len(segs) == len(ready.slots)
             if same and ready.buffer.device == self.transport.device:
                 buf = ready.buffer  # the read layout is the wire layout: no copy
             elif same:

@@ -31,7 +31,7 @@ def prepare_destinations(
     """
     dests: dict[int, torch.Tensor] = {}
     planned: set[str] = set()
-    for t, meta in enumerate(plan.tensors):
+    for t, meta in enumerate(plan.outputs):
         shape = plan.local_shape(t, rank)
         if shape is None:
             continue

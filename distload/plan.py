@@ -28,6 +28,7 @@ from typing import Any, Literal
 from distload.checkpoint import CheckpointIndex, TensorMeta
 from distload.dtypes import ITEMSIZE
 from distload.placement.base import Box, Layout, box_shape, local_box
+from distload.transforms import Link
 
 ALIGN = 64  # byte alignment of every segment inside a staging buffer
 BucketKind = Literal["local", "broadcast", "p2p"]
@@ -52,21 +53,43 @@ class Bucket:
 
 
 @dataclass(frozen=True)
+class Output:
+    """A tensor the caller receives (a stored tensor, or a view made by key transforms)."""
+
+    name: str
+    shape: tuple[int, ...]
+    stored_dtype: str  # dtype of the stored bytes it is made of
+
+
+@dataclass(frozen=True)
 class LoadPlan:
     """Everything every rank needs to run a load, identical on all ranks."""
 
     world_size: int  # size of the load's group
     bucket_bytes: int  # target size of one bucket (staging buffers are sized from it)
-    index: CheckpointIndex  # the validated checkpoint
-    layouts: tuple[Layout, ...]  # per tensor (parallel to index.tensors)
-    dtypes: tuple[str, ...]  # destination dtype per tensor (safetensors names)
-    buckets: tuple[Bucket, ...]  # the one global order of work
+    index: CheckpointIndex  # the validated checkpoint (stored tensors: what is read)
+    outputs: tuple[Output, ...]  # what the caller receives
+    links: tuple[tuple[int, Link], ...]  # (output index, link): stored boxes -> output boxes
+    layouts: tuple[Layout, ...]  # per output
+    dtypes: tuple[str, ...]  # destination dtype per output (safetensors names)
+    buckets: tuple[Bucket, ...]  # the one global order of work (pieces of stored tensors)
     placement: str  # human-readable description of the placement used
-    skipped: tuple[str, ...] = ()  # checkpoint tensors not loaded (filtered out by name)
+    skipped: tuple[str, ...] = ()  # outputs not loaded (filtered out by name)
 
     @property
     def tensors(self) -> tuple[TensorMeta, ...]:
+        """The stored tensors (what pieces refer to)."""
         return self.index.tensors
+
+    def links_of(self, stored: int) -> list[tuple[int, Link]]:
+        """(output, link) pairs reading from stored tensor ``stored``."""
+        table = self.__dict__.get("_by_stored")
+        if table is None:
+            table = {}
+            for out, link in self.links:
+                table.setdefault(link.stored, []).append((out, link))
+            object.__setattr__(self, "_by_stored", table)
+        return table.get(stored, [])
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -74,6 +97,11 @@ class LoadPlan:
                 "world_size": self.world_size,
                 "bucket_bytes": self.bucket_bytes,
                 "index": self.index.to_json(),
+                "outputs": [[o.name, list(o.shape), o.stored_dtype] for o in self.outputs],
+                "links": [
+                    [out, ln.stored, ln.stored_box, ln.view_box, ln.transposed]
+                    for out, ln in self.links
+                ],
                 "layouts": [lay.to_json() for lay in self.layouts],
                 "dtypes": list(self.dtypes),
                 "buckets": [
@@ -89,10 +117,19 @@ class LoadPlan:
     @staticmethod
     def from_json(data: bytes) -> LoadPlan:
         raw: dict[str, Any] = json.loads(data.decode())
+
+        def box(b: list[list[int]]) -> Box:
+            return tuple((int(x), int(y)) for x, y in b)
+
         return LoadPlan(
             world_size=raw["world_size"],
             bucket_bytes=raw["bucket_bytes"],
             index=CheckpointIndex.from_json(raw["index"]),
+            outputs=tuple(Output(n, tuple(s), d) for n, s, d in raw["outputs"]),
+            links=tuple(
+                (out, Link(stored, box(sb), box(vb), bool(tr)))
+                for out, stored, sb, vb, tr in raw["links"]
+            ),
             layouts=tuple(Layout.from_json(x) for x in raw["layouts"]),
             dtypes=tuple(raw["dtypes"]),
             buckets=tuple(
@@ -103,9 +140,9 @@ class LoadPlan:
             skipped=tuple(raw.get("skipped", ())),
         )
 
-    def local_shape(self, tensor: int, rank: int) -> tuple[int, ...] | None:
-        """Shape of the part of tensor ``tensor`` held by ``rank`` (None: holds nothing)."""
-        box = local_box(self.tensors[tensor].shape, self.layouts[tensor], rank)
+    def local_shape(self, output: int, rank: int) -> tuple[int, ...] | None:
+        """Shape of the part of output ``output`` held by ``rank`` (None: holds nothing)."""
+        box = local_box(self.outputs[output].shape, self.layouts[output], rank)
         return None if box is None else box_shape(box)
 
 
@@ -115,11 +152,13 @@ class LoadPlan:
 
 @dataclass(frozen=True)
 class Part:
-    """The region of one piece held by one rank."""
+    """A region of one piece that one rank holds, and where it goes."""
 
-    src: Box  # region inside the piece (piece coordinates: rows relative to item.start)
-    dst: Box  # region inside the rank's local tensor
-    shape: tuple[int, ...]  # shape of the region (same for src and dst)
+    output: int  # output tensor it fills
+    src: Box  # region inside the piece (stored orientation, rows relative to item.start)
+    dst: Box  # region inside the rank's local output tensor
+    shape: tuple[int, ...]  # shape of the region in output orientation
+    transposed: bool = False  # dst = src transposed
 
     @property
     def numel(self) -> int:
@@ -136,20 +175,51 @@ def piece_bytes(meta: TensorMeta, item: Item) -> int:
     return (item.stop - item.start) * meta.row_bytes if meta.shape else meta.nbytes
 
 
-def part_of(meta: TensorMeta, layout: Layout, rank: int, item: Item) -> Part | None:
-    """Region of piece ``item`` that ``rank`` holds, or None when it holds none of it."""
-    box = local_box(meta.shape, layout, rank)
-    if box is None:
-        return None
-    if not meta.shape:
-        return Part((), (), ())
-    row0, row1 = box[0]
-    start, stop = max(item.start, row0), min(item.stop, row1)
-    if start >= stop or any(b - a <= 0 for a, b in box[1:]):
-        return None
-    src = ((start - item.start, stop - item.start), *box[1:])
-    dst = ((start - row0, stop - row0), *((0, b - a) for a, b in box[1:]))
-    return Part(src, dst, box_shape(src))
+def _intersect(a: Box, b: Box) -> Box | None:
+    out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b, strict=True))
+    return None if any(lo >= hi for lo, hi in out) else out
+
+
+def _to_stored(link: Link, view: Box) -> Box:
+    """Stored region of a view region inside ``link``."""
+    rel = [(a - o, b - o) for (a, b), (o, _) in zip(view, link.view_box, strict=True)]
+    if link.transposed:
+        rel = [rel[1], rel[0]]
+    return tuple((a + o, b + o) for (a, b), (o, _) in zip(rel, link.stored_box, strict=True))
+
+
+def _to_view(link: Link, stored: Box) -> Box:
+    """View region of a stored region inside ``link``."""
+    rel = [(a - o, b - o) for (a, b), (o, _) in zip(stored, link.stored_box, strict=True)]
+    if link.transposed:
+        rel = [rel[1], rel[0]]
+    return tuple((a + o, b + o) for (a, b), (o, _) in zip(rel, link.view_box, strict=True))
+
+
+def parts_of(plan: LoadPlan, rank: int, item: Item) -> list[Part]:
+    """Regions of piece ``item`` that ``rank`` holds (one per output region it fills)."""
+    meta = plan.tensors[item.tensor]
+    parts = []
+    for out, link in plan.links_of(item.tensor):
+        box = local_box(plan.outputs[out].shape, plan.layouts[out], rank)
+        if box is None:
+            continue
+        if not meta.shape:
+            parts.append(Part(out, (), (), ()))
+            continue
+        view = _intersect(box, link.view_box)
+        if view is None:
+            continue
+        stored = _to_stored(link, view)
+        rows = ((item.start, item.stop), *((0, n) for n in meta.shape[1:]))
+        stored = _intersect(stored, rows)
+        if stored is None:
+            continue
+        view = _to_view(link, stored)
+        src = ((stored[0][0] - item.start, stored[0][1] - item.start), *stored[1:])
+        dst = tuple((a - o, b - o) for (a, b), (o, _) in zip(view, box, strict=True))
+        parts.append(Part(out, src, dst, box_shape(view), link.transposed))
+    return parts
 
 
 def wire_dtype(stored: str, dest: str) -> str:
@@ -179,7 +249,7 @@ def read_slots(plan: LoadPlan, bucket: Bucket) -> tuple[list[Segment], int]:
     for item in bucket.items:
         meta = plan.tensors[item.tensor]
         shape = piece_shape(meta, item)
-        full = Part(tuple((0, n) for n in shape), (), shape)
+        full = Part(-1, tuple((0, n) for n in shape), (), shape)
         nbytes = piece_bytes(meta, item)
         slots.append(Segment(item, full, meta.dtype, cursor, nbytes))
         cursor = aligned(cursor + nbytes)
@@ -196,20 +266,16 @@ def segments_for(plan: LoadPlan, bucket: Bucket, rank: int) -> tuple[list[Segmen
     cursor = 0
     for item in bucket.items:
         meta = plan.tensors[item.tensor]
-        part = part_of(meta, plan.layouts[item.tensor], rank, item)
-        if part is None:
-            continue
-        dtype = wire_dtype(meta.dtype, plan.dtypes[item.tensor])
-        nbytes = part.numel * ITEMSIZE[dtype]
-        segs.append(Segment(item, part, dtype, cursor, nbytes))
-        cursor = aligned(cursor + nbytes)
+        for part in parts_of(plan, rank, item):
+            dtype = wire_dtype(meta.dtype, plan.dtypes[part.output])
+            nbytes = part.numel * ITEMSIZE[dtype]
+            segs.append(Segment(item, part, dtype, cursor, nbytes))
+            cursor = aligned(cursor + nbytes)
     return segs, cursor
 
 
 def needers(plan: LoadPlan, item: Item) -> Iterator[int]:
     """Ranks holding some part of ``item``."""
-    meta, layout = plan.tensors[item.tensor], plan.layouts[item.tensor]
-    ranks = range(plan.world_size) if layout.holders is None else layout.holders
-    for rank in ranks:
-        if part_of(meta, layout, rank, item) is not None:
+    for rank in range(plan.world_size):
+        if parts_of(plan, rank, item):
             yield rank

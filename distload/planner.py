@@ -18,6 +18,7 @@ Steps:
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -30,29 +31,31 @@ from distload.plan import (
     BucketKind,
     Item,
     LoadPlan,
+    Output,
     needers,
-    part_of,
+    parts_of,
     piece_bytes,
     read_slots,
     segments_for,
 )
+from distload.transforms import Transform, apply_transforms
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
 
 
-def destination_dtypes(tensors: Sequence[TensorMeta], dtype: str | None) -> tuple[str, ...]:
-    """Destination dtype per tensor: ``dtype`` for floating tensors, stored dtype otherwise."""
+def destination_dtypes(stored: Sequence[str], dtype: str | None) -> tuple[str, ...]:
+    """Destination dtype per output: ``dtype`` for floating tensors, stored dtype otherwise."""
     if dtype is None:
-        return tuple(t.dtype for t in tensors)
+        return tuple(stored)
     if dtype not in FLOATING:
         raise PlacementError(f"cast target must be a floating dtype, got {dtype}")
-    return tuple(dtype if t.dtype in FLOATING else t.dtype for t in tensors)
+    return tuple(dtype if d in FLOATING else d for d in stored)
 
 
 def evaluate_layouts(
     tensors: Sequence[TensorMeta], placement: Placement, world_size: int
 ) -> tuple[Layout, ...]:
-    """Run the placement on every tensor, checking what it returns."""
+    """Run the placement on every output tensor, checking what it returns."""
     layouts = placement.layouts(tensors, world_size)
     if len(layouts) != len(tensors):
         raise PlacementError(
@@ -74,30 +77,48 @@ def evaluate_layouts(
     return tuple(layouts)
 
 
-def split_pieces(meta: TensorMeta, index: int, layout: Layout, bucket_bytes: int) -> list[Item]:
-    """Cut one tensor into pieces along dim 0 (at most ``bucket_bytes`` unless a row is bigger)."""
+def _row_cuts(plan: LoadPlan, stored: int) -> set[int]:
+    """Rows of a stored tensor where pieces should be cut: link edges and dim-0 chunk edges."""
+    meta = plan.tensors[stored]
+    rows = meta.shape[0]
+    cuts = {0, rows}
+    for out, link in plan.links_of(stored):
+        lo, hi = link.stored_box[0]
+        cuts.update((lo, hi))
+        layout = plan.layouts[out]
+        vdim = 1 if link.transposed else 0  # the view dim that runs along stored rows
+        if layout.dim == vdim:
+            size = plan.outputs[out].shape[vdim]
+            step = -(-size // layout.chunks)
+            v0 = link.view_box[vdim][0]
+            for i in range(layout.chunks):
+                edge = lo + min(size, i * step) - v0
+                if lo <= edge <= hi:
+                    cuts.add(edge)
+    return cuts
+
+
+def split_pieces(plan: LoadPlan, stored: int, bucket_bytes: int) -> list[Item]:
+    """Cut one stored tensor into pieces along dim 0 (at most ``bucket_bytes`` unless a row is
+    bigger), also at the edges where its rows change owner."""
+    meta = plan.tensors[stored]
     if meta.nbytes == 0:
         return []
     if not meta.shape:
-        return [Item(index, 0, 1)]
-    rows = meta.shape[0]
+        return [Item(stored, 0, 1)]
     per_piece = max(1, bucket_bytes // max(1, meta.row_bytes))
-    cuts = {0, rows}
-    if layout.dim == 0:
-        step = -(-rows // layout.chunks)
-        cuts.update(min(rows, i * step) for i in range(layout.chunks))
-    edges = sorted(cuts)
+    edges = sorted(_row_cuts(plan, stored))
     items = []
     for lo, hi in itertools.pairwise(edges):
         for start in range(lo, hi, per_piece):
-            items.append(Item(index, start, min(hi, start + per_piece)))
+            items.append(Item(stored, start, min(hi, start + per_piece)))
     return items
 
 
-def _whole(meta: TensorMeta, layout: Layout, rank: int, item: Item) -> bool:
-    """Whether ``rank`` holds all of piece ``item``."""
-    part = part_of(meta, layout, rank, item)
-    return part is not None and part.numel * meta.itemsize == piece_bytes(meta, item)
+def _same_for_all(plan: LoadPlan, item: Item, who: list[int]) -> bool:
+    """Whether every rank holds the same regions of ``item`` (then a broadcast serves all)."""
+    first = parts_of(plan, who[0], item)
+    return all(parts_of(plan, r, item) == first for r in who[1:])
 
 
 @dataclass
@@ -115,40 +136,47 @@ def make_plan(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     readers: Collection[int] | None = None,
     names: Collection[str] | None = None,
+    transforms: Sequence[Transform] = (),
 ) -> LoadPlan:
     """Build the plan for loading ``index`` into a group of ``world_size`` ranks.
 
     Args:
-        placement: layout rule per tensor (default: replicate everything).
+        placement: layout rule per output tensor (default: replicate everything).
         dtype: destination dtype for floating tensors (None keeps the stored dtype).
         bucket_bytes: bound on one bucket's bytes (staging buffers are a few of these).
         readers: ranks allowed to read from storage (default: all).
-        names: load only these tensors (default: all in the checkpoint).
+        names: load only these output tensors (default: all).
+        transforms: key transforms (rename, split, merge, transpose) applied to the
+            checkpoint's tensors first; placements and ``names`` see the transformed names.
     """
     if world_size < 1:
         raise PlacementError(f"world_size must be >= 1, got {world_size}")
     if bucket_bytes < 1:
         raise PlacementError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
     placement = placement or ReplicateAll()
+    views = apply_transforms(index, transforms)
     skipped: tuple[str, ...] = ()
     if names is not None:
         wanted = set(names)
-        skipped = tuple(t.name for t in index.tensors if t.name not in wanted)
-        index = CheckpointIndex(
-            index.root,
-            index.files,
-            tuple(t for t in index.tensors if t.name in wanted),
-            index.metadata,
-        )
+        skipped = tuple(v.name for v in views if v.name not in wanted)
+        views = [v for v in views if v.name in wanted]
     reader_set = sorted(set(range(world_size) if readers is None else readers))
     if not reader_set or not all(0 <= r < world_size for r in reader_set):
         raise PlacementError(f"readers {reader_set} must be non-empty ranks of 0..{world_size - 1}")
-    layouts = evaluate_layouts(index.tensors, placement, world_size)
-    dtypes = destination_dtypes(index.tensors, dtype)
-    skeleton = LoadPlan(world_size, bucket_bytes, index, layouts, dtypes, (), placement.describe())
+    output_metas = [
+        TensorMeta(v.name, "", v.dtype, v.shape, 0, math.prod(v.shape) * ITEMSIZE[v.dtype])
+        for v in views
+    ]
+    layouts = evaluate_layouts(output_metas, placement, world_size)
+    dtypes = destination_dtypes([v.dtype for v in views], dtype)
+    outputs = tuple(Output(v.name, v.shape, v.dtype) for v in views)
+    links = tuple((o, link) for o, v in enumerate(views) for link in v.links)
+    skeleton = LoadPlan(
+        world_size, bucket_bytes, index, outputs, links, layouts, dtypes, (), "", skipped
+    )
 
     load = dict.fromkeys(reader_set, 0)
-    ordered: list[tuple[int, Bucket]] = []  # (position of first piece, bucket)
+    ordered: list[tuple[int, Bucket]] = []  # (position of last piece, bucket)
     local_open: dict[int, _Open] = {}
     shared_open: dict[BucketKind, _Open] = {"broadcast": _Open(), "p2p": _Open()}
     position = 0
@@ -162,8 +190,10 @@ def make_plan(
         ordered.append((position, Bucket(kind, reader, tuple(bucket.items))))
         bucket.items, bucket.nbytes = [], 0
 
-    for t, meta in enumerate(index.tensors):
-        for item in split_pieces(meta, t, layouts[t], bucket_bytes):
+    used = sorted({link.stored for _, link in links})
+    for t in used:
+        meta = index.tensors[t]
+        for item in split_pieces(skeleton, t, bucket_bytes):
             position += 1
             nbytes = piece_bytes(meta, item)
             who = list(needers(skeleton, item))
@@ -172,7 +202,7 @@ def make_plan(
             if len(who) == 1 and who[0] in load:
                 kind: BucketKind = "local"
                 bucket = local_open.setdefault(who[0], _Open())
-            elif len(who) == world_size and all(_whole(meta, layouts[t], r, item) for r in who):
+            elif len(who) == world_size and _same_for_all(skeleton, item, who):
                 kind, bucket = "broadcast", shared_open["broadcast"]
             else:
                 kind, bucket = "p2p", shared_open["p2p"]
@@ -187,7 +217,16 @@ def make_plan(
     ordered.sort(key=lambda pb: pb[0])
     buckets = tuple(b for _, b in ordered)
     return LoadPlan(
-        world_size, bucket_bytes, index, layouts, dtypes, buckets, placement.describe(), skipped
+        world_size,
+        bucket_bytes,
+        index,
+        outputs,
+        links,
+        layouts,
+        dtypes,
+        buckets,
+        placement.describe(),
+        skipped,
     )
 
 

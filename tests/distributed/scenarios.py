@@ -310,3 +310,69 @@ def parallel_model(args: dict[str, Any]) -> dict[str, Any]:
         "read": [r.bytes_read for r in result.report.ranks],
         "total": result.report.total_bytes,
     }
+
+
+def load_transformed(args: dict[str, Any]) -> dict[str, Any]:
+    """GPT-2 style fused c_attn (Conv1D) -> transposed q/k/v Linear weights, sharded colwise;
+    a GQA fused qkv split by sizes. Expected values built with plain torch ops."""
+    from tests.reference import chunk
+
+    rank, world = _rank(), _world()
+    transforms = [
+        distload.Transpose(".attn.c_attn.weight"),
+        distload.Split(
+            ".attn.c_attn.weight", [".attn.q.weight", ".attn.k.weight", ".attn.v.weight"], dim=0
+        ),
+        distload.Split(".attn.c_attn.bias", [".attn.q.bias", ".attn.k.bias", ".attn.v.bias"]),
+        distload.Split(
+            ".qkv.weight",
+            [".q_proj.weight", ".k_proj.weight", ".v_proj.weight"],
+            dim=0,
+            sizes=args["gqa_sizes"],
+        ),
+        distload.Rename(r"^h\.(\d+)\.", r"model.layers.\1."),
+    ]
+    rules = {
+        "*.attn.*.weight": "colwise",
+        "*.attn.*.bias": "colwise",
+        "*.q_proj.weight": "colwise",
+        "*.k_proj.weight": "colwise",
+        "*.v_proj.weight": "rowwise",
+    }
+    state = distload.load(
+        args["source"],
+        distload.TensorParallel(rules),
+        device="cpu",
+        transforms=transforms,
+        bucket_bytes=args.get("bucket_bytes"),
+    )
+    ref = read_all(args["source"])
+    expected: dict[str, torch.Tensor] = {}
+    for name, full in ref.items():
+        layer = name.split(".")[1]
+        base = f"model.layers.{layer}"
+        if name.endswith("c_attn.weight"):
+            for part, t in zip("qkv", full.t().chunk(3, dim=0)):
+                expected[f"{base}.attn.{part}.weight"] = chunk(t, 0, world, rank)
+        elif name.endswith("c_attn.bias"):
+            for part, t in zip("qkv", full.chunk(3, dim=0)):
+                expected[f"{base}.attn.{part}.bias"] = chunk(t, 0, world, rank)
+        elif name.endswith("qkv.weight"):
+            q, k, v = full.split(args["gqa_sizes"], dim=0)
+            expected[f"{base}.q_proj.weight"] = chunk(q, 0, world, rank)
+            expected[f"{base}.k_proj.weight"] = chunk(k, 0, world, rank)
+            expected[f"{base}.v_proj.weight"] = chunk(v, 1, world, rank)
+        else:
+            expected[name.replace(f"h.{layer}.", f"{base}.")] = full
+    if set(state) != set(expected):
+        raise AssertionError(f"names differ: {sorted(set(state) ^ set(expected))[:6]}")
+    for name, exp in expected.items():
+        if not same_bits(state[name], exp.contiguous()):
+            raise AssertionError(f"rank {rank}: {name} differs")
+    from distload.verify import verify_against_safetensors
+
+    bad = verify_against_safetensors(state.plan, state, rank)
+    if bad:
+        raise AssertionError(f"verify disagrees on {bad[:3]}")
+    rep = state.report
+    return {"read": [r.bytes_read for r in rep.ranks], "total": rep.total_bytes}

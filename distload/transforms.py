@@ -1,0 +1,295 @@
+"""Key transforms: rename, split fused tensors, merge separate ones, transpose -- as data.
+
+The coordinator applies transforms to the checkpoint's metadata before planning; no tensor
+data is touched. The result is a list of :class:`View` s (the tensors the caller receives),
+each made of :class:`Link` s: "this box of that stored tensor fills this box of the view,
+possibly transposed". The planner then reads every stored byte once and gives each rank the
+regions of views it holds, so a fused ``qkv`` split into ``q``/``k``/``v`` and sharded
+colwise is read once and each rank receives only its rows of each part.
+
+Transforms compose in order, e.g. ``[Rename(r"^transformer\\.h\\.(\\d+)\\.", r"model.layers.\\1."),
+Transpose(".attn.c_attn.weight"), Split(".attn.c_attn.weight", [".q.weight", ".k.weight",
+".v.weight"], dim=0)]``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from distload.checkpoint import CheckpointIndex
+from distload.errors import PlacementError
+
+Box = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Link:
+    """A box of a stored tensor that fills a box of a view (same size, maybe transposed)."""
+
+    stored: int  # index into the checkpoint's tensors
+    stored_box: Box  # region of the stored tensor
+    view_box: Box  # region of the view it fills
+    transposed: bool = False  # view region = stored region transposed (2-d only)
+
+
+@dataclass(frozen=True)
+class View:
+    """A tensor as the caller receives it, assembled from stored regions."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # stored dtype (all links share it)
+    links: tuple[Link, ...]
+
+
+class Transform(Protocol):
+    """Maps a list of views to a new list of views (pure)."""
+
+    def apply(self, views: list[View]) -> list[View]: ...
+
+
+def identity_views(index: CheckpointIndex) -> list[View]:
+    views = []
+    for i, t in enumerate(index.tensors):
+        full = tuple((0, n) for n in t.shape)
+        views.append(View(t.name, t.shape, t.dtype, (Link(i, full, full),)))
+    return views
+
+
+def apply_transforms(index: CheckpointIndex, transforms: Sequence[Transform]) -> list[View]:
+    """The views after applying ``transforms`` in order; checks names stay unique."""
+    views = identity_views(index)
+    for transform in transforms:
+        views = transform.apply(views)
+        seen: set[str] = set()
+        for v in views:
+            if v.name in seen:
+                raise PlacementError(
+                    f"{transform!r} produced the name {v.name!r} twice", tensor=v.name
+                )
+            seen.add(v.name)
+    return views
+
+
+# --------------------------------------------------------------------------------------------
+# box arithmetic
+
+
+def _clip(link: Link, dim: int, lo: int, hi: int) -> Link | None:
+    """The part of ``link`` whose view coordinate along ``dim`` lies in [lo, hi)."""
+    a, b = link.view_box[dim]
+    a2, b2 = max(a, lo), min(b, hi)
+    if a2 >= b2:
+        return None
+    sdim = (1 - dim) if link.transposed else dim
+    s0 = link.stored_box[sdim][0]
+    stored = list(link.stored_box)
+    stored[sdim] = (s0 + a2 - a, s0 + b2 - a)
+    view = list(link.view_box)
+    view[dim] = (a2, b2)
+    return replace(link, stored_box=tuple(stored), view_box=tuple(view))
+
+
+def _shift(link: Link, dim: int, delta: int) -> Link:
+    view = list(link.view_box)
+    a, b = view[dim]
+    view[dim] = (a + delta, b + delta)
+    return replace(link, view_box=tuple(view))
+
+
+class _Suffix:
+    """Matches names ending with a suffix."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+
+    def match(self, name: str) -> str | None:
+        """The prefix before the suffix, if ``name`` matches."""
+        if name.endswith(self.suffix):
+            return name[: len(name) - len(self.suffix)]
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# transforms
+
+
+class Rename:
+    """Rename tensors with a regular expression (``re.sub``; groups capture layer numbers).
+
+    Example: ``Rename(r"^transformer\\.h\\.(\\d+)\\.", r"model.layers.\\1.")``.
+    """
+
+    def __init__(self, pattern: str, replacement: str) -> None:
+        self.pattern = re.compile(pattern)
+        self.replacement = replacement
+
+    def apply(self, views: list[View]) -> list[View]:
+        return [replace(v, name=self.pattern.sub(self.replacement, v.name)) for v in views]
+
+    def __repr__(self) -> str:
+        return f"Rename({self.pattern.pattern!r}, {self.replacement!r})"
+
+
+class Transpose:
+    """Transpose 2-d tensors whose names end with ``suffix`` (e.g. GPT-2 Conv1D weights)."""
+
+    def __init__(self, suffix: str) -> None:
+        self.match = _Suffix(suffix)
+        self.suffix = suffix
+
+    def apply(self, views: list[View]) -> list[View]:
+        out = []
+        for v in views:
+            if self.match.match(v.name) is None:
+                out.append(v)
+                continue
+            if len(v.shape) != 2:
+                raise PlacementError(
+                    f"Transpose({self.suffix!r}): {v.name!r} has shape {list(v.shape)}, "
+                    "only 2-d tensors can be transposed",
+                    tensor=v.name,
+                )
+            links = tuple(
+                replace(
+                    link,
+                    view_box=(link.view_box[1], link.view_box[0]),
+                    transposed=not link.transposed,
+                )
+                for link in v.links
+            )
+            out.append(replace(v, shape=(v.shape[1], v.shape[0]), links=links))
+        return out
+
+    def __repr__(self) -> str:
+        return f"Transpose({self.suffix!r})"
+
+
+class Split:
+    """Split tensors ending with ``suffix`` along ``dim`` into parts named by ``into``.
+
+    Args:
+        suffix: e.g. ``".qkv_proj.weight"``; the matched prefix is kept.
+        into: suffixes of the parts, e.g. ``[".q_proj.weight", ".k_proj.weight", ...]``.
+        dim: dimension to split.
+        sizes: size of each part along ``dim`` (default: equal parts), e.g. for grouped-query
+            attention ``[q_rows, kv_rows, kv_rows]``.
+    """
+
+    def __init__(
+        self, suffix: str, into: Sequence[str], *, dim: int = 0, sizes: Sequence[int] | None = None
+    ) -> None:
+        if sizes is not None and len(sizes) != len(into):
+            raise PlacementError(f"Split({suffix!r}): {len(sizes)} sizes for {len(into)} parts")
+        self.match = _Suffix(suffix)
+        self.suffix, self.into, self.dim = suffix, list(into), dim
+        self.sizes = list(sizes) if sizes is not None else None
+
+    def apply(self, views: list[View]) -> list[View]:
+        out = []
+        for v in views:
+            prefix = self.match.match(v.name)
+            if prefix is None:
+                out.append(v)
+                continue
+            if not -len(v.shape) <= self.dim < len(v.shape):
+                raise PlacementError(
+                    f"{self!r}: {v.name!r} has shape {list(v.shape)}, no dim {self.dim}",
+                    tensor=v.name,
+                )
+            dim = self.dim % len(v.shape)
+            total = v.shape[dim]
+            sizes = self.sizes
+            if sizes is None:
+                if total % len(self.into):
+                    raise PlacementError(
+                        f"{self!r}: dim {dim} of {v.name!r} has size {total}, not divisible "
+                        f"into {len(self.into)} equal parts; give sizes=",
+                        tensor=v.name,
+                    )
+                sizes = [total // len(self.into)] * len(self.into)
+            if sum(sizes) != total:
+                raise PlacementError(
+                    f"{self!r}: sizes {sizes} add up to {sum(sizes)}, but dim {dim} of "
+                    f"{v.name!r} has size {total}",
+                    tensor=v.name,
+                )
+            start = 0
+            for part, size in zip(self.into, sizes, strict=True):
+                links = []
+                for link in v.links:
+                    clipped = _clip(link, dim, start, start + size)
+                    if clipped is not None:
+                        links.append(_shift(clipped, dim, -start))
+                shape = list(v.shape)
+                shape[dim] = size
+                out.append(View(prefix + part, tuple(shape), v.dtype, tuple(links)))
+                start += size
+        return out
+
+    def __repr__(self) -> str:
+        return f"Split({self.suffix!r}, {self.into!r}, dim={self.dim})"
+
+
+class Merge:
+    """Concatenate tensors ending with each of ``parts`` into one ending with ``into``.
+
+    Example: ``Merge([".q_proj.weight", ".k_proj.weight", ".v_proj.weight"],
+    ".qkv_proj.weight", dim=0)``. Every prefix must have all parts, with equal dtypes and
+    equal sizes outside ``dim``.
+    """
+
+    def __init__(self, parts: Sequence[str], into: str, *, dim: int = 0) -> None:
+        self.parts, self.into, self.dim = list(parts), into, dim
+        self.matchers = [_Suffix(p) for p in parts]
+
+    def apply(self, views: list[View]) -> list[View]:
+        groups: dict[str, dict[int, View]] = {}
+        first_pos: dict[str, int] = {}
+        rest: list[tuple[int, View]] = []
+        for pos, v in enumerate(views):
+            for i, m in enumerate(self.matchers):
+                prefix = m.match(v.name)
+                if prefix is not None:
+                    groups.setdefault(prefix, {})[i] = v
+                    first_pos.setdefault(prefix, pos)
+                    break
+            else:
+                rest.append((pos, v))
+        merged: list[tuple[int, View]] = []
+        for prefix, found in groups.items():
+            if len(found) != len(self.parts):
+                lacking = [self.parts[i] for i in range(len(self.parts)) if i not in found]
+                raise PlacementError(
+                    f"{self!r}: {prefix!r} lacks {lacking}", tensor=prefix + lacking[0]
+                )
+            members = [found[i] for i in range(len(self.parts))]
+            merged.append((first_pos[prefix], self._merge(prefix, members)))
+        return [v for _, v in sorted(rest + merged, key=lambda pv: pv[0])]
+
+    def _merge(self, prefix: str, members: list[View]) -> View:
+        first = members[0]
+        dim = self.dim % max(1, len(first.shape))
+        for m in members:
+            other = [s for d, s in enumerate(m.shape) if d != dim]
+            base = [s for d, s in enumerate(first.shape) if d != dim]
+            if m.dtype != first.dtype or len(m.shape) != len(first.shape) or other != base:
+                raise PlacementError(
+                    f"{self!r}: cannot concatenate {m.name!r} ({m.dtype} {list(m.shape)}) "
+                    f"with {first.name!r} ({first.dtype} {list(first.shape)}) along dim {dim}",
+                    tensor=m.name,
+                )
+        links: list[Link] = []
+        offset = 0
+        for m in members:
+            links.extend(_shift(link, dim, offset) for link in m.links)
+            offset += m.shape[dim]
+        shape = list(first.shape)
+        shape[dim] = offset
+        return View(prefix + self.into, tuple(shape), first.dtype, tuple(links))
+
+    def __repr__(self) -> str:
+        return f"Merge({self.parts!r}, {self.into!r}, dim={self.dim})"
