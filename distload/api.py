@@ -293,7 +293,8 @@ def load_into(
 
     Collective, like :func:`load`. Each rank's received tensors *become* the model's
     parameters (no random init, no second copy), on ``device``. Tied weights stay tied (one
-    Parameter for all their names; the checkpoint may hold any one of them). When the model's
+    Parameter for all their names; the checkpoint may hold any one of them), including ties a
+    transformers model declares in ``_tied_weights_keys`` but has not applied yet. When the model's
     parameters are already DTensors (built on meta and parallelised with ``parallelize_module``
     or ``fully_shard``) and no ``placement`` is given, each rank loads exactly its shard and
     the parameters stay DTensors with the same mesh and placements.
@@ -314,11 +315,17 @@ def load_into(
     ``accelerate.init_empty_weights()``, which keeps buffers real); meta buffers that the
     checkpoint does not hold are an error naming them, never left silently unset.
     """
-    from distload.materialize import as_dtensor_like, assign, model_entries, tie_groups
+    from distload.materialize import (
+        as_dtensor_like,
+        assign,
+        declared_ties,
+        model_entries,
+        tie_groups,
+    )
     from distload.placement.from_model import FromModel, mesh_specs_of
 
     entries = model_entries(model)
-    groups = tie_groups(entries)
+    groups = tie_groups(entries, declared_ties(model))
     if placement is None:
         group_rank_of = None
         if group is not None:

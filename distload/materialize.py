@@ -101,11 +101,36 @@ def model_entries(model: torch.nn.Module) -> dict[str, Entry]:
     return entries
 
 
-def tie_groups(entries: Mapping[str, Entry]) -> list[list[str]]:
-    """Names sharing one tensor object (tied weights), in model order."""
+def declared_ties(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(target, source) ties a Hugging Face model declares but may not have applied yet.
+
+    transformers models list them in ``_tied_weights_keys`` (a ``{target: source}`` dict, per
+    sub-model) and apply them only when ``config.tie_word_embeddings`` is set.
+    """
+    ties: list[tuple[str, str]] = []
+    for mod_name, module in model.named_modules():
+        keys = getattr(module, "_tied_weights_keys", None)
+        config = getattr(module, "config", None)
+        if not isinstance(keys, dict) or not getattr(config, "tie_word_embeddings", True):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        ties.extend((prefix + t, prefix + s) for t, s in keys.items())
+    return ties
+
+
+def tie_groups(
+    entries: Mapping[str, Entry],
+    extra: list[tuple[str, str]] = (),  # type: ignore[assignment]
+) -> list[list[str]]:
+    """Names sharing one tensor (tied weights), in model order; ``extra`` adds declared ties."""
     groups: dict[int, list[str]] = {}
     for name, entry in entries.items():
         groups.setdefault(id(entry.tensor), []).append(name)
+    for target, source in extra:
+        if target in entries and source in entries:
+            a, b = id(entries[source].tensor), id(entries[target].tensor)
+            if a != b and b in groups:
+                groups[a].extend(groups.pop(b))
     return list(groups.values())
 
 

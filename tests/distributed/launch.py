@@ -51,6 +51,7 @@ def run_group(
     timeout: float = 90.0,
     bootstrap: str = "filestore",
     extra_env: dict[str, str] | None = None,
+    scenarios: str = "tests.distributed.scenarios",
 ) -> list[Outcome]:
     """Run ``tests.distributed.scenarios.<scenario>(args)`` on ``world`` ranks."""
     tmp = Path(tempfile.mkdtemp(prefix="distload-group-"))
@@ -65,6 +66,7 @@ def run_group(
             "OMP_NUM_THREADS": "1",
             "DISTLOAD_TEST_BOOTSTRAP": bootstrap,
             "DISTLOAD_TEST_DIR": str(tmp),
+            "DISTLOAD_TEST_SCENARIOS": scenarios,
             "CUDA_VISIBLE_DEVICES": "",
         }
     )

@@ -27,7 +27,9 @@ def main() -> None:
             world_size=world,
             timeout=datetime.timedelta(seconds=60),
         )
-    from tests.distributed import scenarios
+    import importlib
+
+    scenarios = importlib.import_module(os.environ["DISTLOAD_TEST_SCENARIOS"])
 
     try:
         result = getattr(scenarios, scenario)(args)

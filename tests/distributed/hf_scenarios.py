@@ -1,0 +1,156 @@
+"""Scenarios with real transformers models (run inside each rank; see test_transformers.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import distload
+from tests.reference import read_all, same_bits
+
+
+def _build(kind: str, cfg: dict[str, Any], meta: bool = True) -> Any:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(kind, **cfg)
+    config._attn_implementation = "eager"
+    if meta:
+        with init_empty_weights():  # parameters on meta, buffers (rotary) real
+            return AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _reference_logits(args: dict[str, Any], ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(
+        args["source"], dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        return ref(ids).logits
+
+
+def _ids(vocab: int) -> torch.Tensor:
+    return (torch.arange(2 * 16).reshape(2, 16) * 7 + 3) % vocab
+
+
+def hf_tensor_parallel(args: dict[str, Any]) -> dict[str, Any]:
+    """Meta model -> torch parallelize_module (CPU mesh) -> load_into -> logits parity."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    world = dist.get_world_size()
+    model = _build(args["kind"], args["config"])
+    plan: dict[str, Any] = {"lm_head": ColwiseParallel(output_layouts=Replicate())}
+    for i in range(args["config"]["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        for name in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+        ):
+            plan[f"{p}.{name}"] = ColwiseParallel()
+        plan[f"{p}.self_attn.o_proj"] = RowwiseParallel()
+        plan[f"{p}.mlp.down_proj"] = RowwiseParallel()
+    parallelize_module(model, init_device_mesh("cpu", (world,)), plan)
+    result = distload.load_into(model, args["source"], device="cpu")
+    ref = read_all(args["source"])
+    for name, param in model.named_parameters():
+        full = param.full_tensor() if isinstance(param, DTensor) else param.data
+        if not same_bits(full, ref[name]):
+            raise AssertionError(f"{name} differs after load_into")
+    ids = _ids(args["config"]["vocab_size"])
+    with torch.no_grad():
+        logits = model(ids).logits
+    want = _reference_logits(args, ids)
+    err = float((logits - want).abs().max() / want.abs().max())
+    if err > 1e-5:
+        raise AssertionError(f"TP logits differ from from_pretrained by {err} (relative)")
+    return {
+        "err": err,
+        "read": [r.bytes_read for r in result.report.ranks],
+        "total": result.report.total_bytes,
+    }
+
+
+def hf_pipeline(args: dict[str, Any]) -> dict[str, Any]:
+    """Two pipeline stages of GPT-2 (tied head): each rank materialises only its stage; the
+    stage-by-stage forward equals from_pretrained's logits exactly."""
+    rank = dist.get_rank()
+    model = _build(args["kind"], args["config"])
+    result = distload.load_into(
+        model, args["source"], distload.PipelineParallel(num_stages=2), device="cpu"
+    )
+    ref = read_all(args["source"])
+    real = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.is_meta}
+    for name in real:
+        key = "transformer.wte.weight" if name == "lm_head.weight" else name
+        if not same_bits(model.get_parameter(name).data, ref[key]):
+            raise AssertionError(f"{name} differs")
+    tr = model.transformer
+    layers = len(tr.h)
+    ids = _ids(args["config"]["vocab_size"])
+    steps = ids.shape[1]
+    # the additive causal mask GPT2Model builds for eager attention
+    mask = torch.full((steps, steps), torch.finfo(torch.float32).min).triu(1)[None, None]
+
+    def run(block: Any, h: torch.Tensor) -> torch.Tensor:
+        out = block(h, attention_mask=mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    with torch.no_grad():
+        if rank == 0:
+            if tr.h[layers - 1].attn.c_attn.weight.is_meta is False:
+                raise AssertionError("stage 0 holds the last layer")
+            pos = torch.arange(ids.shape[1]).unsqueeze(0)
+            h = tr.wte(ids) + tr.wpe(pos)
+            for block in tr.h:
+                if block.attn.c_attn.weight.is_meta:
+                    break
+                h = run(block, h)
+            dist.send(h.contiguous(), 1)
+            return {"stage": 0, "params": len(real), "read": result.report.bytes_read}
+        h = torch.empty(ids.shape[0], ids.shape[1], args["config"]["n_embd"])
+        dist.recv(h, 0)
+        for block in tr.h:
+            if block.attn.c_attn.weight.is_meta:
+                continue
+            h = run(block, h)
+        logits = model.lm_head(tr.ln_f(h))
+    if model.lm_head.weight is not tr.wte.weight:
+        raise AssertionError("tied weights came apart")
+    want = _reference_logits(args, ids)
+    if not torch.equal(logits, want):
+        err = float((logits - want).abs().max())
+        raise AssertionError(f"pipeline logits differ by {err}")
+    return {"stage": 1, "params": len(real), "read": result.report.bytes_read}
+
+
+def hf_device_map(args: dict[str, Any]) -> dict[str, Any]:
+    """load_into with a balanced device map: every materialised parameter bit for bit."""
+    model = _build(args["kind"], args["config"])
+    dm = distload.DeviceMap("balanced")
+    result = distload.load_into(model, args["source"], dm, device="cpu")
+    ref = read_all(args["source"])
+    held = []
+    for name, param in model.named_parameters():
+        if param.is_meta:
+            continue
+        held.append(name)
+        if not same_bits(param.data, ref[name]):
+            raise AssertionError(f"{name} differs")
+    return {
+        "held": held,
+        "read": [r.bytes_read for r in result.report.ranks],
+        "total": result.report.total_bytes,
+    }

@@ -1,0 +1,79 @@
+"""Parity with transformers: small real models from configs (random weights, several shards)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.distributed.launch import check_all_ok, run_group
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+pytestmark = pytest.mark.timeout(300)
+
+LLAMA = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    tie_word_embeddings=False,
+    max_position_embeddings=64,
+)
+MISTRAL = dict(LLAMA, num_key_value_heads=2, sliding_window=None)
+GPT2 = dict(
+    vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+)
+
+
+def _save(kind: str, cfg: dict[str, Any], folder: Path) -> Path:
+    config = transformers.AutoConfig.for_model(kind, **cfg)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder, max_shard_size="60KB")
+    assert len(list(folder.glob("*.safetensors"))) > 2
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {
+        "llama": _save("llama", LLAMA, tmp_path_factory.mktemp("llama")),
+        "mistral": _save("mistral", MISTRAL, tmp_path_factory.mktemp("mistral")),
+        "gpt2": _save("gpt2", GPT2, tmp_path_factory.mktemp("gpt2")),
+    }
+
+
+@pytest.mark.parametrize(("kind", "world"), [("llama", 2), ("llama", 4), ("mistral", 2)])
+def test_tensor_parallel_logits_match_from_pretrained(
+    kind: str, world: int, ckpts: dict[str, Path]
+) -> None:
+    cfg = LLAMA if kind == "llama" else MISTRAL
+    args = {"kind": kind, "config": cfg, "source": str(ckpts[kind])}
+    results = check_all_ok(
+        run_group(world, "hf_tensor_parallel", args, scenarios="tests.distributed.hf_scenarios")
+    )
+    assert sum(results[0]["read"]) == results[0]["total"]
+    assert max(r["err"] for r in results) <= 1e-5
+
+
+def test_gpt2_two_stage_pipeline_is_exact(ckpts: dict[str, Path]) -> None:
+    args = {"kind": "gpt2", "config": GPT2, "source": str(ckpts["gpt2"])}
+    results = check_all_ok(
+        run_group(2, "hf_pipeline", args, scenarios="tests.distributed.hf_scenarios")
+    )
+    assert {r["stage"] for r in results} == {0, 1}
+
+
+def test_device_map_bit_for_bit(ckpts: dict[str, Path]) -> None:
+    args = {"kind": "llama", "config": LLAMA, "source": str(ckpts["llama"])}
+    results = check_all_ok(
+        run_group(2, "hf_device_map", args, scenarios="tests.distributed.hf_scenarios")
+    )
+    assert sum(results[0]["read"]) == results[0]["total"]
+    assert not set(results[0]["held"]) & set(results[1]["held"])
+    assert results[0]["held"] and results[1]["held"]
