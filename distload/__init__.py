@@ -18,6 +18,7 @@ from distload.placement import (
     ReplicateAll,
     TensorParallel,
     preset,
+    preset_transforms,
 )
 from distload.report import LoadReport
 from distload.transforms import Merge, Rename, Split, Transpose
@@ -44,6 +45,7 @@ __all__ = [
     "load",
     "load_into",
     "preset",
+    "preset_transforms",
 ]
 
 __version__ = "0.1.0"

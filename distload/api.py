@@ -287,6 +287,7 @@ def load_into(
     device: str | torch.device | None = None,
     group: dist.ProcessGroup | None = None,
     transforms: Sequence[Transform] = (),
+    as_dtensor: bool = False,
     **kwargs: Any,
 ) -> LoadIntoResult:
     """Materialise a meta-device model's parameters and buffers straight from a checkpoint.
@@ -304,6 +305,10 @@ def load_into(
             ``missing_keys`` and stay as they are). Unexpected checkpoint tensors are never read.
         dtype: ``None``/``"auto"`` keeps each stored dtype; a floating dtype casts floating
             tensors only (integer and bool buffers keep theirs).
+        as_dtensor: with a :class:`~distload.TensorParallel` placement, make parameters
+            DTensors on a ``(dp, tp)`` DeviceMesh over the world (``Shard(dim)`` or
+            ``Replicate()`` on ``tp``, ``Replicate()`` on ``dp``). Models whose parameters are
+            already DTensors keep theirs without this flag.
         transforms: key transforms mapping checkpoint names and layouts onto the model's
             (e.g. split a fused ``qkv``, transpose GPT-2 Conv1D weights).
         kwargs: passed to :func:`load` (``staging_bytes``, ``timeout``, ...).
@@ -319,13 +324,23 @@ def load_into(
         as_dtensor_like,
         assign,
         declared_ties,
+        dtensor_from_layout,
         model_entries,
         tie_groups,
+        tp_mesh,
     )
     from distload.placement.from_model import FromModel, mesh_specs_of
+    from distload.placement.tensor_parallel import TensorParallel
 
     entries = model_entries(model)
     groups = tie_groups(entries, declared_ties(model))
+    if as_dtensor and not isinstance(placement, TensorParallel):
+        raise DistLoadError(
+            "as_dtensor=True needs a TensorParallel placement (models whose parameters are "
+            "already DTensors are loaded as DTensors without it)"
+        )
+    if as_dtensor and (group is not None or not dist.is_initialized()):
+        raise DistLoadError("as_dtensor=True needs an initialised world process group")
     if placement is None:
         group_rank_of = None
         if group is not None:
@@ -347,6 +362,11 @@ def load_into(
     )
     loaded_names = {t.name for t in state.plan.outputs}
     missing: list[str] = []
+    mesh = None
+    if as_dtensor:  # collective: every rank builds the mesh here, in the same order
+        size = placement.size or dist.get_world_size()  # type: ignore[union-attr]
+        device_type = next(iter(state.values())).device.type if state else "cpu"
+        mesh = tp_mesh(device_type, dist.get_world_size(), size)
     for names in groups:
         source_name = next((n for n in names if n in loaded_names), None)
         if source_name is None:
@@ -367,6 +387,11 @@ def load_into(
             )
         if _is_dtensor(like):
             value = as_dtensor_like(value, like)
+        elif mesh is not None:
+            out = _index_of(state, source_name)
+            value = dtensor_from_layout(
+                value, mesh, state.plan.layouts[out], state.plan.outputs[out].shape
+            )
         assign(entries, names, value)
     stale = sorted(
         n for n, e in entries.items() if not e.is_param and not e.persistent and e.tensor.is_meta

@@ -15,7 +15,14 @@ from typing import Any
 
 from distload.checkpoint import read_checkpoint
 from distload.errors import DistLoadError
-from distload.placement import DeviceMap, Mesh, TensorParallel, preset, presets
+from distload.placement import (
+    DeviceMap,
+    Mesh,
+    TensorParallel,
+    preset,
+    preset_transforms,
+    presets,
+)
 from distload.placement.base import Placement
 from distload.planner import DEFAULT_BUCKET_BYTES, make_plan, traffic
 from distload.report import human_bytes
@@ -57,6 +64,10 @@ def _device_map(text: str) -> DeviceMap:
             f"--device-map {text!r}: use auto, balanced, sequential or a JSON object"
         ) from None
     return DeviceMap(mapping)
+
+
+def _transforms(args: argparse.Namespace) -> list[Any]:
+    return preset_transforms(args.preset) if getattr(args, "preset", None) else []
 
 
 def _placement(args: argparse.Namespace) -> Placement | None:
@@ -133,7 +144,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     index = read_checkpoint(args.source)
     bucket = int((args.bucket_mb or DEFAULT_BUCKET_BYTES / 2**20) * 2**20)
     plan = make_plan(
-        index, args.world, _placement(args), dtype=parse_dtype(args.dtype), bucket_bytes=bucket
+        index,
+        args.world,
+        _placement(args),
+        dtype=parse_dtype(args.dtype),
+        bucket_bytes=bucket,
+        transforms=_transforms(args),
     )
     placement = _placement(args)
     if isinstance(placement, DeviceMap):
@@ -195,6 +211,7 @@ def cmd_load(args: argparse.Namespace) -> int:
             bucket_bytes=bucket,
             timeout=args.timeout,
             progress=progress,
+            transforms=_transforms(args),
         )
     finally:
         if bar is not None:

@@ -4,7 +4,7 @@ from distload.placement.base import REPLICATED, Layout, Placement, ReplicateAll,
 from distload.placement.device_map import DeviceMap
 from distload.placement.mesh import Mesh
 from distload.placement.pipeline import PipelineParallel
-from distload.placement.presets import preset, presets, register_preset
+from distload.placement.presets import preset, preset_transforms, presets, register_preset
 from distload.placement.tensor_parallel import TensorParallel
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "TensorParallel",
     "local_box",
     "preset",
+    "preset_transforms",
     "presets",
     "register_preset",
 ]

@@ -1,11 +1,27 @@
-"""Tensor-parallel rule presets for common Hugging Face model families (extensible registry)."""
+"""Tensor-parallel presets for common Hugging Face model families (extensible registry).
+
+A preset is TP rules plus, where the checkpoint layout needs it, key transforms: GPT-2 stores
+Conv1D weights as ``(in, out)`` and a fused ``c_attn``; its preset transposes them to Linear
+orientation and splits ``c_attn`` into ``q``/``k``/``v`` so each can be sharded by heads.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from distload.errors import PlacementError
+from distload.transforms import Split, Transform, Transpose
+
+
+@dataclass(frozen=True)
+class Preset:
+    """TP rules (fnmatch pattern -> placement) and the key transforms they assume."""
+
+    rules: dict[str, Any]
+    transforms: tuple[Transform, ...] = field(default=())
+
 
 _LLAMA: dict[str, Any] = {
     "model.embed_tokens.weight": "colwise",
@@ -19,24 +35,63 @@ _LLAMA: dict[str, Any] = {
     "lm_head.weight": "colwise",
 }
 
-_REGISTRY: dict[str, dict[str, Any]] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
+_MIXTRAL: dict[str, Any] = {
+    **{k: v for k, v in _LLAMA.items() if ".mlp." not in k},
+    "*.block_sparse_moe.experts.*.w1.weight": "colwise",
+    "*.block_sparse_moe.experts.*.w3.weight": "colwise",
+    "*.block_sparse_moe.experts.*.w2.weight": "rowwise",
+    "*.block_sparse_moe.gate.weight": "replicate",
+}
+
+_GPT2_TRANSFORMS: tuple[Transform, ...] = (
+    Transpose(".attn.c_attn.weight"),
+    Transpose(".attn.c_proj.weight"),
+    Transpose(".mlp.c_fc.weight"),
+    Transpose(".mlp.c_proj.weight"),
+    Split(".attn.c_attn.weight", [".attn.q.weight", ".attn.k.weight", ".attn.v.weight"]),
+    Split(".attn.c_attn.bias", [".attn.q.bias", ".attn.k.bias", ".attn.v.bias"]),
+)
+_GPT2: dict[str, Any] = {
+    "transformer.wte.weight": "colwise",
+    "*.attn.q.*": "colwise",
+    "*.attn.k.*": "colwise",
+    "*.attn.v.*": "colwise",
+    "*.attn.c_proj.weight": "rowwise",
+    "*.mlp.c_fc.*": "colwise",
+    "*.mlp.c_proj.weight": "rowwise",
+}
+
+_REGISTRY: dict[str, Preset] = {
+    "llama": Preset(_LLAMA),
+    "mistral": Preset(_LLAMA),
+    "qwen2": Preset({**_LLAMA, "*.self_attn.[qkv]_proj.bias": "colwise"}),
+    "mixtral": Preset(_MIXTRAL),
+    "gpt2": Preset(_GPT2, _GPT2_TRANSFORMS),
 }
 
 
-def register_preset(name: str, rules: Mapping[str, Any]) -> None:
-    """Add or replace a named rule set (usable as ``TensorParallel(preset(name))``)."""
-    _REGISTRY[name] = dict(rules)
+def register_preset(
+    name: str, rules: Mapping[str, Any], transforms: Sequence[Transform] = ()
+) -> None:
+    """Add or replace a named preset (usable as ``TensorParallel(preset(name))``)."""
+    _REGISTRY[name] = Preset(dict(rules), tuple(transforms))
+
+
+def _get(name: str) -> Preset:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise PlacementError(f"unknown preset {name!r}; valid: {sorted(_REGISTRY)}") from None
 
 
 def preset(name: str) -> dict[str, Any]:
-    """The TP rules of a model family, e.g. ``preset("llama")``."""
-    try:
-        return dict(_REGISTRY[name])
-    except KeyError:
-        raise PlacementError(f"unknown preset {name!r}; valid: {sorted(_REGISTRY)}") from None
+    """The TP rules of a model family, e.g. ``TensorParallel(preset("llama"))``."""
+    return dict(_get(name).rules)
+
+
+def preset_transforms(name: str) -> list[Transform]:
+    """The key transforms a preset's rules assume (pass as ``transforms=``); often empty."""
+    return list(_get(name).transforms)
 
 
 def presets() -> list[str]:

@@ -154,3 +154,44 @@ def hf_device_map(args: dict[str, Any]) -> dict[str, Any]:
         "read": [r.bytes_read for r in result.report.ranks],
         "total": result.report.total_bytes,
     }
+
+
+def hf_gpt2_tp(args: dict[str, Any]) -> dict[str, Any]:
+    """GPT-2 checkpoint under TP with its preset: Conv1D weights transposed, c_attn split into
+    q/k/v and sharded by rows; compared with plain torch ops on single-process reads."""
+    from distload.verify import verify_against_safetensors
+    from tests.reference import chunk
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    state = distload.load(
+        args["source"],
+        distload.TensorParallel(distload.preset("gpt2")),
+        transforms=distload.preset_transforms("gpt2"),
+        device="cpu",
+    )
+    ref = read_all(args["source"])
+    for i in range(args["config"]["n_layer"]):
+        p = f"transformer.h.{i}"
+        q, k, v = ref[f"{p}.attn.c_attn.weight"].t().chunk(3, dim=0)
+        for name, full in (("q", q), ("k", k), ("v", v)):
+            if not same_bits(state[f"{p}.attn.{name}.weight"], chunk(full, 0, world, rank)):
+                raise AssertionError(f"{p}.attn.{name}.weight differs")
+        proj = ref[f"{p}.attn.c_proj.weight"].t()
+        if not same_bits(state[f"{p}.attn.c_proj.weight"], chunk(proj, 1, world, rank)):
+            raise AssertionError(f"{p}.attn.c_proj.weight differs")
+        fc = ref[f"{p}.mlp.c_fc.weight"].t()
+        if not same_bits(state[f"{p}.mlp.c_fc.weight"], chunk(fc, 0, world, rank)):
+            raise AssertionError(f"{p}.mlp.c_fc.weight differs")
+    if not same_bits(
+        state["transformer.wte.weight"], chunk(ref["transformer.wte.weight"], 0, world, rank)
+    ):
+        raise AssertionError("wte differs")
+    bad = verify_against_safetensors(state.plan, state, rank)
+    if bad:
+        raise AssertionError(f"verify disagrees: {bad[:3]}")
+    rep = state.report
+    return {
+        "read": [r.bytes_read for r in rep.ranks],
+        "total": rep.total_bytes,
+        "received": [r.bytes_received for r in rep.ranks],
+    }

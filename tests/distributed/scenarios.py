@@ -376,3 +376,66 @@ def load_transformed(args: dict[str, Any]) -> dict[str, Any]:
         raise AssertionError(f"verify disagrees on {bad[:3]}")
     rep = state.report
     return {"read": [r.bytes_read for r in rep.ranks], "total": rep.total_bytes}
+
+
+def dtensor_models(args: dict[str, Any]) -> dict[str, Any]:
+    """as_dtensor=True on a plain meta model, and placements inferred from fully_shard."""
+    from torch.distributed.tensor import DTensor
+
+    from distload.synthetic import LlamaShape
+    from tests.models import TinyLlama
+    from tests.reference import chunk
+
+    shape = LlamaShape(**args["shape"])
+    world, rank = _world(), _rank()
+    ref = read_all(args["source"])
+    tp = args["tp"]
+    with torch.device("meta"):
+        model = TinyLlama(shape)
+    rules = {
+        "*.q_proj.weight": "colwise",
+        "*.o_proj.weight": "rowwise",
+        "*.gate_proj.weight": "colwise",
+        "*.down_proj.weight": "rowwise",
+    }
+    distload.load_into(
+        model,
+        args["source"],
+        distload.TensorParallel(rules, size=tp),
+        device="cpu",
+        as_dtensor=True,
+    )
+    checked = 0
+    for name, param in model.named_parameters():
+        if not isinstance(param, DTensor):
+            raise AssertionError(f"{name} is not a DTensor")
+        local = param.to_local()
+        shard = [p for p in param.placements if p.is_shard()]
+        exp = chunk(ref[name], shard[0].dim, tp, rank % tp) if shard else ref[name]
+        if not same_bits(local, exp) or not same_bits(param.full_tensor(), ref[name]):
+            raise AssertionError(f"{name} differs")
+        checked += 1
+
+    # FSDP2: parameters become Shard(0) DTensors over the data-parallel mesh
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.device("meta"):
+        fsdp_model = TinyLlama(shape)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in fsdp_model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(fsdp_model, mesh=mesh)
+    result = distload.load_into(fsdp_model, args["source"], device="cpu")
+    for name, param in fsdp_model.named_parameters():
+        if not isinstance(param, DTensor):
+            raise AssertionError(f"{name} is not sharded by fully_shard")
+        if not same_bits(param.to_local(), chunk(ref[name], 0, world, rank)):
+            raise AssertionError(f"fsdp {name} local shard differs")
+        if not same_bits(param.full_tensor(), ref[name]):
+            raise AssertionError(f"fsdp {name} differs")
+    return {
+        "checked": checked,
+        "read": [r.bytes_read for r in result.report.ranks],
+        "total": result.report.total_bytes,
+    }

@@ -47,3 +47,10 @@ def test_split_fused_and_transpose_with_tp(world: int, fused_ckpt: Path) -> None
     args = {"source": str(fused_ckpt), "gqa_sizes": [24, 8, 8], "bucket_bytes": 2000}
     results = check_all_ok(run_group(world, "load_transformed", args))
     assert sum(results[0]["read"]) == results[0]["total"]  # nothing read twice
+
+
+def test_as_dtensor_and_fully_shard(tiny_ckpt: Path) -> None:
+    args = {"source": str(tiny_ckpt), "shape": SHAPE, "tp": 2}
+    results = check_all_ok(run_group(4, "dtensor_models", args))
+    assert results[0]["checked"] > 10
+    assert sum(results[0]["read"]) == results[0]["total"]

@@ -77,3 +77,12 @@ def test_device_map_bit_for_bit(ckpts: dict[str, Path]) -> None:
     assert sum(results[0]["read"]) == results[0]["total"]
     assert not set(results[0]["held"]) & set(results[1]["held"])
     assert results[0]["held"] and results[1]["held"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gpt2_fused_attention_under_tp(world: int, ckpts: dict[str, Path]) -> None:
+    args = {"config": GPT2, "source": str(ckpts["gpt2"])}
+    results = check_all_ok(
+        run_group(world, "hf_gpt2_tp", args, scenarios="tests.distributed.hf_scenarios")
+    )
+    assert sum(results[0]["read"]) == results[0]["total"]

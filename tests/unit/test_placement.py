@@ -135,3 +135,23 @@ def test_presets() -> None:
     assert rules["*.self_attn.o_proj.weight"] == "rowwise"
     with pytest.raises(PlacementError, match="valid: "):
         preset("nope")
+
+
+def test_mixtral_and_qwen2_presets() -> None:
+    tp = TensorParallel(preset("mixtral"))
+    w1 = tp.layout(meta("model.layers.0.block_sparse_moe.experts.3.w1.weight", (8, 4)), 2)
+    w2 = tp.layout(meta("model.layers.0.block_sparse_moe.experts.3.w2.weight", (4, 8)), 2)
+    gate = tp.layout(meta("model.layers.0.block_sparse_moe.gate.weight", (8, 4)), 2)
+    assert (w1.dim, w2.dim, gate.dim) == (0, 1, None)
+    qwen = TensorParallel(preset("qwen2"))
+    assert qwen.layout(meta("model.layers.0.self_attn.k_proj.bias", (8,)), 2).dim == 0
+
+
+def test_registered_preset_with_transforms() -> None:
+    from distload.placement import preset_transforms, register_preset
+    from distload.transforms import Transpose
+
+    register_preset("mine", {"*.w": "colwise"}, [Transpose(".w")])
+    assert preset("mine") == {"*.w": "colwise"}
+    assert len(preset_transforms("mine")) == 1
+    assert preset_transforms("llama") == []
