@@ -195,3 +195,43 @@ def hf_gpt2_tp(args: dict[str, Any]) -> dict[str, Any]:
         "total": rep.total_bytes,
         "received": [r.bytes_received for r in rep.ranks],
     }
+
+
+def hf_llama_pipeline(args: dict[str, Any]) -> dict[str, Any]:
+    """Two pipeline stages of a Llama-family model; stage-by-stage forward vs from_pretrained."""
+    rank = dist.get_rank()
+    model = _build(args["kind"], args["config"])
+    result = distload.load_into(
+        model, args["source"], distload.PipelineParallel(num_stages=2), device="cpu"
+    )
+    ref = read_all(args["source"])
+    for name, param in model.named_parameters():
+        if not param.is_meta and not same_bits(param.data, ref[name]):
+            raise AssertionError(f"{name} differs")
+    inner = model.model
+    ids = _ids(args["config"]["vocab_size"])
+    steps = ids.shape[1]
+    mask = torch.full((steps, steps), torch.finfo(torch.float32).min).triu(1)[None, None]
+    positions = torch.arange(steps).unsqueeze(0)
+    hidden = args["config"]["hidden_size"]
+    with torch.no_grad():
+        if rank == 0:
+            h = inner.embed_tokens(ids)
+        else:
+            h = torch.empty(ids.shape[0], steps, hidden)
+            dist.recv(h, 0)
+        rope = inner.rotary_emb(h, positions)
+        for layer in inner.layers:
+            if layer.self_attn.q_proj.weight.is_meta:
+                continue
+            out = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+            h = out[0] if isinstance(out, tuple) else out
+        if rank == 0:
+            dist.send(h.contiguous(), 1)
+            return {"stage": 0, "read": result.report.bytes_read}
+        logits = model.lm_head(inner.norm(h))
+    want = _reference_logits(args, ids)
+    err = float((logits - want).abs().max() / want.abs().max())
+    if not torch.equal(logits, want):
+        raise AssertionError(f"pipeline logits differ by {err} (relative)")
+    return {"stage": 1, "err": err, "read": result.report.bytes_read}

@@ -25,6 +25,7 @@ LLAMA = dict(
     max_position_embeddings=64,
 )
 MISTRAL = dict(LLAMA, num_key_value_heads=2, sliding_window=None)
+MISTRAL_KV4 = dict(MISTRAL, num_key_value_heads=4)
 GPT2 = dict(
     vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
 )
@@ -44,16 +45,21 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "llama": _save("llama", LLAMA, tmp_path_factory.mktemp("llama")),
         "mistral": _save("mistral", MISTRAL, tmp_path_factory.mktemp("mistral")),
+        "mistral_kv4": _save("mistral", MISTRAL_KV4, tmp_path_factory.mktemp("mistral4")),
         "gpt2": _save("gpt2", GPT2, tmp_path_factory.mktemp("gpt2")),
     }
 
 
-@pytest.mark.parametrize(("kind", "world"), [("llama", 2), ("llama", 4), ("mistral", 2)])
+@pytest.mark.parametrize(
+    ("name", "world"), [("llama", 2), ("llama", 4), ("mistral", 2), ("mistral_kv4", 4)]
+)
 def test_tensor_parallel_logits_match_from_pretrained(
-    kind: str, world: int, ckpts: dict[str, Path]
+    name: str, world: int, ckpts: dict[str, Path]
 ) -> None:
-    cfg = LLAMA if kind == "llama" else MISTRAL
-    args = {"kind": kind, "config": cfg, "source": str(ckpts[kind])}
+    # grouped-query attention: kv heads must split evenly over the TP ranks
+    cfg = {"llama": LLAMA, "mistral": MISTRAL, "mistral_kv4": MISTRAL_KV4}[name]
+    kind = name.split("_", maxsplit=1)[0]
+    args = {"kind": kind, "config": cfg, "source": str(ckpts[name])}
     results = check_all_ok(
         run_group(world, "hf_tensor_parallel", args, scenarios="tests.distributed.hf_scenarios")
     )
@@ -67,6 +73,16 @@ def test_gpt2_two_stage_pipeline_is_exact(ckpts: dict[str, Path]) -> None:
         run_group(2, "hf_pipeline", args, scenarios="tests.distributed.hf_scenarios")
     )
     assert {r["stage"] for r in results} == {0, 1}
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_llama_family_two_stage_pipeline(name: str, ckpts: dict[str, Path]) -> None:
+    cfg = LLAMA if name == "llama" else MISTRAL
+    args = {"kind": name, "config": cfg, "source": str(ckpts[name])}
+    results = check_all_ok(
+        run_group(2, "hf_llama_pipeline", args, scenarios="tests.distributed.hf_scenarios")
+    )
+    assert results[1]["err"] == 0.0  # no reduction in a pipeline: bit-identical logits
 
 
 def test_device_map_bit_for_bit(ckpts: dict[str, Path]) -> None:
