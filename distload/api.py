@@ -50,6 +50,8 @@ class LoadedState(dict[str, torch.Tensor]):
 
     report: LoadReport
     plan: LoadPlan
+    rank: int  # this process's rank in the load's group
+    all_max: Callable[[int], int]  # collective max over the group (e.g. to agree on a check)
 
 
 def _build_plan(
@@ -64,6 +66,7 @@ def _build_plan(
     max_header_bytes: int,
     keys: Collection[str] | None = None,
     transforms: Sequence[Transform] = (),
+    nodes: Sequence[int] = (),
 ) -> bytes:
     """Coordinator step: index + plan, serialised for broadcast."""
     try:
@@ -96,6 +99,7 @@ def _build_plan(
             readers=readers,
             names=names,
             transforms=transforms,
+            nodes=nodes,
         )
     except DistLoadError as exc:
         exc.phase = "plan"
@@ -120,6 +124,7 @@ def load(
     progress: Callable[[int, int], None] | None = None,
     keys: Collection[str] | None = None,
     transforms: Sequence[Transform] = (),
+    transport: str = "auto",
 ) -> LoadedState:
     """Load this rank's piece of every tensor of a safetensors checkpoint.
 
@@ -138,8 +143,11 @@ def load(
         device: where the tensors go (default ``cuda:{LOCAL_RANK}`` with CUDA, else ``cpu``).
         out: name -> preallocated tensor of this rank's local shape. Only these tensors are
             loaded, written in place; nothing else is allocated.
-        group: process group (default: the world group, initialised from the torchrun
-            environment if needed; a single process needs none).
+        group: process group (default: the world group, initialised from the launcher's
+            environment if needed -- torchrun, srun, mpirun; a single process needs none).
+            With ``transport="mpi"``, an mpi4py communicator (default ``COMM_WORLD``).
+        transport: ``"auto"``/``"torch"`` (torch.distributed: NCCL for CUDA, gloo for CPU) or
+            ``"mpi"`` (mpi4py, CPU only, no torch.distributed process group).
         staging_bytes: bound on this rank's staging memory (read ring, receive and pack
             buffers). Buckets are ``staging_bytes / 4`` unless ``bucket_bytes`` is given.
         readers: ranks allowed to read from storage (default: all).
@@ -168,13 +176,14 @@ def load(
     if staging_bytes < _STAGING_ARENAS:
         raise DistLoadError(f"staging_bytes must be >= {_STAGING_ARENAS}, got {staging_bytes}")
     bucket = bucket_bytes or max(1, staging_bytes // _STAGING_ARENAS)
-    rt, transport = runtime_mod.setup(group, device, timeout=timeout)
+    rt, net = runtime_mod.setup(group, device, timeout=timeout, transport=transport)
+    nodes = runtime_mod.topology(net)
     seconds["runtime"] = time.perf_counter() - t0
 
     tick = time.perf_counter()
     names = sorted(out) if out is not None else None
     payload = from_coordinator(
-        transport,
+        net,
         "index",
         lambda: _build_plan(
             source,
@@ -187,6 +196,7 @@ def load(
             max_header_bytes=max_header_bytes,
             keys=keys,
             transforms=transforms,
+            nodes=nodes,
         ),
     )
     plan = LoadPlan.from_json(payload)
@@ -199,12 +209,12 @@ def load(
         dests = prepare_destinations(plan, rt.rank, rt.device, out)
     except Exception as exc:
         error = exc
-    agree(transport, "prepare", error)
+    agree(net, "prepare", error)
     seconds["prepare"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    host = Arenas(torch.device("cpu"), pin=transport.device.type == "cuda")
-    comm = Arenas(transport.device) if transport.device.type == "cuda" else host
+    host = Arenas(torch.device("cpu"), pin=net.device.type == "cuda")
+    comm = Arenas(net.device) if net.device.type == "cuda" else host
     total = len(plan.buckets)
     loaded_bytes = sum(
         plan.tensors[s].nbytes for s in sorted({link.stored for _, link in plan.links})
@@ -213,7 +223,7 @@ def load(
     try:
         executor = Executor(
             plan,
-            transport,
+            net,
             dests,
             reader,
             host_arenas=host,
@@ -223,7 +233,7 @@ def load(
             else None,
         )
         stats = executor.run()
-        agree(transport, "close", executor.pending)
+        agree(net, "close", executor.pending)
     finally:
         reader.close()
     staging = host.nbytes + (comm.nbytes if comm is not host else 0)
@@ -245,10 +255,12 @@ def load(
         seconds=seconds,
     )
     reports = [
-        RankReport.from_json(b) for b in transport.all_gather_bytes(mine.to_json(), "close: report")
+        RankReport.from_json(b) for b in net.all_gather_bytes(mine.to_json(), "close: report")
     ]
     state = LoadedState((names_by_index[t], d) for t, d in dests.items())
     state.plan = plan
+    state.rank = rt.rank
+    state.all_max = lambda value: net.all_reduce_max(value, "after load: agreement")
     state.report = LoadReport(
         source=str(source),
         world_size=rt.world_size,
@@ -256,6 +268,7 @@ def load(
         tensors=len(plan.outputs),
         buckets=total,
         placement=plan.placement,
+        nodes=len(set(plan.nodes)) or 1,
         ranks=reports,
         wall_seconds=max(r.seconds.get("total", 0.0) for r in reports),
     )

@@ -212,24 +212,19 @@ def cmd_load(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             progress=progress,
             transforms=_transforms(args),
+            transport=args.transport,
         )
     finally:
         if bar is not None:
             bar.close()
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = state.rank
     status = 0
     if args.verify:
         bad = verify_against_safetensors(state.plan, state, rank)
         if bad:
             log.error("rank %d: %d tensor(s) differ from safetensors: %s", rank, len(bad), bad[:5])
             status = 1
-        if dist.is_initialized():
-            import torch
-
-            nccl = "nccl" in str(dist.get_backend()).lower() and torch.cuda.is_available()
-            flag = torch.tensor([status], device="cuda" if nccl else "cpu")
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            status = int(flag.item())
+        status = state.all_max(status)
     if rank == 0:
         _out(state.report.table())
         if args.verify:
@@ -290,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK or cpu")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for peers")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--transport",
+        choices=("auto", "torch", "mpi"),
+        default="auto",
+        help="torch.distributed (default) or MPI via mpi4py (CPU)",
+    )
     _add_placement_args(p)
     p.set_defaults(fn=cmd_load)
 

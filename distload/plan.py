@@ -75,6 +75,7 @@ class LoadPlan:
     buckets: tuple[Bucket, ...]  # the one global order of work (pieces of stored tensors)
     placement: str  # human-readable description of the placement used
     skipped: tuple[str, ...] = ()  # outputs not loaded (filtered out by name)
+    nodes: tuple[int, ...] = ()  # node index of every rank (empty: unknown)
 
     @property
     def tensors(self) -> tuple[TensorMeta, ...]:
@@ -110,6 +111,7 @@ class LoadPlan:
                 ],
                 "placement": self.placement,
                 "skipped": list(self.skipped),
+                "nodes": list(self.nodes),
             },
             separators=(",", ":"),
         ).encode()
@@ -138,6 +140,7 @@ class LoadPlan:
             ),
             placement=raw["placement"],
             skipped=tuple(raw.get("skipped", ())),
+            nodes=tuple(raw.get("nodes", ())),
         )
 
     def local_shape(self, output: int, rank: int) -> tuple[int, ...] | None:

@@ -137,6 +137,7 @@ def make_plan(
     readers: Collection[int] | None = None,
     names: Collection[str] | None = None,
     transforms: Sequence[Transform] = (),
+    nodes: Sequence[int] = (),
 ) -> LoadPlan:
     """Build the plan for loading ``index`` into a group of ``world_size`` ranks.
 
@@ -148,6 +149,7 @@ def make_plan(
         names: load only these output tensors (default: all).
         transforms: key transforms (rename, split, merge, transpose) applied to the
             checkpoint's tensors first; placements and ``names`` see the transformed names.
+        nodes: node index of every rank (from ``runtime.topology``), kept in the plan.
     """
     if world_size < 1:
         raise PlacementError(f"world_size must be >= 1, got {world_size}")
@@ -227,6 +229,7 @@ def make_plan(
         buckets,
         placement.describe(),
         skipped,
+        tuple(nodes),
     )
 
 

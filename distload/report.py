@@ -44,6 +44,7 @@ class LoadReport:
     tensors: int
     buckets: int
     placement: str
+    nodes: int  # number of nodes the group spans
     ranks: list[RankReport]
     wall_seconds: float  # slowest rank, from the start of the load to its end
 
@@ -55,7 +56,8 @@ class LoadReport:
         """A printable table, one row per rank."""
         head = (
             f"distload: {self.tensors} tensors, {human_bytes(self.total_bytes)} from "
-            f"{self.source}\n  placement: {self.placement}\n  world {self.world_size}, "
+            f"{self.source}\n  placement: {self.placement}\n  world {self.world_size} on "
+            f"{self.nodes} node(s), "
             f"{self.buckets} buckets, {self.wall_seconds:.2f} s (slowest rank), read "
             f"{human_bytes(self.bytes_read)} "
             f"({self.bytes_read / max(1, self.total_bytes):.2f}x the checkpoint)"

@@ -1,13 +1,22 @@
-"""Runtime: who am I (rank, world size, local rank, device), and the process group to use.
+"""Runtime: who am I (rank, world size, local rank, node), and the process group to use.
 
-Runs on every rank at the start of a load. Precedence:
+Runs on every rank at the start of a load. :func:`detect` maps the launcher's environment to
+an :class:`Environment`; :func:`setup` turns it into a process group and a transport.
+Precedence (first match wins):
 
 1. an already initialised process group (the caller's ``group=`` or the world group) is used
    as it is and never re-initialised;
-2. a torchrun / torchelastic environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-   ``MASTER_ADDR``, ``MASTER_PORT``) with ``WORLD_SIZE > 1``: the world group is initialised
-   from it (``env://``), NCCL when the device is CUDA, gloo otherwise;
-3. otherwise a single process: no process group at all.
+2. torchrun / torchelastic: ``RANK`` and ``WORLD_SIZE`` (and ``LOCAL_RANK``, ``GROUP_RANK``,
+   ``MASTER_ADDR``, ``MASTER_PORT``). This wins over Slurm variables, so torchrun started by
+   ``srun`` inside an allocation uses torchrun's worker ranks, not Slurm's task ranks;
+3. a Slurm job step started by ``srun``: ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS`` (or
+   ``SLURM_NTASKS``), ``SLURM_LOCALID``, ``SLURM_NODEID``; the rendezvous host is the first
+   host of ``SLURM_STEP_NODELIST`` / ``SLURM_JOB_NODELIST`` and the port is derived from the
+   job and step ids so concurrent jobs do not collide (``MASTER_ADDR`` / ``MASTER_PORT``
+   override both). A batch script itself (no job step) is not a distributed launch;
+4. MPI: ``OMPI_COMM_WORLD_*`` (Open MPI), ``PMI_RANK`` / ``PMI_SIZE`` (MPICH, Intel MPI) or
+   ``PMIX_RANK``; the rendezvous address is chosen by rank 0 and broadcast over MPI;
+5. otherwise a single process, with no process group at all.
 """
 
 from __future__ import annotations
@@ -15,6 +24,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
+import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +40,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Environment:
+    """What the launcher tells this process, before any process group exists."""
+
+    launcher: str  # "torchrun" | "slurm" | "mpi" | "single"
+    rank: int
+    world_size: int
+    local_rank: int
+    node_rank: int
+    master_addr: str | None  # rendezvous host (None: agree on one over MPI)
+    master_port: int | None
+
+
+@dataclass(frozen=True)
 class Runtime:
     """This process's place in the load's group."""
 
@@ -35,17 +60,111 @@ class Runtime:
     world_size: int  # size of the group
     local_rank: int  # index among the processes on this node
     device: torch.device  # where loaded tensors go by default
-    launcher: str  # "process-group" | "torchrun" | "single"
+    launcher: str  # "process-group" | "torchrun" | "slurm" | "mpi" | "single"
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    value = env.get(name)
     if value is None or value == "":
+        if default is None:
+            raise DistLoadError(f"environment variable {name} is not set")
         return default
     try:
         return int(value)
     except ValueError:
         raise DistLoadError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm hostlist: ``"gpu[07-09,12],cpu1"`` -> ``"gpu07"``."""
+    text = nodelist.strip()
+    if not text:
+        raise DistLoadError("empty Slurm node list")
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            text = text[:i]
+            break
+    match = re.fullmatch(r"([^\[\]]*)\[([^\]]+)\](.*)", text)
+    if match is None:
+        return text
+    prefix, ranges, suffix = match.groups()
+    first = ranges.split(",")[0].split("-")[0]
+    rest = first_host(suffix) if "[" in suffix else suffix
+    return f"{prefix}{first}{rest}"
+
+
+def slurm_port(env: Mapping[str, str]) -> int:
+    """A rendezvous port derived from the Slurm job and step ids (range 15000-54999)."""
+    job = _int(env, "SLURM_JOB_ID", 0)
+    step = _int(env, "SLURM_STEP_ID", _int(env, "SLURM_STEPID", 0))
+    return 15000 + (job * 13 + step) % 40000
+
+
+def detect(env: Mapping[str, str] | None = None) -> Environment:
+    """The launcher environment of this process (pure: reads ``env``, starts nothing)."""
+    env = os.environ if env is None else env
+    addr = env.get("MASTER_ADDR") or None
+    port = _int(env, "MASTER_PORT", 0) or None
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Environment(
+            "torchrun",
+            _int(env, "RANK"),
+            _int(env, "WORLD_SIZE"),
+            _int(env, "LOCAL_RANK", 0),
+            _int(env, "GROUP_RANK", 0),
+            addr,
+            port,
+        )
+    step_tasks = env.get("SLURM_STEP_NUM_TASKS")
+    if "SLURM_PROCID" in env and step_tasks:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+        return Environment(
+            "slurm",
+            _int(env, "SLURM_PROCID"),
+            int(step_tasks),
+            _int(env, "SLURM_LOCALID", 0),
+            _int(env, "SLURM_NODEID", 0),
+            addr or (first_host(nodes) if nodes else "127.0.0.1"),
+            port or slurm_port(env),
+        )
+    for rank_var, size_var, local_var in (
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+        ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+        ("PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ):
+        if rank_var in env and size_var in env:
+            return Environment(
+                "mpi",
+                _int(env, rank_var),
+                _int(env, size_var),
+                _int(env, local_var, 0),
+                0,
+                addr,
+                port,
+            )
+    return Environment("single", 0, 1, _int(env, "LOCAL_RANK", 0), 0, addr, port)
+
+
+def node_identity(env: Environment | None = None) -> str:
+    """This process's node: ``DISTLOAD_NODE_ID`` if set, else host name and launcher node rank
+    (so two simulated "nodes" of torchrun on one machine stay apart)."""
+    override = os.environ.get("DISTLOAD_NODE_ID")
+    if override:
+        return override
+    env = env or detect()
+    return f"{socket.gethostname()}/{env.node_rank}"
+
+
+def topology(transport: Transport) -> tuple[int, ...]:
+    """Collective: node index of every rank (nodes numbered in order of first rank)."""
+    names = [b.decode() for b in transport.all_gather_bytes(node_identity().encode(), "runtime")]
+    order: dict[str, int] = {}
+    return tuple(order.setdefault(n, len(order)) for n in names)
 
 
 def default_device(local_rank: int) -> torch.device:
@@ -55,28 +174,87 @@ def default_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _mpi_rendezvous(env: Environment) -> tuple[str, int]:
+    """Rank 0 picks host and port; MPI broadcasts them (runs on every MPI rank)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise DistLoadError(
+            "launched by MPI without MASTER_ADDR/MASTER_PORT: install mpi4py (pip install "
+            "'distload[mpi]') so ranks can agree on a rendezvous address, or set both"
+        ) from None
+    comm = MPI.COMM_WORLD
+    chosen = None
+    if comm.Get_rank() == 0:
+        host = env.master_addr or socket.gethostname()
+        with socket.socket() as s:
+            s.bind(("", 0))
+            chosen = f"{host}:{env.master_port or s.getsockname()[1]}"
+    text: str = comm.bcast(chosen, root=0)
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+def init_process_group(env: Environment, device: torch.device, timeout: float) -> None:
+    """Create the world process group for a detected launch (collective across the job)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    td = datetime.timedelta(seconds=timeout)
+    log.info("initialising the process group (%s launch, backend %s)", env.launcher, backend)
+    if env.launcher == "torchrun":
+        dist.init_process_group(backend=backend, init_method="env://", timeout=td)
+        return
+    if env.launcher == "mpi" and (env.master_addr is None or env.master_port is None):
+        addr, port = _mpi_rendezvous(env)
+    else:
+        addr, port = env.master_addr or "127.0.0.1", int(env.master_port or 29500)
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{addr}:{port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=td,
+    )
+
+
 def setup(
     group: dist.ProcessGroup | None = None,
     device: str | torch.device | None = None,
     *,
     timeout: float = 300.0,
+    transport: str = "auto",
 ) -> tuple[Runtime, Transport]:
-    """Find (or bootstrap) the process group and return the runtime and its transport."""
-    local_rank = _env_int("LOCAL_RANK", 0)
+    """Find (or bootstrap) the process group and return the runtime and its transport.
+
+    ``transport="mpi"`` moves data with mpi4py over ``MPI.COMM_WORLD`` (or ``group`` when it
+    is an mpi4py communicator) and creates no torch.distributed process group;
+    ``"torch"``/``"auto"`` use torch.distributed.
+    """
+    if transport not in ("auto", "torch", "mpi"):
+        raise DistLoadError(f"unknown transport {transport!r}; valid: 'auto', 'torch', 'mpi'")
+    env = detect()
+    local_rank = env.local_rank
+    if transport == "mpi":
+        try:
+            from distload.transport.mpi import MPITransport
+        except ImportError:
+            raise DistLoadError(
+                "transport='mpi' needs mpi4py (pip install 'distload[mpi]')"
+            ) from None
+        mpi = MPITransport(group, timeout)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type != "cpu":
+            raise DistLoadError("the MPI transport loads into CPU memory; use device='cpu'")
+        return Runtime(mpi.rank, mpi.world_size, local_rank, dev, "mpi"), mpi
     if dist.is_available() and dist.is_initialized():
         launcher = "process-group"
     elif group is not None:
         raise DistLoadError("group= was given but torch.distributed is not initialised")
-    elif _env_int("WORLD_SIZE", 1) > 1:
-        launcher = "torchrun"
+    elif env.world_size > 1:
+        launcher = env.launcher
         dev = torch.device(device) if device is not None else default_device(local_rank)
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        log.info("initialising the process group from the environment (backend %s)", backend)
-        dist.init_process_group(
-            backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout)
-        )
+        init_process_group(env, dev, timeout)
     else:
         dev = torch.device(device) if device is not None else default_device(local_rank)
         return Runtime(0, 1, local_rank, dev, "single"), LocalTransport(dev)
