@@ -8,7 +8,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 NPROC ?= 4
 SIZE_MB ?= 256
-PYTEST_ARGS ?= -n auto
+PYTEST_ARGS ?= -n auto --dist loadgroup
 
 .PHONY: install demo test lint bench-memory clean
 
@@ -22,6 +22,7 @@ demo: install
 	NPROC=$(NPROC) SIZE_MB=$(SIZE_MB) PYTHON=$(PYTHON) bash launch/demo.sh
 
 test: install
+	@bash .ci/install-slurm.sh || echo "(Slurm tests will be skipped)"
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 lint: install

@@ -439,3 +439,64 @@ def dtensor_models(args: dict[str, Any]) -> dict[str, Any]:
         "read": [r.bytes_read for r in result.report.ranks],
         "total": result.report.total_bytes,
     }
+
+
+def training_step(args: dict[str, Any]) -> dict[str, Any]:
+    """Inside a training script: own process group (set up by the worker), two subgroups that
+    each parallelise a meta model, load_into concurrently, then take a training step."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    from distload.synthetic import LlamaShape
+    from tests.models import TinyLlama
+
+    rank = _rank()
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # same order on every rank
+    mine = groups[rank // 2]
+    shape = LlamaShape(**args["shape"])
+    with torch.device("meta"):
+        model = TinyLlama(shape)
+    mesh = DeviceMesh.from_group(mine, "cpu")
+    plan: dict[str, Any] = {}
+    for i in range(shape.layers):
+        plan[f"model.layers.{i}.mlp.gate_proj"] = ColwiseParallel()
+        plan[f"model.layers.{i}.mlp.up_proj"] = ColwiseParallel()
+        plan[f"model.layers.{i}.mlp.down_proj"] = RowwiseParallel()
+    parallelize_module(model, mesh, plan)
+    result = distload.load_into(
+        model, args["source"], device="cpu", dtype=torch.float32, group=mine
+    )
+    before = {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p.detach()).clone()
+        for n, p in model.named_parameters()
+    }
+    ref = read_all(args["source"])
+    for name, value in before.items():
+        if not torch.equal(value, ref[name].float()):
+            raise AssertionError(f"{name} differs before training")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ids = torch.arange(16).reshape(2, 8) % shape.vocab
+    logits = model(ids)
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, shape.vocab).float(), ids.roll(-1, dims=1).reshape(-1)
+    )
+    loss.backward()
+    optimizer.step()
+    changed = sum(
+        not torch.equal(before[n], (p.full_tensor() if isinstance(p, DTensor) else p.detach()))
+        for n, p in model.named_parameters()
+    )
+    trained = sum(p.grad is not None for p in model.parameters())
+    return {
+        "loss": float(loss),
+        "changed": changed,
+        "params": trained,
+        "group_size": result.report.world_size,
+        "read": [r.bytes_read for r in result.report.ranks],
+        "total": result.report.total_bytes,
+    }
