@@ -260,8 +260,8 @@ def _tensor_entry(tensor: str, entry: object, name: str, data_start: int) -> Ten
     if not isinstance(entry, dict):
         raise bad(f"entry must be an object, got {type(entry).__name__}")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in ITEMSIZE:
-        raise bad(f"unknown dtype {dtype!r}; valid: {sorted(ITEMSIZE)}")
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise bad(f"unknown dtype {dtype!r}; valid: {sorted(ITEMSIZE)}"[:400])
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise bad(f"shape must be a list of non-negative integers, got {shape!r}"[:300])
     if (
