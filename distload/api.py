@@ -31,6 +31,7 @@ from distload.coordination import agree, from_coordinator
 from distload.dtypes import parse_dtype
 from distload.errors import DistLoadError
 from distload.execute import PREFETCH_DEPTH, Executor
+from distload.manifest import load_digests
 from distload.materialize import prepare_destinations
 from distload.placement.base import Placement
 from distload.plan import LoadPlan
@@ -67,6 +68,7 @@ def _build_plan(
     keys: Collection[str] | None = None,
     transforms: Sequence[Transform] = (),
     nodes: Sequence[int] = (),
+    verify: bool | str | os.PathLike[str] = False,
 ) -> bytes:
     """Coordinator step: index + plan, serialised for broadcast."""
     try:
@@ -74,6 +76,13 @@ def _build_plan(
     except DistLoadError as exc:
         exc.phase = "index"
         raise
+    digests = None
+    if verify:
+        try:
+            digests = load_digests(index, verify)
+        except DistLoadError as exc:
+            exc.phase = "index"
+            raise
     try:
         produced = {v.name for v in apply_transforms(index, transforms)}
     except DistLoadError as exc:
@@ -100,6 +109,7 @@ def _build_plan(
             names=names,
             transforms=transforms,
             nodes=nodes,
+            digests=digests,
         )
     except DistLoadError as exc:
         exc.phase = "plan"
@@ -125,6 +135,7 @@ def load(
     keys: Collection[str] | None = None,
     transforms: Sequence[Transform] = (),
     transport: str = "auto",
+    verify: bool | str | os.PathLike[str] = False,
 ) -> LoadedState:
     """Load this rank's piece of every tensor of a safetensors checkpoint.
 
@@ -146,6 +157,9 @@ def load(
         group: process group (default: the world group, initialised from the launcher's
             environment if needed -- torchrun, srun, mpirun; a single process needs none).
             With ``transport="mpi"``, an mpi4py communicator (default ``COMM_WORLD``).
+        verify: check every byte read against an integrity manifest while reading (no second
+            pass): ``True`` uses ``SOURCE/distload.manifest.json``, a path names another one
+            (written by ``distload manifest``). A mismatch fails the load on every rank.
         transport: ``"auto"``/``"torch"`` (torch.distributed: NCCL for CUDA, gloo for CPU) or
             ``"mpi"`` (mpi4py, CPU only, no torch.distributed process group).
         staging_bytes: bound on this rank's staging memory (read ring, receive and pack
@@ -197,6 +211,7 @@ def load(
             keys=keys,
             transforms=transforms,
             nodes=nodes,
+            verify=verify,
         ),
     )
     plan = LoadPlan.from_json(payload)

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from distload.checkpoint import read_checkpoint
@@ -213,6 +214,7 @@ def cmd_load(args: argparse.Namespace) -> int:
             progress=progress,
             transforms=_transforms(args),
             transport=args.transport,
+            verify=args.manifest,
         )
     finally:
         if bar is not None:
@@ -236,6 +238,27 @@ def cmd_load(args: argparse.Namespace) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return status
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from distload.manifest import MANIFEST_NAME, build_manifest, write_manifest
+
+    index = read_checkpoint(args.source)
+    out = Path(args.output) if args.output else Path(index.root) / MANIFEST_NAME
+    with tqdm(
+        total=index.total_bytes, unit="B", unit_scale=True, desc="hashing", disable=args.quiet
+    ) as bar:
+        manifest = build_manifest(
+            args.source, chunk_bytes=int(args.chunk_mb * 2**20), progress=bar.update
+        )
+    write_manifest(manifest, out)
+    _out(
+        f"wrote {out}: sha256 of {len(manifest['files'])} file(s), "
+        f"{len(manifest['tensors'])} tensors in chunks of {args.chunk_mb:g} MiB"
+    )
+    return 0
 
 
 def cmd_make_checkpoint(args: argparse.Namespace) -> int:
@@ -282,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("load", help="load under a launcher (torchrun ...), print the report")
     p.add_argument("source")
     p.add_argument("--verify", action="store_true", help="compare with safetensors reads")
+    p.add_argument(
+        "--manifest",
+        nargs="?",
+        const=True,
+        default=False,
+        help="check every byte against a manifest while reading (default path: in SOURCE)",
+    )
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK or cpu")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for peers")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -293,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_placement_args(p)
     p.set_defaults(fn=cmd_load)
+
+    p = sub.add_parser("manifest", help="write sha256 per file, tensor and chunk (for verify=)")
+    p.add_argument("source")
+    p.add_argument("-o", "--output", default=None, help="default: SOURCE/distload.manifest.json")
+    p.add_argument("--chunk-mb", type=float, default=16.0, help="hash chunk size in MiB")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_manifest)
 
     p = sub.add_parser("make-checkpoint", help="write a synthetic Llama-shaped checkpoint")
     p.add_argument("out")

@@ -17,6 +17,7 @@ arenas while the main thread transfers the current one, overlapping storage and 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import queue
 import threading
@@ -28,7 +29,7 @@ import torch
 
 from distload.coordination import agree
 from distload.dtypes import to_torch
-from distload.errors import DistLoadError
+from distload.errors import CheckpointError, DistLoadError
 from distload.plan import Bucket, Item, LoadPlan, Segment, piece_shape, read_slots, segments_for
 from distload.storage import Arenas, FileReader, ReadRequest, byte_view
 from distload.transport.base import Transport
@@ -98,6 +99,7 @@ class _Prefetcher:
         self.direct_target = direct_target
         self.stats = stats
         self.mine = [b for b in plan.buckets if b.reader == rank]
+        self.digests = {t: (rows, chunks) for t, rows, chunks in plan.digests}
         self.free: queue.Queue[str] = queue.Queue()
         for i in range(PREFETCH_DEPTH):
             self.free.put(f"read{i}")
@@ -147,10 +149,32 @@ class _Prefetcher:
                     offset = meta.offset + slot.item.start * meta.row_bytes
                     requests.append(ReadRequest(meta.file, offset, target, meta.name))
             self.reader.read(requests)
+            for slot in slots:
+                self._check(slot.item, targets[slot.item])
         except BaseException as exc:  # delivered to the main thread, which decides
             out.error = exc
         self.stats.read_seconds += time.perf_counter() - start
         return out
+
+    def _check(self, item: Item, data: memoryview) -> None:
+        """Compare a piece just read with its manifest chunk hash (when verifying)."""
+        digest = self.digests.get(item.tensor)
+        if digest is None:
+            return
+        rows, chunks = digest
+        got = hashlib.sha256(data).hexdigest()
+        want = chunks[item.start // rows]
+        if got != want:
+            meta = self.plan.tensors[item.tensor]
+            start = meta.offset + item.start * meta.row_bytes
+            raise CheckpointError(
+                f"{meta.file}: bytes [{start}, {start + len(data)}) of tensor {meta.name!r} "
+                f"(rows {item.start}..{item.stop}, manifest chunk {item.start // rows}) do not "
+                f"match the manifest: sha256 {got[:16]}... != {want[:16]}... (file changed "
+                "or corrupted)",
+                file=meta.file,
+                tensor=meta.name,
+            )
 
     def next(self, bucket: Bucket) -> _Ready:
         got = self.ready.get()
@@ -282,6 +306,8 @@ class Executor:
         mine = bucket.reader == self.rank
         ready = prefetch.next(bucket) if mine else None
         if ready is not None and ready.error is not None and self.pending is None:
+            if getattr(ready.error, "phase", None) is None:
+                ready.error.phase = "read"  # type: ignore[attr-defined]
             self.pending = ready.error
         if bucket.kind == "local":
             if ready is not None and self.pending is None:

@@ -76,6 +76,9 @@ class LoadPlan:
     placement: str  # human-readable description of the placement used
     skipped: tuple[str, ...] = ()  # outputs not loaded (filtered out by name)
     nodes: tuple[int, ...] = ()  # node index of every rank (empty: unknown)
+    # integrity: stored tensor index -> (rows per chunk, sha256 of each chunk); pieces are
+    # then cut exactly on that grid and each is checked as it is read
+    digests: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
 
     @property
     def tensors(self) -> tuple[TensorMeta, ...]:
@@ -112,6 +115,7 @@ class LoadPlan:
                 "placement": self.placement,
                 "skipped": list(self.skipped),
                 "nodes": list(self.nodes),
+                "digests": [[t, rows, list(chunks)] for t, rows, chunks in self.digests],
             },
             separators=(",", ":"),
         ).encode()
@@ -141,6 +145,9 @@ class LoadPlan:
             placement=raw["placement"],
             skipped=tuple(raw.get("skipped", ())),
             nodes=tuple(raw.get("nodes", ())),
+            digests=tuple(
+                (int(t), int(rows), tuple(chunks)) for t, rows, chunks in raw.get("digests", ())
+            ),
         )
 
     def local_shape(self, output: int, rank: int) -> tuple[int, ...] | None:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from distload.checkpoint import CheckpointIndex, TensorMeta
 from distload.dtypes import FLOATING, ITEMSIZE
 from distload.errors import PlacementError
+from distload.manifest import Digests
 from distload.placement.base import Layout, Placement, ReplicateAll
 from distload.plan import (
     Bucket,
@@ -98,14 +99,20 @@ def _row_cuts(plan: LoadPlan, stored: int) -> set[int]:
     return cuts
 
 
-def split_pieces(plan: LoadPlan, stored: int, bucket_bytes: int) -> list[Item]:
+def split_pieces(
+    plan: LoadPlan, stored: int, bucket_bytes: int, grid: int | None = None
+) -> list[Item]:
     """Cut one stored tensor into pieces along dim 0 (at most ``bucket_bytes`` unless a row is
-    bigger), also at the edges where its rows change owner."""
+    bigger), also at the edges where its rows change owner. With ``grid`` (rows per manifest
+    chunk), pieces are exactly the chunks of that grid, so each can be hashed as it is read."""
     meta = plan.tensors[stored]
     if meta.nbytes == 0:
         return []
     if not meta.shape:
         return [Item(stored, 0, 1)]
+    if grid is not None:
+        rows = meta.shape[0]
+        return [Item(stored, s, min(rows, s + grid)) for s in range(0, rows, grid)]
     per_piece = max(1, bucket_bytes // max(1, meta.row_bytes))
     edges = sorted(_row_cuts(plan, stored))
     items = []
@@ -138,6 +145,7 @@ def make_plan(
     names: Collection[str] | None = None,
     transforms: Sequence[Transform] = (),
     nodes: Sequence[int] = (),
+    digests: Mapping[int, Digests] | None = None,
 ) -> LoadPlan:
     """Build the plan for loading ``index`` into a group of ``world_size`` ranks.
 
@@ -150,6 +158,8 @@ def make_plan(
         transforms: key transforms (rename, split, merge, transpose) applied to the
             checkpoint's tensors first; placements and ``names`` see the transformed names.
         nodes: node index of every rank (from ``runtime.topology``), kept in the plan.
+        digests: manifest chunk hashes per stored tensor (``distload.manifest``): pieces
+            follow the manifest's chunk grid and readers check each one as they read it.
     """
     if world_size < 1:
         raise PlacementError(f"world_size must be >= 1, got {world_size}")
@@ -195,7 +205,8 @@ def make_plan(
     used = sorted({link.stored for _, link in links})
     for t in used:
         meta = index.tensors[t]
-        for item in split_pieces(skeleton, t, bucket_bytes):
+        grid = digests[t].rows_per_chunk if digests and t in digests else None
+        for item in split_pieces(skeleton, t, bucket_bytes, grid):
             position += 1
             nbytes = piece_bytes(meta, item)
             who = list(needers(skeleton, item))
@@ -230,6 +241,11 @@ def make_plan(
         placement.describe(),
         skipped,
         tuple(nodes),
+        tuple(
+            (t, d.rows_per_chunk, d.chunks)
+            for t, d in sorted((digests or {}).items())
+            if t in set(used)
+        ),
     )
 
 

@@ -500,3 +500,15 @@ def training_step(args: dict[str, Any]) -> dict[str, Any]:
         "read": [r.bytes_read for r in result.report.ranks],
         "total": result.report.total_bytes,
     }
+
+
+def verified_load(args: dict[str, Any]) -> dict[str, Any]:
+    """A TP load checked against a manifest while reading."""
+    state = distload.load(
+        args["source"],
+        distload.TensorParallel(distload.preset("llama")),
+        device="cpu",
+        verify=True,
+        bucket_bytes=args.get("bucket_bytes"),
+    )
+    return {"read": [r.bytes_read for r in state.report.ranks], "total": state.report.total_bytes}

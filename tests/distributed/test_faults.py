@@ -199,3 +199,23 @@ def test_stall_shorter_than_timeout_is_not_a_failure(mixed_ckpt: Path) -> None:
     cfg = {"source": str(mixed_ckpt), "rules": MIXED_RULES, "bucket_bytes": 4000, "timeout": 20}
     outcomes = run_group(WORLD, "stalled_load", {"cfg": cfg, "rank": 1, "seconds": 2}, timeout=90)
     check_all_ok(outcomes)
+
+
+def test_manifest_catches_a_flipped_byte_on_every_rank(tmp_path: Path) -> None:
+    from distload.manifest import MANIFEST_NAME, build_manifest, write_manifest
+    from distload.synthetic import LlamaShape, write_llama
+
+    folder = write_llama(tmp_path / "ckpt", LlamaShape(), max_shard_bytes=100_000)
+    write_manifest(build_manifest(folder, chunk_bytes=8192), folder / MANIFEST_NAME)
+    ok = check_all_ok(run_group(WORLD, "verified_load", {"source": str(folder)}))
+    assert sum(ok[0]["read"]) == ok[0]["total"]  # verification keeps read-once
+    shard = sorted(folder.glob("*.safetensors"))[2]
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 1
+    shard.write_bytes(bytes(data))
+    outcomes = run_group(WORLD, "verified_load", {"source": str(folder)})
+    messages = {o.error["message"] for o in outcomes}
+    assert len(messages) == 1 and all(not o.ok for o in outcomes)
+    err = outcomes[0].error
+    assert err["type"] == "CheckpointError" and err["file"] == shard.name
+    assert "do not match the manifest" in err["message"]
