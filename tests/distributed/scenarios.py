@@ -512,3 +512,32 @@ def verified_load(args: dict[str, Any]) -> dict[str, Any]:
         bucket_bytes=args.get("bucket_bytes"),
     )
     return {"read": [r.bytes_read for r in state.report.ranks], "total": state.report.total_bytes}
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def many_loads(args: dict[str, Any]) -> dict[str, Any]:
+    """Many loads in one process group, cycling placements, sources and dtypes: memory, file
+    descriptors and threads come back to baseline, and loads do not slow down."""
+    import gc
+    import threading
+
+    configs = args["configs"]
+    rss, fds, threads, seconds = [], [], [], []
+    for i in range(args["rounds"]):
+        cfg = configs[i % len(configs)]
+        start = time.perf_counter()
+        result = load_and_verify(cfg)
+        seconds.append(time.perf_counter() - start)
+        del result
+        gc.collect()
+        rss.append(_rss_anon())
+        fds.append(len(os.listdir("/proc/self/fd")))
+        threads.append(threading.active_count())
+    return {"rss": rss, "fds": fds, "threads": threads, "seconds": seconds}

@@ -109,3 +109,18 @@ def test_real_buffers_not_in_checkpoint_are_kept(ckpt: Path) -> None:
     model.register_buffer("rope", torch.arange(4.0), persistent=False)
     distload.load_into(model, ckpt, device="cpu")
     assert torch.equal(model.rope, torch.arange(4.0))
+
+
+def test_failed_load_into_leaves_model_visibly_unloaded(ckpt: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    shard = sorted(broken.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with torch.device("meta"):
+        model = TinyLlama(SHAPE)
+    with pytest.raises(distload.CheckpointError):
+        distload.load_into(model, broken, device="cpu")
+    # nothing was assigned: every parameter is still on the meta device
+    assert all(p.is_meta for p in model.parameters())
