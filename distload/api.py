@@ -6,7 +6,7 @@ may differ per rank). Phases, in order, on every rank:
 1. runtime -- find or bootstrap the process group (``distload.runtime``);
 2. index + plan -- on rank 0 only: read and validate the checkpoint's index and headers, run
    the placement and the planner; the plan (JSON, no pickle) is broadcast to all ranks;
-3. prepare -- each rank allocates or checks its destination tensors; all ranks agree;
+3. materialize -- each rank allocates or checks its destination tensors; all ranks agree;
 4. read / transfer -- the executor runs the plan bucket by bucket;
 5. close -- all ranks agree on success and exchange their figures for the report.
 
@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from distload import runtime as runtime_mod
 from distload.checkpoint import DEFAULT_MAX_HEADER_BYTES, read_checkpoint
-from distload.coordination import agree, from_coordinator
+from distload.coordination import agree, from_coordinator, gather_or_fail
 from distload.dtypes import parse_dtype
 from distload.errors import DistLoadError
 from distload.execute import PREFETCH_DEPTH, Executor
@@ -73,8 +73,8 @@ def _build_plan(
     """Coordinator step: index + plan, serialised for broadcast."""
     try:
         index = read_checkpoint(source, max_header_bytes=max_header_bytes)
-    except DistLoadError as exc:
-        exc.phase = "index"
+    except Exception as exc:
+        exc.phase = "index"  # type: ignore[attr-defined]
         raise
     digests = None
     if verify:
@@ -111,8 +111,8 @@ def _build_plan(
             nodes=nodes,
             digests=digests,
         )
-    except DistLoadError as exc:
-        exc.phase = "plan"
+    except Exception as exc:
+        exc.phase = "plan"  # type: ignore[attr-defined]
         raise
     return plan.to_json()
 
@@ -214,18 +214,19 @@ def load(
             verify=verify,
         ),
     )
-    plan = LoadPlan.from_json(payload)
-    seconds["plan"] = time.perf_counter() - tick
-
-    tick = time.perf_counter()
     dests: dict[int, torch.Tensor] = {}
     error: BaseException | None = None
+    phase = "plan"  # a failure here is reported with the phase it happened in
     try:
+        plan = LoadPlan.from_json(payload)
+        seconds["plan"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        phase = "materialize"
         dests = prepare_destinations(plan, rt.rank, rt.device, out)
     except Exception as exc:
         error = exc
-    agree(net, "prepare", error)
-    seconds["prepare"] = time.perf_counter() - tick
+    agree(net, phase, error)
+    seconds["materialize"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     host = Arenas(torch.device("cpu"), pin=net.device.type == "cuda")
@@ -269,9 +270,7 @@ def load(
         peak_staging_bytes=staging,
         seconds=seconds,
     )
-    reports = [
-        RankReport.from_json(b) for b in net.all_gather_bytes(mine.to_json(), "close: report")
-    ]
+    reports = [RankReport.from_json(b) for b in gather_or_fail(net, "close", mine.to_json)]
     state = LoadedState((names_by_index[t], d) for t, d in dests.items())
     state.plan = plan
     state.rank = rt.rank

@@ -42,6 +42,21 @@ def agree(transport: Transport, phase: str, error: BaseException | None) -> None
     raise error_from_failures(failures, transport.world_size) from error
 
 
+def gather_or_fail(transport: Transport, phase: str, fn: Callable[[], bytes]) -> list[bytes]:
+    """Collective: every rank runs ``fn`` and all results are gathered -- or, if ``fn`` failed
+    on any rank, every rank raises the same DistLoadError (one collective either way)."""
+    try:
+        mine = b"\x00" + fn()
+    except Exception as exc:  # any failure must reach the other ranks
+        log.debug("step %s failed", phase, exc_info=True)
+        mine = b"\x01" + failure_from_exception(exc, transport.rank, phase).to_json()
+    gathered = transport.all_gather_bytes(mine, f"{phase}: exchanging with all ranks")
+    failures = [Failure.from_json(g[1:]) for g in gathered if g[:1] == b"\x01"]
+    if failures:
+        raise error_from_failures(failures, transport.world_size)
+    return [g[1:] for g in gathered]
+
+
 def from_coordinator(transport: Transport, phase: str, fn: Callable[[], bytes]) -> bytes:
     """Collective: run ``fn`` on the coordinator and return its bytes on every rank.
 

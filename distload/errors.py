@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-PHASES = ("runtime", "index", "plan", "prepare", "read", "transfer", "materialize", "close")
+PHASES = ("runtime", "index", "plan", "materialize", "read", "transfer", "close")
 
 
 @dataclass(frozen=True)

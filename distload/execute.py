@@ -29,7 +29,7 @@ import torch
 
 from distload.coordination import agree
 from distload.dtypes import to_torch
-from distload.errors import CheckpointError, DistLoadError
+from distload.errors import CheckpointError, DistLoadError, failure_from_exception
 from distload.plan import Bucket, Item, LoadPlan, Segment, piece_shape, read_slots, segments_for
 from distload.storage import Arenas, FileReader, ReadRequest, byte_view
 from distload.transport.base import Transport
@@ -288,8 +288,13 @@ class Executor:
                 except DistLoadError:
                     raise
                 except Exception as exc:
-                    if self._agreed:
-                        raise  # peers are inside this bucket's transfer; they time out
+                    if self._agreed:  # peers are inside this bucket's transfer: they time out
+                        raise DistLoadError(
+                            f"rank {self.rank}: transfer of bucket {number} failed: "
+                            f"{type(exc).__name__}: {exc}",
+                            phase="transfer",
+                            failures=(failure_from_exception(exc, self.rank, "transfer"),),
+                        ) from exc
                     # not yet in this bucket's collectives: share the failure instead
                     agree(self.transport, "transfer", exc)
                     raise

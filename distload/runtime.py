@@ -162,7 +162,10 @@ def node_identity(env: Environment | None = None) -> str:
 
 def topology(transport: Transport) -> tuple[int, ...]:
     """Collective: node index of every rank (nodes numbered in order of first rank)."""
-    names = [b.decode() for b in transport.all_gather_bytes(node_identity().encode(), "runtime")]
+    from distload.coordination import gather_or_fail
+
+    gathered = gather_or_fail(transport, "runtime", lambda: node_identity().encode())
+    names = [b.decode() for b in gathered]
     order: dict[str, int] = {}
     return tuple(order.setdefault(n, len(order)) for n in names)
 

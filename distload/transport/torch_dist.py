@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 
 import torch
 import torch.distributed as dist
 
-from distload.errors import PeerError
+from distload.errors import Failure, PeerError
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +19,11 @@ class TorchDistTransport:
 
     Every operation is issued asynchronously and waited on with ``timeout`` seconds, so a peer
     that died or stalled surfaces as :class:`PeerError` naming what this rank was waiting for.
-    Ranks given to methods are ranks *within* ``group``.
+    Ranks given to methods are ranks *within* ``group``. When a wait fails, the ranks that
+    no longer answer are named (probed through the process group's store).
     """
+
+    _count = 0
 
     def __init__(
         self,
@@ -32,6 +36,8 @@ class TorchDistTransport:
         self.world_size = dist.get_world_size(group)
         self.device = device
         self.timeout = datetime.timedelta(seconds=timeout)
+        TorchDistTransport._count += 1
+        self.serial = TorchDistTransport._count  # same on every rank: one transport per load
 
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
@@ -50,7 +56,34 @@ class TorchDistTransport:
             if "timed out" in text.lower() or "timeout" in text.lower():
                 text = f"no answer within {self.timeout.total_seconds():g} s ({text})"
             phase = what.split(":", maxsplit=1)[0]
-            raise PeerError(f"rank {self.rank}: {what}: {text}", phase=phase) from exc
+            silent = self._suspects(phase)
+            failures = tuple(
+                Failure(r, phase, "PeerError", f"rank {r} stopped answering") for r in silent
+            )
+            who = f"; ranks not answering: {list(silent)}" if silent else ""
+            raise PeerError(
+                f"rank {self.rank}: {what}: {text}{who}", phase=phase, failures=failures
+            ) from exc
+
+    def _suspects(self, phase: str, wait: float = 3.0) -> tuple[int, ...]:
+        """After a failed wait: survivors mark themselves alive in the process group's store;
+        the ranks that do not within ``wait`` seconds are the ones that died or stalled.
+        Empty when the store itself is gone (e.g. the rank hosting it died)."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            prefix = f"distload/{self.serial}/{phase}/alive/"
+            # keys use global ranks: concurrent loads on different subgroups do not collide
+            store.set(f"{prefix}{self._global(self.rank)}", "1")
+            deadline = time.monotonic() + wait
+            missing = list(range(self.world_size))
+            while missing and time.monotonic() < deadline:
+                missing = [r for r in missing if not store.check([f"{prefix}{self._global(r)}"])]
+                if missing:
+                    time.sleep(0.1)
+            return tuple(missing)
+        except Exception:  # the store is best effort: no suspects rather than a second error
+            log.debug("could not probe peers through the store", exc_info=True)
+            return ()
 
     def broadcast(self, buf: torch.Tensor, src: int, what: str) -> None:
         self._wait(dist.broadcast(buf, self._global(src), group=self.group, async_op=True), what)

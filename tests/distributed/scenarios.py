@@ -541,3 +541,93 @@ def many_loads(args: dict[str, Any]) -> dict[str, Any]:
         fds.append(len(os.listdir("/proc/self/fd")))
         threads.append(threading.active_count())
     return {"rss": rss, "fds": fds, "threads": threads, "seconds": seconds}
+
+
+# (module, attribute) whose call marks the start of a phase on one rank, for the failure matrix
+PHASE_HOOKS: dict[str, tuple[str, str]] = {
+    "runtime": ("distload.runtime", "node_identity"),
+    "index": ("distload.api", "from_coordinator"),  # non-coordinators wait for the index here
+    "index@0": ("distload.api", "_build_plan"),  # the coordinator's own index work
+    "plan": ("distload.plan.LoadPlan", "from_json"),
+    "plan@0": ("distload.api", "make_plan"),
+    "materialize": ("distload.api", "prepare_destinations"),
+    "read": ("distload.storage.FileReader", "read"),
+    "transfer": ("distload.transport.torch_dist.TorchDistTransport", "send"),
+    "transfer@recv": ("distload.transport.torch_dist.TorchDistTransport", "recv"),
+    "close": ("distload.report.RankReport", "to_json"),
+}
+
+
+def _resolve(path: str) -> Any:
+    import importlib
+
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(path)
+
+
+def failure_case(args: dict[str, Any]) -> dict[str, Any]:
+    """One cell of the failure matrix: inject ``kind`` into ``phase`` on rank ``victim``."""
+    rank = _rank()
+    phase, kind, victim, timeout = args["phase"], args["kind"], args["victim"], args["timeout"]
+    if rank == victim:
+        hook = phase
+        if rank == 0 and f"{phase}@0" in PHASE_HOOKS:
+            hook = f"{phase}@0"
+        if phase == "transfer" and args.get("receiver"):
+            hook = "transfer@recv"
+        owner_path, attr = PHASE_HOOKS[hook]
+        owner = _resolve(owner_path)
+        original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        fn = original.__func__ if isinstance(original, staticmethod) else original
+        fired = {"done": False}
+
+        def injected(*a: Any, **k: Any) -> Any:
+            if not fired["done"]:
+                fired["done"] = True
+                if kind == "exception":
+                    raise RuntimeError(f"injected failure in phase {phase}")
+                if kind == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if kind in ("stall_long", "stall_short"):
+                    time.sleep(args["stall"])
+            return fn(*a, **k)
+
+        setattr(
+            owner, attr, staticmethod(injected) if isinstance(original, staticmethod) else injected
+        )
+    start = time.monotonic()
+    try:
+        state = distload.load(
+            args["source"],
+            distload.TensorParallel(distload.preset("llama")),
+            device="cpu",
+            timeout=timeout,
+            bucket_bytes=args.get("bucket_bytes"),
+        )
+    except distload.DistLoadError as exc:
+        return {
+            "ok": False,
+            "type": type(exc).__name__,
+            "phase": exc.phase,
+            "ranks": list(exc.ranks),
+            "message": str(exc)[:2000],
+            "seconds": time.monotonic() - start,
+        }
+    except Exception as exc:  # the victim's own injected exception may surface here
+        return {
+            "ok": False,
+            "type": type(exc).__name__,
+            "phase": None,
+            "ranks": [],
+            "message": str(exc)[:2000],
+            "seconds": time.monotonic() - start,
+        }
+    return {"ok": True, "tensors": len(state), "seconds": time.monotonic() - start}
