@@ -69,10 +69,13 @@ def _build_plan(
     transforms: Sequence[Transform] = (),
     nodes: Sequence[int] = (),
     verify: bool | str | os.PathLike[str] = False,
+    allow_pickle: bool = False,
 ) -> bytes:
     """Coordinator step: index + plan, serialised for broadcast."""
     try:
-        index = read_checkpoint(source, max_header_bytes=max_header_bytes)
+        index = read_checkpoint(
+            source, max_header_bytes=max_header_bytes, allow_pickle=allow_pickle
+        )
     except Exception as exc:
         exc.phase = "index"  # type: ignore[attr-defined]
         raise
@@ -136,6 +139,7 @@ def load(
     transforms: Sequence[Transform] = (),
     transport: str = "auto",
     verify: bool | str | os.PathLike[str] = False,
+    allow_pickle: bool = False,
 ) -> LoadedState:
     """Load this rank's piece of every tensor of a safetensors checkpoint.
 
@@ -160,6 +164,9 @@ def load(
         verify: check every byte read against an integrity manifest while reading (no second
             pass): ``True`` uses ``SOURCE/distload.manifest.json``, a path names another one
             (written by ``distload manifest``). A mismatch fails the load on every rank.
+        allow_pickle: also accept PyTorch ``.bin``/``.pt`` (zip) checkpoints. Only their
+            metadata is unpickled, with torch's weights-only unpickler; tensor bytes are read
+            like safetensors data. Off by default: pickles can run code.
         transport: ``"auto"``/``"torch"`` (torch.distributed: NCCL for CUDA, gloo for CPU) or
             ``"mpi"`` (mpi4py, CPU only, no torch.distributed process group).
         staging_bytes: bound on this rank's staging memory (read ring, receive and pack
@@ -212,6 +219,7 @@ def load(
             transforms=transforms,
             nodes=nodes,
             verify=verify,
+            allow_pickle=allow_pickle,
         ),
     )
     dests: dict[int, torch.Tensor] = {}

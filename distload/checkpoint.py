@@ -122,7 +122,7 @@ class Source:
     single_file: str | None  # file name (relative to root) of a one-file checkpoint
 
 
-def resolve_source(source: str | os.PathLike[str]) -> Source:
+def resolve_source(source: str | os.PathLike[str], *, allow_pickle: bool = False) -> Source:
     """Resolve a user ``source`` argument to a local checkpoint.
 
     Accepts a folder with ``model.safetensors.index.json``, a folder with ``model.safetensors``
@@ -140,6 +140,8 @@ def resolve_source(source: str | os.PathLike[str]) -> Source:
     if path.is_file():
         if path.suffix == ".json":
             return Source(path.parent, path, None)
+        if allow_pickle and path.name.endswith(_PICKLE_SUFFIXES):
+            return Source(path.parent, None, path.name)
         _refuse_pickle(path.name, path)
         if path.suffix != ".safetensors":
             raise CheckpointError(
@@ -157,6 +159,12 @@ def resolve_source(source: str | os.PathLike[str]) -> Source:
         return Source(path, path / indexes[0], None)
     if len(shards) == 1:
         return Source(path, None, shards[0])
+    if allow_pickle:
+        if (path / "pytorch_model.bin.index.json").is_file():
+            return Source(path, path / "pytorch_model.bin.index.json", None)
+        pickles = [n for n in found if n.endswith(_PICKLE_SUFFIXES)]
+        if len(pickles) == 1:
+            return Source(path, None, pickles[0])
     for name in found:
         _refuse_pickle(name, path / name)
     raise CheckpointError(
@@ -169,8 +177,9 @@ def resolve_source(source: str | os.PathLike[str]) -> Source:
 def _refuse_pickle(name: str, path: Path) -> None:
     if name.endswith(_PICKLE_SUFFIXES):
         raise CheckpointError(
-            f"{path} is a pickle-based checkpoint; distload loads safetensors only because "
-            "unpickling can run arbitrary code. Convert it with safetensors.torch.save_file.",
+            f"{path} is a pickle-based checkpoint; distload loads safetensors by default because "
+            "unpickling can run arbitrary code. Convert it with safetensors.torch.save_file, or "
+            "pass allow_pickle=True (--allow-pickle) to read it with the weights-only unpickler.",
             file=str(path),
         )
 
@@ -389,18 +398,38 @@ def _read_index(path: Path) -> tuple[dict[str, str], int | None]:
     return weight_map, total
 
 
+def _read_any_header(
+    path: Path, display: str, max_header_bytes: int, allow_pickle: bool
+) -> tuple[FileMeta, dict[str, TensorMeta], dict[str, str]]:
+    if path.name.endswith(_PICKLE_SUFFIXES):
+        if not allow_pickle:
+            _refuse_pickle(path.name, path)
+        from distload.pickled import read_pickle_header
+
+        fmeta, tensors = read_pickle_header(path, display)
+        return fmeta, tensors, {"format": "pt-zip"}
+    return read_header(path, display=display, max_header_bytes=max_header_bytes)
+
+
 def read_checkpoint(
     source: str | os.PathLike[str] | Source,
     *,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    allow_pickle: bool = False,
 ) -> CheckpointIndex:
-    """Resolve ``source``, read and validate its index and headers (coordinator only)."""
-    src = source if isinstance(source, Source) else resolve_source(source)
+    """Resolve ``source``, read and validate its index and headers (coordinator only).
+
+    ``allow_pickle=True`` also accepts PyTorch zip checkpoints (``.bin``/``.pt``), described
+    with the weights-only unpickler and never executed (see ``distload.pickled``).
+    """
+    src = (
+        source if isinstance(source, Source) else resolve_source(source, allow_pickle=allow_pickle)
+    )
     root = src.root
     if src.index_file is None:
         assert src.single_file is not None
         path = safe_member(root, src.single_file, where=str(root))
-        fmeta, tensors, meta = read_header(path, max_header_bytes=max_header_bytes)
+        fmeta, tensors, meta = _read_any_header(path, path.name, max_header_bytes, allow_pickle)
         ordered = sorted(tensors.values(), key=lambda t: (t.offset, t.name))
         return CheckpointIndex(str(root), (fmeta,), tuple(ordered), meta)
 
@@ -414,7 +443,7 @@ def read_checkpoint(
     first_meta: dict[str, str] = {}
     for file in sorted(by_file):
         path = safe_member(root, file, where=where)
-        fmeta, tensors, meta = read_header(path, display=file, max_header_bytes=max_header_bytes)
+        fmeta, tensors, meta = _read_any_header(path, file, max_header_bytes, allow_pickle)
         first_meta = first_meta or meta
         files.append(fmeta)
         for tensor in by_file[file]:

@@ -215,6 +215,7 @@ def cmd_load(args: argparse.Namespace) -> int:
             transforms=_transforms(args),
             transport=args.transport,
             verify=args.manifest,
+            allow_pickle=args.allow_pickle,
         )
     finally:
         if bar is not None:
@@ -315,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK or cpu")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for peers")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept .bin/.pt (zip) checkpoints, read with the weights-only unpickler",
+    )
     p.add_argument(
         "--transport",
         choices=("auto", "torch", "mpi"),
