@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tests.distributed.launch import check_all_ok, run_group
+from tests.distributed.test_load import LLAMA_RULES
 from tests.reference import read_all
 
 pytestmark = pytest.mark.timeout(240)
@@ -98,17 +99,7 @@ def test_auto_device_map(llama_ckpt: Path) -> None:
     assert not set(results[0]["held"]) & set(results[1]["held"])
 
 
-MESH_RULES = [
-    ["*.q_proj.weight", "colwise"],
-    ["*.k_proj.weight", "colwise"],
-    ["*.v_proj.weight", "colwise"],
-    ["*.o_proj.weight", "rowwise"],
-    ["*.gate_proj.weight", "colwise"],
-    ["*.up_proj.weight", "colwise"],
-    ["*.down_proj.weight", "rowwise"],
-    ["model.experts.w1", ["shard", 1]],
-    ["model.embed_tokens.weight", "colwise"],
-]
+MESH_RULES = [*LLAMA_RULES, ["model.experts.w1", ["shard", 1]]]
 MESH_STAGES = [
     ["model.embed_tokens", "model.layers.0", "model.layers.1"],
     [

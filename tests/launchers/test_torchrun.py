@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -85,4 +86,7 @@ def test_killed_rank_ends_the_job(small_ckpt: Path) -> None:
     )
     assert res.returncode != 0
     assert time.monotonic() - start < 90
-    assert "Signals.SIGKILL" in res.stderr or "PeerError" in res.stderr, res.stderr[-2000:]
+    # torchrun's report names the failing rank and its signal (or a survivor's PeerError
+    # got out first)
+    named = re.search(r"rank\s*:\s*1\b", res.stderr) and "SIGKILL" in res.stderr
+    assert named or "PeerError" in res.stderr, res.stderr[-2000:]
