@@ -395,7 +395,7 @@ def load_into(
         transforms=transforms,
         **kwargs,
     )
-    loaded_names = {t.name for t in state.plan.outputs}
+    position = {t.name: i for i, t in enumerate(state.plan.outputs)}
     missing: list[str] = []
     mesh = None
     if as_dtensor:  # collective: every rank builds the mesh here, in the same order
@@ -403,7 +403,7 @@ def load_into(
         device_type = next(iter(state.values())).device.type if state else "cpu"
         mesh = tp_mesh(device_type, dist.get_world_size(), size)
     for names in groups:
-        source_name = next((n for n in names if n in loaded_names), None)
+        source_name = next((n for n in names if n in position), None)
         if source_name is None:
             entry = entries[names[0]]
             if entry.is_param or entry.persistent:
@@ -413,7 +413,7 @@ def load_into(
         if value is None:  # placed on other ranks (pipeline, device map): stays meta here
             continue
         like = entries[names[0]].tensor
-        stored = state.plan.outputs[_index_of(state, source_name)].shape
+        stored = state.plan.outputs[position[source_name]].shape
         if like.is_meta and tuple(like.shape) != tuple(stored):
             raise DistLoadError(
                 f"model tensor {names[0]!r} has shape {list(like.shape)} but the checkpoint's "
@@ -423,7 +423,7 @@ def load_into(
         if _is_dtensor(like):
             value = as_dtensor_like(value, like)
         elif mesh is not None:
-            out = _index_of(state, source_name)
+            out = position[source_name]
             value = dtensor_from_layout(
                 value, mesh, state.plan.layouts[out], state.plan.outputs[out].shape
             )
@@ -447,10 +447,6 @@ def load_into(
     if missing:
         log.warning("checkpoint lacks %d model tensor(s): %s", len(missing), missing[:8])
     return LoadIntoResult(sorted(missing), sorted(state.plan.skipped), state.report)
-
-
-def _index_of(state: LoadedState, name: str) -> int:
-    return next(i for i, t in enumerate(state.plan.outputs) if t.name == name)
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
