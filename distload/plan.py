@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -282,10 +281,3 @@ def segments_for(plan: LoadPlan, bucket: Bucket, rank: int) -> tuple[list[Segmen
             segs.append(Segment(item, part, dtype, cursor, nbytes))
             cursor = aligned(cursor + nbytes)
     return segs, cursor
-
-
-def needers(plan: LoadPlan, item: Item) -> Iterator[int]:
-    """Ranks holding some part of ``item``."""
-    for rank in range(plan.world_size):
-        if parts_of(plan, rank, item):
-            yield rank

@@ -33,7 +33,6 @@ from distload.plan import (
     Item,
     LoadPlan,
     Output,
-    needers,
     parts_of,
     piece_bytes,
     read_slots,
@@ -122,12 +121,6 @@ def split_pieces(
     return items
 
 
-def _same_for_all(plan: LoadPlan, item: Item, who: list[int]) -> bool:
-    """Whether every rank holds the same regions of ``item`` (then a broadcast serves all)."""
-    first = parts_of(plan, who[0], item)
-    return all(parts_of(plan, r, item) == first for r in who[1:])
-
-
 @dataclass
 class _Open:
     items: list[Item] = field(default_factory=list)
@@ -209,13 +202,16 @@ def make_plan(
         for item in split_pieces(skeleton, t, bucket_bytes, grid):
             position += 1
             nbytes = piece_bytes(meta, item)
-            who = list(needers(skeleton, item))
+            # each rank's regions of this piece, computed once
+            parts = [parts_of(skeleton, rank, item) for rank in range(world_size)]
+            who = [rank for rank, held in enumerate(parts) if held]
             if not who:
                 continue
             if len(who) == 1 and who[0] in load:
                 kind: BucketKind = "local"
                 bucket = local_open.setdefault(who[0], _Open())
-            elif len(who) == world_size and _same_for_all(skeleton, item, who):
+            elif len(who) == world_size and all(p == parts[0] for p in parts):
+                # every rank holds the same regions: one broadcast serves all
                 kind, bucket = "broadcast", shared_open["broadcast"]
             else:
                 kind, bucket = "p2p", shared_open["p2p"]
