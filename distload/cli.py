@@ -144,15 +144,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     index = read_checkpoint(args.source)
     bucket = int((args.bucket_mb or DEFAULT_BUCKET_BYTES / 2**20) * 2**20)
+    placement = _placement(args)
     plan = make_plan(
         index,
         args.world,
-        _placement(args),
+        placement,
         dtype=parse_dtype(args.dtype),
         bucket_bytes=bucket,
         transforms=_transforms(args),
     )
-    placement = _placement(args)
     if isinstance(placement, DeviceMap):
         _out("device map: " + json.dumps(placement.resolve(index.tensors, args.world)))
     kinds: dict[str, int] = {}

@@ -238,6 +238,7 @@ def setup(
         raise DistLoadError(f"unknown transport {transport!r}; valid: 'auto', 'torch', 'mpi'")
     env = detect()
     local_rank = env.local_rank
+    dev = torch.device(device) if device is not None else default_device(local_rank)
     if transport == "mpi":
         try:
             from distload.transport.mpi import MPITransport
@@ -246,7 +247,7 @@ def setup(
                 "transport='mpi' needs mpi4py (pip install 'distload[mpi]')"
             ) from None
         mpi = MPITransport(group, timeout)
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = torch.device(device) if device is not None else torch.device("cpu")  # CPU only
         if dev.type != "cpu":
             raise DistLoadError("the MPI transport loads into CPU memory; use device='cpu'")
         return Runtime(mpi.rank, mpi.world_size, local_rank, dev, "mpi"), mpi
@@ -256,15 +257,12 @@ def setup(
         raise DistLoadError("group= was given but torch.distributed is not initialised")
     elif env.world_size > 1:
         launcher = env.launcher
-        dev = torch.device(device) if device is not None else default_device(local_rank)
         init_process_group(env, dev, timeout)
     else:
-        dev = torch.device(device) if device is not None else default_device(local_rank)
         return Runtime(0, 1, local_rank, dev, "single"), LocalTransport(dev)
 
     from distload.transport.torch_dist import TorchDistTransport
 
-    dev = torch.device(device) if device is not None else default_device(local_rank)
     backend = str(dist.get_backend(group)).lower()
     uses_nccl = "nccl" in backend and (dev.type == "cuda" or "gloo" not in backend)
     comm_device = (
