@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 import distload
+from tests.distributed.scenarios import read_figures
 from tests.reference import read_all, same_bits
 
 
@@ -78,8 +79,7 @@ def hf_tensor_parallel(args: dict[str, Any]) -> dict[str, Any]:
         raise AssertionError(f"TP logits differ from from_pretrained by {err} (relative)")
     return {
         "err": err,
-        "read": [r.bytes_read for r in result.report.ranks],
-        "total": result.report.total_bytes,
+        **read_figures(result.report),
     }
 
 
@@ -151,8 +151,7 @@ def hf_device_map(args: dict[str, Any]) -> dict[str, Any]:
             raise AssertionError(f"{name} differs")
     return {
         "held": held,
-        "read": [r.bytes_read for r in result.report.ranks],
-        "total": result.report.total_bytes,
+        **read_figures(result.report),
     }
 
 
@@ -191,8 +190,7 @@ def hf_gpt2_tp(args: dict[str, Any]) -> dict[str, Any]:
         raise AssertionError(f"verify disagrees: {bad[:3]}")
     rep = state.report
     return {
-        "read": [r.bytes_read for r in rep.ranks],
-        "total": rep.total_bytes,
+        **read_figures(rep),
         "received": [r.bytes_received for r in rep.ranks],
     }
 

@@ -39,6 +39,11 @@ def _rules(json_rules: list[list[Any]]) -> dict[str, Any]:
     return out
 
 
+def read_figures(report: Any) -> dict[str, Any]:
+    """Bytes each rank read and the loaded bytes, for the tests' read-once checks."""
+    return {"read": [r.bytes_read for r in report.ranks], "total": report.total_bytes}
+
+
 def _dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name else None
 
@@ -307,8 +312,7 @@ def parallel_model(args: dict[str, Any]) -> dict[str, Any]:
     return {
         "dtensors": dtensors,
         "max_err": err,
-        "read": [r.bytes_read for r in result.report.ranks],
-        "total": result.report.total_bytes,
+        **read_figures(result.report),
     }
 
 
@@ -375,7 +379,9 @@ def load_transformed(args: dict[str, Any]) -> dict[str, Any]:
     if bad:
         raise AssertionError(f"verify disagrees on {bad[:3]}")
     rep = state.report
-    return {"read": [r.bytes_read for r in rep.ranks], "total": rep.total_bytes}
+    return {
+        **read_figures(rep),
+    }
 
 
 def dtensor_models(args: dict[str, Any]) -> dict[str, Any]:
@@ -436,8 +442,7 @@ def dtensor_models(args: dict[str, Any]) -> dict[str, Any]:
             raise AssertionError(f"fsdp {name} differs")
     return {
         "checked": checked,
-        "read": [r.bytes_read for r in result.report.ranks],
-        "total": result.report.total_bytes,
+        **read_figures(result.report),
     }
 
 
@@ -497,8 +502,7 @@ def training_step(args: dict[str, Any]) -> dict[str, Any]:
         "changed": changed,
         "params": trained,
         "group_size": result.report.world_size,
-        "read": [r.bytes_read for r in result.report.ranks],
-        "total": result.report.total_bytes,
+        **read_figures(result.report),
     }
 
 
@@ -511,7 +515,9 @@ def verified_load(args: dict[str, Any]) -> dict[str, Any]:
         verify=True,
         bucket_bytes=args.get("bucket_bytes"),
     )
-    return {"read": [r.bytes_read for r in state.report.ranks], "total": state.report.total_bytes}
+    return {
+        **read_figures(state.report),
+    }
 
 
 def _rss_anon() -> int:
