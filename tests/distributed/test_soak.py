@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,10 @@ def test_fifty_loads_in_a_row(mixed_ckpt: Path, llama_ckpt: Path, single_file_ck
         # (a transient descriptor may come and go, so compare with the first round's maximum)
         assert max(r["fds"][warm:]) <= max(r["fds"][:warm]), r["fds"]
         assert max(r["threads"][warm:]) <= max(r["threads"][:warm]), r["threads"]
-        first = statistics.median(r["seconds"][warm : 2 * warm])
-        last = statistics.median(r["seconds"][-warm:])
-        assert last <= 1.5 * first + 0.05, (first, last)  # no slowdown
+        # No slowdown: compare each config's fastest early load with its fastest late load.
+        # Contention from other test processes only ever adds time, so the minimum over a
+        # window is the load's own cost; a leak that grows per load raises every late sample.
+        for c in range(len(configs)):
+            own = r["seconds"][c::warm]
+            early, late = min(own[1:5]), min(own[-4:])
+            assert late <= 2 * early + 0.05, (c, own)
