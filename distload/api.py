@@ -16,21 +16,31 @@ every rank.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from distload import runtime as runtime_mod
-from distload.checkpoint import DEFAULT_MAX_HEADER_BYTES, read_checkpoint
+from distload.checkpoint import DEFAULT_MAX_HEADER_BYTES, CheckpointIndex, read_checkpoint
 from distload.coordination import agree, from_coordinator, gather_or_fail
 from distload.dtypes import parse_dtype
 from distload.errors import DistLoadError
 from distload.execute import PREFETCH_DEPTH, Executor
+from distload.hub import download as hub_download
+from distload.hub import options as hub_options_mod
+from distload.hub.download import DownloadStats
+from distload.hub.options import HubOptions
+from distload.hub.plan import HubPlan
+from distload.hub.remote import Resolved, read_hub_index
 from distload.manifest import load_digests
 from distload.materialize import prepare_destinations
 from distload.placement.base import Placement
@@ -52,11 +62,22 @@ class LoadedState(dict[str, torch.Tensor]):
     report: LoadReport
     plan: LoadPlan
     rank: int  # this process's rank in the load's group
+    files: dict[str, Path]  # Hub sources: local paths of the extra_files fetched
+    root: Path  # folder of the checkpoint's files on this rank (Hub: its cache snapshot)
     all_max: Callable[[int], int]  # collective max over the group (e.g. to agree on a check)
 
 
+def _tagged(phase: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; an exception leaves tagged with ``phase`` (for the error on every rank)."""
+    try:
+        return fn()
+    except Exception as exc:
+        exc.phase = phase  # type: ignore[attr-defined]
+        raise
+
+
 def _build_plan(
-    source: str | os.PathLike[str],
+    index: CheckpointIndex,
     *,
     world_size: int,
     placement: Placement | None,
@@ -64,33 +85,17 @@ def _build_plan(
     bucket_bytes: int,
     readers: Collection[int] | None,
     names: Collection[str] | None,
-    max_header_bytes: int,
     keys: Collection[str] | None = None,
     transforms: Sequence[Transform] = (),
     nodes: Sequence[int] = (),
     verify: bool | str | os.PathLike[str] = False,
-    allow_pickle: bool = False,
-) -> bytes:
-    """Coordinator step: index + plan, serialised for broadcast."""
-    try:
-        index = read_checkpoint(
-            source, max_header_bytes=max_header_bytes, allow_pickle=allow_pickle
-        )
-    except Exception as exc:
-        exc.phase = "index"  # type: ignore[attr-defined]
-        raise
+    file_readers: Mapping[str, Collection[int]] | None = None,
+) -> LoadPlan:
+    """Coordinator step: the plan for an already validated ``index``."""
     digests = None
     if verify:
-        try:
-            digests = load_digests(index, verify)
-        except DistLoadError as exc:
-            exc.phase = "index"
-            raise
-    try:
-        produced = {v.name for v in apply_transforms(index, transforms)}
-    except DistLoadError as exc:
-        exc.phase = "plan"
-        raise
+        digests = _tagged("index", lambda: load_digests(index, verify))
+    produced = {v.name for v in _tagged("plan", lambda: apply_transforms(index, transforms))}
     if keys is not None:
         names = sorted(set(keys) & produced)
     elif names is not None:
@@ -101,8 +106,9 @@ def _build_plan(
                 tensor=missing[0],
                 phase="plan",
             )
-    try:
-        plan = make_plan(
+    return _tagged(
+        "plan",
+        lambda: make_plan(
             index,
             world_size,
             placement,
@@ -113,11 +119,9 @@ def _build_plan(
             transforms=transforms,
             nodes=nodes,
             digests=digests,
-        )
-    except Exception as exc:
-        exc.phase = "plan"  # type: ignore[attr-defined]
-        raise
-    return plan.to_json()
+            file_readers=file_readers,
+        ),
+    )
 
 
 def load(
@@ -140,6 +144,14 @@ def load(
     transport: str = "auto",
     verify: bool | str | os.PathLike[str] = False,
     allow_pickle: bool = False,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    hub_cache: str = "auto",
+    extra_files: Sequence[str] = (),
+    download_progress: Callable[[int, int], None] | None = None,
 ) -> LoadedState:
     """Load this rank's piece of every tensor of a safetensors checkpoint.
 
@@ -149,7 +161,9 @@ def load(
 
     Args:
         source: folder with ``model.safetensors.index.json`` and shards, folder with one
-            ``model.safetensors``, or the path of one ``.safetensors`` file.
+            ``model.safetensors``, the path of one ``.safetensors`` file, or a Hugging Face
+            Hub repository: ``"org/name"`` (when no such local path exists) or
+            ``"hf://org/name@revision/subfolder"``.
         placement: how tensors lie over the ranks, e.g. ``distload.TensorParallel(rules)``.
             Default: every rank gets every tensor.
         dtype: ``None``/``"auto"`` keeps stored dtypes; a floating ``torch.dtype`` casts the
@@ -181,6 +195,18 @@ def load(
             placement (``distload.Rename``, ``Split``, ``Merge``, ``Transpose``); placements,
             ``out`` and the result use the transformed names. Each stored byte is still read
             once, and each rank receives only its regions of each transformed tensor.
+        revision, subfolder: Hub sources: branch, tag or commit (default ``main``) and the
+            folder holding the weights. Rank 0 pins the revision to one commit for the job.
+        cache_dir, token, local_files_only: Hub cache folder (default ``HF_HUB_CACHE``),
+            token (default: huggingface_hub's), and offline use of the cache (as
+            ``HF_HUB_OFFLINE=1``): no request at all.
+        hub_cache: ``"auto"`` finds which ranks share a cache folder (shared filesystem or
+            node-local disks) with a probe file; ``"shared"``/``"node"`` say it. Each shard is
+            downloaded by one rank of one cache and read only there.
+        extra_files: names or patterns of small files to fetch as well (``"config.json"``);
+            their local paths are in ``state.files``.
+        download_progress: called on rank 0 as ``progress(bytes_done, bytes_total)`` during
+            the download phase of a Hub source.
 
     Returns:
         :class:`LoadedState`: a dict of this rank's tensors, plus ``.report`` (per-rank bytes
@@ -203,36 +229,116 @@ def load(
 
     tick = time.perf_counter()
     names = sorted(out) if out is not None else None
-    payload = from_coordinator(
-        net,
-        "index",
-        lambda: _build_plan(
-            source,
+    hub_options = HubOptions(
+        revision=revision,
+        subfolder=subfolder,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        hub_cache=hub_cache,
+        extra_files=tuple(extra_files),
+    )
+
+    def plan_for(index: CheckpointIndex, file_readers: Any = None) -> LoadPlan:
+        return _build_plan(
+            index,
             world_size=rt.world_size,
             placement=placement,
             dtype=target_dtype,
             bucket_bytes=bucket,
             readers=readers,
             names=names,
-            max_header_bytes=max_header_bytes,
             keys=keys,
             transforms=transforms,
             nodes=nodes,
             verify=verify,
-            allow_pickle=allow_pickle,
-        ),
-    )
+            file_readers=file_readers,
+        )
+
+    def first_step() -> bytes:
+        """Rank 0: a local source's plan (b"L"), or a Hub source pinned to a commit (b"H")."""
+        resolved = _tagged("index", lambda: hub_options_mod.resolve_source(source, hub_options))
+        if resolved is None:
+            index = _tagged(
+                "index",
+                lambda: read_checkpoint(
+                    source, max_header_bytes=max_header_bytes, allow_pickle=allow_pickle
+                ),
+            )
+            return b"L" + plan_for(index).to_json()
+        if verify or allow_pickle:
+            raise DistLoadError(
+                "verify= and allow_pickle= apply to local sources; Hub files are checked "
+                "against the Hub's sha256 when fetched, and only safetensors are fetched",
+                phase="index",
+            )
+        info = {"resolved": resolved.to_json(), "token": uuid.uuid4().hex}
+        return b"H" + json.dumps(info).encode()
+
+    first = from_coordinator(net, "index", first_step)
+    hub: HubPlan | None = None
+    if first[:1] == b"H":
+        info = json.loads(first[1:])
+        resolved = Resolved.from_json(info["resolved"])
+        domains = hub_options_mod.find_domains(net, hub_options, info["token"], nodes)
+
+        def hub_step() -> bytes:
+            index = _tagged(
+                "index",
+                lambda: read_hub_index(
+                    hub_options.client(), resolved, max_header_bytes=max_header_bytes
+                ),
+            )
+            hub_plan, allowed = _tagged(
+                "plan",
+                lambda: hub_options_mod.make_hub_plan(
+                    index, resolved, domains, readers or range(rt.world_size), hub_options
+                ),
+            )
+            plan = plan_for(index, allowed)
+            return dataclasses.replace(plan, hub=hub_plan.to_json()).to_json()
+
+        payload = from_coordinator(net, "plan", hub_step)
+    else:
+        payload = first[1:]
     dests: dict[int, torch.Tensor] = {}
     error: BaseException | None = None
     phase = "plan"  # a failure here is reported with the phase it happened in
     try:
         plan = LoadPlan.from_json(payload)
-        seconds["plan"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        phase = "materialize"
-        dests = prepare_destinations(plan, rt.rank, rt.device, out)
+        hub = HubPlan.from_json(plan.hub) if plan.hub is not None else None
     except Exception as exc:
         error = exc
+    if first[:1] == b"H":  # the download phase is collective: enter it only if all parsed
+        agree(net, phase, error)
+    seconds["plan"] = time.perf_counter() - tick
+    root: str | os.PathLike[str] = plan.index.root if error is None else ""
+    contain = None
+    downloaded = DownloadStats()
+    if hub is not None:
+        reads = {
+            hub.resolved.path(plan.tensors[item.tensor].file)
+            for b in plan.buckets
+            if b.reader == rt.rank
+            for item in b.items
+        }
+        downloaded = hub_download.run_downloads(
+            net,
+            hub,
+            reads,
+            cache_dir=hub_options.cache,
+            token=token,
+            progress=download_progress if rt.rank == 0 else None,
+        )
+        seconds["download"] = downloaded.seconds
+        root, contain = hub_download.local_root(hub, hub_options.cache)
+    tick = time.perf_counter()
+    if error is None:
+        try:
+            phase = "materialize"
+            dests = prepare_destinations(plan, rt.rank, rt.device, out)
+        except Exception as exc:
+            error = exc
     agree(net, phase, error)
     seconds["materialize"] = time.perf_counter() - tick
 
@@ -243,7 +349,7 @@ def load(
     loaded_bytes = sum(
         plan.tensors[s].nbytes for s in sorted({link.stored for _, link in plan.links})
     )
-    reader = FileReader(plan.index.root, threads=read_threads)
+    reader = FileReader(root, threads=read_threads, contain=contain)
     try:
         executor = Executor(
             plan,
@@ -277,14 +383,19 @@ def load(
         bytes_held=sum(d.numel() * d.element_size() for d in dests.values()),
         peak_staging_bytes=staging,
         seconds=seconds,
+        bytes_downloaded=downloaded.bytes_downloaded,
     )
     reports = [RankReport.from_json(b) for b in gather_or_fail(net, "close", mine.to_json)]
     state = LoadedState((names_by_index[t], d) for t, d in dests.items())
     state.plan = plan
     state.rank = rt.rank
+    state.root = Path(root)
+    state.files = hub_download.extra_paths(hub, hub_options.cache) if hub is not None else {}
     state.all_max = lambda value: net.all_reduce_max(value, "after load: agreement")
     state.report = LoadReport(
-        source=str(source),
+        source=hub.resolved.ref.url() if hub is not None else str(source),
+        commit=hub.resolved.commit if hub is not None else None,
+        hub_cache=hub.mode if hub is not None else None,
         world_size=rt.world_size,
         total_bytes=loaded_bytes,
         tensors=len(plan.outputs),

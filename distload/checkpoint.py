@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,28 +200,50 @@ def read_header(
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
-            if size < 8:
-                raise CheckpointError(
-                    f"{name}: file is {size} bytes, too small for a safetensors header "
-                    "(8-byte length prefix expected)",
-                    file=name,
-                )
-            length = int.from_bytes(fh.read(8), "little")
-            if length > max_header_bytes:
-                raise CheckpointError(
-                    f"{name}: header length {length} exceeds the limit of {max_header_bytes} "
-                    "bytes (corrupted file or not safetensors)",
-                    file=name,
-                )
-            if 8 + length > size:
-                raise CheckpointError(
-                    f"{name}: header length {length} runs past the end of the {size}-byte file "
-                    "(truncated or corrupted)",
-                    file=name,
-                )
-            raw = fh.read(length)
+            fd = fh.fileno()
+            return parse_header(
+                name, size, lambda off, n: os.pread(fd, n, off), max_header_bytes=max_header_bytes
+            )
     except OSError as exc:
         raise CheckpointError(f"{name}: cannot read: {exc}", file=name) from exc
+
+
+def parse_header(
+    name: str,
+    size: int,
+    read: Callable[[int, int], bytes],
+    *,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+) -> tuple[FileMeta, dict[str, TensorMeta], dict[str, str]]:
+    """Validate the header of a ``size``-byte safetensors file whose bytes ``read(offset, n)``
+    returns (a local file, or range requests to a remote one). Reads header bytes only."""
+    if size < 8:
+        raise CheckpointError(
+            f"{name}: file is {size} bytes, too small for a safetensors header "
+            "(8-byte length prefix expected)",
+            file=name,
+        )
+    prefix = read(0, 8)
+    if len(prefix) != 8:
+        raise CheckpointError(f"{name}: short read of the header length", file=name)
+    length = int.from_bytes(prefix, "little")
+    if length > max_header_bytes:
+        raise CheckpointError(
+            f"{name}: header length {length} exceeds the limit of {max_header_bytes} "
+            "bytes (corrupted file or not safetensors)",
+            file=name,
+        )
+    if 8 + length > size:
+        raise CheckpointError(
+            f"{name}: header length {length} runs past the end of the {size}-byte file "
+            "(truncated or corrupted)",
+            file=name,
+        )
+    raw = read(8, length)
+    if len(raw) != length:
+        raise CheckpointError(
+            f"{name}: short read of the header ({len(raw)} of {length} bytes)", file=name
+        )
     header = _decode_header(raw, name)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(
@@ -332,8 +355,12 @@ def _check_coverage(
 # index
 
 
-def safe_member(root: Path, name: object, *, where: str) -> Path:
-    """Path of file ``name`` inside ``root``; refuses anything that could escape the folder."""
+def safe_member(root: Path, name: object, *, where: str, contain: Path | None = None) -> Path:
+    """Path of file ``name`` inside ``root``; refuses anything that could escape the folder.
+
+    Symlinks must resolve inside ``contain`` (default ``root``); a Hub cache snapshot passes
+    its repository folder, whose ``blobs/`` its links point into.
+    """
     if not isinstance(name, str) or not name or "\x00" in name:
         raise CheckpointError(f"{where}: invalid file name {name!r}", file=str(name))
     rel = Path(name)
@@ -344,7 +371,7 @@ def safe_member(root: Path, name: object, *, where: str) -> Path:
             file=name,
         )
     path = root / rel
-    real_root = os.path.realpath(root)
+    real_root = os.path.realpath(contain if contain is not None else root)
     real = os.path.realpath(path)
     if os.path.commonpath([real_root, real]) != real_root:
         raise CheckpointError(
@@ -368,10 +395,23 @@ def _read_index(path: Path) -> tuple[dict[str, str], int | None]:
                 f"{where}: index is {size} bytes, more than the {MAX_INDEX_BYTES}-byte limit",
                 file=where,
             )
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except CheckpointError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{where}: cannot read index ({exc})", file=where) from None
+    return parse_index(raw, where)
+
+
+def parse_index(raw: bytes, where: str) -> tuple[dict[str, str], int | None]:
+    """Validate the bytes of a ``model.safetensors.index.json``: its ``weight_map`` (tensor
+    name -> file name) and ``metadata.total_size`` (None when absent)."""
+    if len(raw) > MAX_INDEX_BYTES:
+        raise CheckpointError(
+            f"{where}: index is {len(raw)} bytes, more than the {MAX_INDEX_BYTES}-byte limit",
+            file=where,
+        )
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(
             f"{where}: cannot parse index ({type(exc).__name__}: {str(exc)[:200]})", file=where
         ) from None
@@ -429,12 +469,42 @@ def read_checkpoint(
     if src.index_file is None:
         assert src.single_file is not None
         path = safe_member(root, src.single_file, where=str(root))
-        fmeta, tensors, meta = _read_any_header(path, path.name, max_header_bytes, allow_pickle)
-        ordered = sorted(tensors.values(), key=lambda t: (t.offset, t.name))
-        return CheckpointIndex(str(root), (fmeta,), tuple(ordered), meta)
+        return single_file_index(
+            str(root), *_read_any_header(path, path.name, max_header_bytes, allow_pickle)
+        )
 
     weight_map, total = _read_index(src.index_file)
-    where = src.index_file.name
+
+    def header_of(file: str) -> tuple[FileMeta, dict[str, TensorMeta], dict[str, str]]:
+        path = safe_member(root, file, where=src.index_file.name if src.index_file else "")
+        return _read_any_header(path, file, max_header_bytes, allow_pickle)
+
+    return assemble_index(str(root), src.index_file.name, weight_map, total, header_of)
+
+
+def single_file_index(
+    root: str, fmeta: FileMeta, tensors: dict[str, TensorMeta], meta: dict[str, str]
+) -> CheckpointIndex:
+    """The index of a one-file checkpoint: every tensor of its header, in file order."""
+    ordered = sorted(tensors.values(), key=lambda t: (t.offset, t.name))
+    return CheckpointIndex(root, (fmeta,), tuple(ordered), meta)
+
+
+HeaderOf = Callable[[str], tuple[FileMeta, dict[str, TensorMeta], dict[str, str]]]
+
+
+def assemble_index(
+    root: str,
+    where: str,
+    weight_map: dict[str, str],
+    total: int | None,
+    header_of: HeaderOf,
+) -> CheckpointIndex:
+    """Join a validated ``weight_map`` with the headers of the files it names.
+
+    ``header_of(file)`` returns a file's validated header (local read or remote range
+    requests); ``where`` names the index in errors.
+    """
     by_file: dict[str, list[str]] = {}
     for tensor, file in weight_map.items():
         by_file.setdefault(file, []).append(tensor)
@@ -442,8 +512,7 @@ def read_checkpoint(
     chosen: list[TensorMeta] = []
     first_meta: dict[str, str] = {}
     for file in sorted(by_file):
-        path = safe_member(root, file, where=where)
-        fmeta, tensors, meta = _read_any_header(path, file, max_header_bytes, allow_pickle)
+        fmeta, tensors, meta = header_of(file)
         first_meta = first_meta or meta
         files.append(fmeta)
         for tensor in by_file[file]:
@@ -472,4 +541,4 @@ def read_checkpoint(
             file=where,
         )
     chosen.sort(key=lambda t: (t.file, t.offset, t.name))
-    return CheckpointIndex(str(root), tuple(files), tuple(chosen), first_meta)
+    return CheckpointIndex(root, tuple(files), tuple(chosen), first_meta)

@@ -1,7 +1,8 @@
-"""``distload`` command line: inspect, plan, load, make-checkpoint.
+"""``distload`` command line: inspect, plan, load, manifest, make-checkpoint.
 
-``inspect`` and ``plan`` run in one process without a process group; ``load`` runs on every
-rank of a launcher (torchrun, ...) and prints the report on rank 0.
+``inspect`` and ``plan`` run in one process without a process group (for a Hub repository
+they pin the revision and read only the safetensors headers, with range requests); ``load``
+runs on every rank of a launcher (torchrun, ...) and prints the report on rank 0.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from distload.checkpoint import read_checkpoint
+from distload.checkpoint import CheckpointIndex, read_checkpoint
 from distload.errors import DistLoadError
 from distload.placement import (
     DeviceMap,
@@ -112,8 +113,30 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bucket-mb", type=float, default=None, help="bucket size in MiB (default 64)")
 
 
+def _add_hub_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None, help="Hub sources: branch, tag or commit")
+    p.add_argument("--subfolder", default=None, help="Hub sources: folder holding the weights")
+    p.add_argument("--cache-dir", default=None, help="Hub cache (default: HF_HUB_CACHE)")
+
+
+def _read_index(args: argparse.Namespace) -> CheckpointIndex:
+    """A local checkpoint's index, or a Hub source's (pinned commit, headers only)."""
+    from distload.hub.options import HubOptions, resolve_source
+    from distload.hub.remote import read_hub_index
+
+    options = HubOptions(revision=args.revision, subfolder=args.subfolder, cache_dir=args.cache_dir)
+    resolved = resolve_source(args.source, options)
+    if resolved is None:
+        return read_checkpoint(args.source)
+    _out(
+        f"hub: {resolved.ref.repo_id} revision {resolved.ref.revision!r} -> commit "
+        f"{resolved.commit}{' (offline, from the cache)' if resolved.offline else ''}"
+    )
+    return read_hub_index(options.client(), resolved)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    index = read_checkpoint(args.source)
+    index = _read_index(args)
     _out(f"checkpoint {index.root}: OK")
     _out(
         f"  {len(index.files)} file(s), {len(index.tensors)} tensors, "
@@ -142,7 +165,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from distload.dtypes import parse_dtype
 
-    index = read_checkpoint(args.source)
+    index = _read_index(args)
     bucket = int((args.bucket_mb or DEFAULT_BUCKET_BYTES / 2**20) * 2**20)
     placement = _placement(args)
     plan = make_plan(
@@ -184,24 +207,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     import torch.distributed as dist
+    from tqdm import tqdm
 
     from distload.api import load
     from distload.verify import verify_against_safetensors
 
-    bar = None
-    progress = None
-    rank = 0
-    try:
-        from tqdm import tqdm
+    bars: dict[str, Any] = {}
 
-        def progress(done: int, total: int) -> None:
-            nonlocal bar
-            if bar is None:
-                bar = tqdm(total=total, unit="bucket", desc="distload", disable=args.quiet)
-            bar.update(done - bar.n)
+    def progress(done: int, total: int) -> None:
+        if "load" not in bars:
+            bars["load"] = tqdm(total=total, unit="bucket", desc="distload", disable=args.quiet)
+        bars["load"].update(done - bars["load"].n)
 
-    except ImportError:  # pragma: no cover
-        pass
+    def download_progress(done: int, total: int) -> None:
+        if "download" not in bars:
+            bars["download"] = tqdm(
+                total=total, unit="B", unit_scale=True, desc="download", disable=args.quiet
+            )
+        bars["download"].update(done - bars["download"].n)
+
     try:
         bucket = int(args.bucket_mb * 2**20) if args.bucket_mb else None
         state = load(
@@ -216,14 +240,20 @@ def cmd_load(args: argparse.Namespace) -> int:
             transport=args.transport,
             verify=args.manifest,
             allow_pickle=args.allow_pickle,
+            revision=args.revision,
+            subfolder=args.subfolder,
+            cache_dir=args.cache_dir,
+            hub_cache=args.hub_cache,
+            extra_files=args.extra_file or (),
+            download_progress=download_progress,
         )
     finally:
-        if bar is not None:
+        for bar in bars.values():
             bar.close()
     rank = state.rank
     status = 0
     if args.verify:
-        bad = verify_against_safetensors(state.plan, state, rank)
+        bad = verify_against_safetensors(state.plan, state, rank, state.root)
         if bad:
             log.error("rank %d: %d tensor(s) differ from safetensors: %s", rank, len(bad), bad[:5])
             status = 1
@@ -294,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.add_argument("--json", action="store_true", help="print the index as JSON")
+    _add_hub_args(p)
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("plan", help="who reads, sends, receives and holds what (no launch)")
@@ -301,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", type=int, required=True, help="number of ranks")
     p.add_argument("--buckets", action="store_true", help="list every bucket")
     _add_placement_args(p)
+    _add_hub_args(p)
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("load", help="load under a launcher (torchrun ...), print the report")
@@ -328,6 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.distributed (default) or MPI via mpi4py (CPU)",
     )
     _add_placement_args(p)
+    _add_hub_args(p)
+    p.add_argument(
+        "--hub-cache",
+        choices=("auto", "shared", "node"),
+        default="auto",
+        help="Hub sources: which ranks share a cache (auto: probe the cache folder)",
+    )
+    p.add_argument(
+        "--extra-file",
+        action="append",
+        metavar="NAME",
+        help="Hub sources: also fetch this file or pattern, e.g. config.json (repeatable)",
+    )
     p.set_defaults(fn=cmd_load)
 
     p = sub.add_parser("manifest", help="write sha256 per file, tensor and chunk (for verify=)")

@@ -10,7 +10,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-PHASES = ("runtime", "index", "plan", "materialize", "read", "transfer", "close")
+PHASES = (
+    "runtime",
+    "index",
+    "plan",
+    "download",  # Hub sources only
+    "materialize",
+    "read",
+    "transfer",
+    "close",
+)
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,8 @@ class LoadPlan:
     # integrity: stored tensor index -> (rows per chunk, sha256 of each chunk); pieces are
     # then cut exactly on that grid and each is checked as it is read
     digests: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
+    # Hub sources: the pinned commit, cache domains and downloads (``distload.hub.plan``)
+    hub: dict[str, Any] | None = None
 
     @property
     def tensors(self) -> tuple[TensorMeta, ...]:
@@ -115,6 +117,7 @@ class LoadPlan:
                 "skipped": list(self.skipped),
                 "nodes": list(self.nodes),
                 "digests": [[t, rows, list(chunks)] for t, rows, chunks in self.digests],
+                "hub": self.hub,
             },
             separators=(",", ":"),
         ).encode()
@@ -147,6 +150,7 @@ class LoadPlan:
             digests=tuple(
                 (int(t), int(rows), tuple(chunks)) for t, rows, chunks in raw.get("digests", ())
             ),
+            hub=raw.get("hub"),
         )
 
     def local_shape(self, output: int, rank: int) -> tuple[int, ...] | None:

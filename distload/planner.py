@@ -139,6 +139,7 @@ def make_plan(
     transforms: Sequence[Transform] = (),
     nodes: Sequence[int] = (),
     digests: Mapping[int, Digests] | None = None,
+    file_readers: Mapping[str, Collection[int]] | None = None,
 ) -> LoadPlan:
     """Build the plan for loading ``index`` into a group of ``world_size`` ranks.
 
@@ -153,6 +154,8 @@ def make_plan(
         nodes: node index of every rank (from ``runtime.topology``), kept in the plan.
         digests: manifest chunk hashes per stored tensor (``distload.manifest``): pieces
             follow the manifest's chunk grid and readers check each one as they read it.
+        file_readers: file -> ranks allowed to read it (within ``readers``); e.g. the ranks
+            whose Hub cache holds that shard. Files not named may be read by any reader.
     """
     if world_size < 1:
         raise PlacementError(f"world_size must be >= 1, got {world_size}")
@@ -180,17 +183,28 @@ def make_plan(
         world_size, bucket_bytes, index, outputs, links, layouts, dtypes, (), "", skipped
     )
 
+    everyone = tuple(reader_set)
+    allowed_by_file: dict[str, tuple[int, ...]] = {}
+    for file, ranks in (file_readers or {}).items():
+        allowed_by_file[file] = tuple(r for r in everyone if r in set(ranks))
+        if not allowed_by_file[file]:
+            raise PlacementError(
+                f"file {file!r} may be read by ranks {sorted(ranks)}, none of them a reader "
+                f"({everyone})",
+                file=file,
+            )
     load = dict.fromkeys(reader_set, 0)
     ordered: list[tuple[int, Bucket]] = []  # (position of last piece, bucket)
     local_open: dict[int, _Open] = {}
-    shared_open: dict[BucketKind, _Open] = {"broadcast": _Open(), "p2p": _Open()}
+    # shared buckets by kind and by the readers allowed for their files
+    shared_open: dict[tuple[BucketKind, tuple[int, ...]], _Open] = {}
     position = 0
 
-    def close(kind: BucketKind, reader: int | None, bucket: _Open) -> None:
+    def close(kind: BucketKind, reader: int | None, bucket: _Open, pool: tuple[int, ...]) -> None:
         if not bucket.items:
             return
         if reader is None:
-            reader = min(reader_set, key=lambda r: (load[r], r))
+            reader = min(pool, key=lambda r: (load[r], r))
         load[reader] += bucket.nbytes
         ordered.append((position, Bucket(kind, reader, tuple(bucket.items))))
         bucket.items, bucket.nbytes = [], 0
@@ -198,6 +212,7 @@ def make_plan(
     used = sorted({link.stored for _, link in links})
     for t in used:
         meta = index.tensors[t]
+        pool = allowed_by_file.get(meta.file, everyone)
         grid = digests[t].rows_per_chunk if digests and t in digests else None
         for item in split_pieces(skeleton, t, bucket_bytes, grid):
             position += 1
@@ -207,22 +222,24 @@ def make_plan(
             who = [rank for rank, held in enumerate(parts) if held]
             if not who:
                 continue
-            if len(who) == 1 and who[0] in load:
+            if len(who) == 1 and who[0] in pool:
                 kind: BucketKind = "local"
                 bucket = local_open.setdefault(who[0], _Open())
             elif len(who) == world_size and all(p == parts[0] for p in parts):
                 # every rank holds the same regions: one broadcast serves all
-                kind, bucket = "broadcast", shared_open["broadcast"]
+                kind = "broadcast"
+                bucket = shared_open.setdefault((kind, pool), _Open())
             else:
-                kind, bucket = "p2p", shared_open["p2p"]
+                kind = "p2p"
+                bucket = shared_open.setdefault((kind, pool), _Open())
             if bucket.items and bucket.nbytes + nbytes > bucket_bytes:
-                close(kind, who[0] if kind == "local" else None, bucket)
+                close(kind, who[0] if kind == "local" else None, bucket, pool)
             bucket.items.append(item)
             bucket.nbytes += nbytes
-    for kind, bucket in shared_open.items():
-        close(kind, None, bucket)
+    for (kind, pool), bucket in shared_open.items():
+        close(kind, None, bucket, pool)
     for rank, bucket in sorted(local_open.items()):
-        close("local", rank, bucket)
+        close("local", rank, bucket, everyone)
     ordered.sort(key=lambda pb: pb[0])
     buckets = tuple(b for _, b in ordered)
     return LoadPlan(

@@ -24,6 +24,7 @@ class RankReport:
     bytes_received: int = 0  # bytes this rank received from peers
     bytes_held: int = 0  # bytes of the tensors this rank ends with
     peak_staging_bytes: int = 0  # largest staging memory (arenas) this rank used
+    bytes_downloaded: int = 0  # bytes this rank fetched from the Hub (cache hits count 0)
     seconds: dict[str, float] = field(default_factory=dict)  # phase -> seconds
 
     def to_json(self) -> bytes:
@@ -47,6 +48,20 @@ class LoadReport:
     nodes: int  # number of nodes the group spans
     ranks: list[RankReport]
     wall_seconds: float  # slowest rank, from the start of the load to its end
+    commit: str | None = None  # Hub sources: the commit every rank loaded
+    hub_cache: str | None = None  # Hub sources: "shared" or "<n> caches"
+
+    @property
+    def bytes_downloaded(self) -> int:
+        return sum(r.bytes_downloaded for r in self.ranks)
+
+    def _hub_line(self) -> str:
+        if self.commit is None:
+            return ""
+        return (
+            f"  commit {self.commit}, Hub cache: {self.hub_cache}, downloaded "
+            f"{human_bytes(self.bytes_downloaded)}\n"
+        )
 
     @property
     def bytes_read(self) -> int:
@@ -56,7 +71,8 @@ class LoadReport:
         """A printable table, one row per rank."""
         head = (
             f"distload: {self.tensors} tensors, {human_bytes(self.total_bytes)} from "
-            f"{self.source}\n  placement: {self.placement}\n  world {self.world_size} on "
+            f"{self.source}\n{self._hub_line()}  placement: {self.placement}\n"
+            f"  world {self.world_size} on "
             f"{self.nodes} node(s), "
             f"{self.buckets} buckets, {self.wall_seconds:.2f} s (slowest rank), read "
             f"{human_bytes(self.bytes_read)} "

@@ -57,8 +57,10 @@ class FileReader:
         *,
         threads: int = DEFAULT_READ_THREADS,
         block_bytes: int = DEFAULT_BLOCK_BYTES,
+        contain: str | os.PathLike[str] | None = None,
     ) -> None:
         self.root = Path(root)
+        self.contain = Path(contain) if contain is not None else None
         self.block_bytes = max(4096, block_bytes)
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -69,7 +71,7 @@ class FileReader:
         with self._lock:
             fd = self._fds.get(file)
             if fd is None:
-                path = safe_member(self.root, file, where=str(self.root))
+                path = safe_member(self.root, file, where=str(self.root), contain=self.contain)
                 fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 self._fds[file] = fd
             return fd

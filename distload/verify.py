@@ -23,16 +23,24 @@ def _slices(box: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
 
 
 def verify_against_safetensors(
-    plan: LoadPlan, state: dict[str, torch.Tensor], rank: int
+    plan: LoadPlan,
+    state: dict[str, torch.Tensor],
+    rank: int,
+    root: str | os.PathLike[str] | None = None,
 ) -> list[str]:
-    """Names of tensors whose local piece differs from the safetensors slice (empty: all equal)."""
+    """Names of tensors whose local piece differs from the safetensors slice (empty: all equal).
+
+    ``root``: the folder holding the checkpoint's files on this rank (default: the plan's;
+    for a Hub source, the commit's snapshot in this rank's cache).
+    """
+    folder = os.fspath(root) if root is not None else plan.index.root
     bad: list[str] = []
     handles: dict[str, Any] = {}
 
     def stored_region(stored: int, box: tuple[tuple[int, int], ...]) -> torch.Tensor:
         meta = plan.tensors[stored]
         if meta.file not in handles:
-            handles[meta.file] = safe_open(os.path.join(plan.index.root, meta.file), "pt")
+            handles[meta.file] = safe_open(os.path.join(folder, meta.file), "pt")
         fh = handles[meta.file]
         return fh.get_slice(meta.name)[_slices(box)] if meta.shape else fh.get_tensor(meta.name)
 

@@ -32,7 +32,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("phase", [p for p in PHASES if p != "download"])  # Hub: test_hub
 def test_failure_matrix(phase: str, kind: str, ckpt: Path) -> None:
     victim = 0 if kind == "exception@0" else 1
     base = kind.split("@", maxsplit=1)[0]
