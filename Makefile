@@ -10,7 +10,7 @@ NPROC ?= 4
 SIZE_MB ?= 256
 PYTEST_ARGS ?= -n auto --dist loadgroup
 
-.PHONY: install demo test lint bench-memory clean
+.PHONY: install demo test lint bench bench-memory clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null \
@@ -27,6 +27,9 @@ test: install
 
 lint: install
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
+
+bench: install
+	$(PYTHON) -m distload bench --size-mb 1500 --shard-mb 400 --scenarios tp2,tp4,2node --repeat 2 --results benchmarks/RESULTS.md
 
 bench-memory: install
 	$(PYTHON) benchmarks/memory.py --size-mb 1500 --nproc 4

@@ -382,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_manifest)
 
+    p = sub.add_parser(
+        "bench",
+        help="benchmark distload against the alternatives (options: distload bench --help)",
+        add_help=False,
+    )
+    p.set_defaults(fn=lambda _args: 0)
+
     p = sub.add_parser("make-checkpoint", help="write a synthetic Llama-shaped checkpoint")
     p.add_argument("out")
     p.add_argument("--size-mb", type=float, default=None, help="approximate size in MiB")
@@ -393,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser: options pass through untouched
+        from distload.bench.driver import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

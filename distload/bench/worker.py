@@ -1,0 +1,164 @@
+"""One rank of one benchmark run: ``python -m distload.bench.worker METHOD CKPT OUT``.
+
+Started by torchrun from ``distload.bench.driver``. The rank preallocates and touches its
+tensor-parallel part, then loads it with one method while a thread samples its private
+memory (RssAnon) every 2 ms; it counts the bytes it read from storage (``/proc/self/io``),
+checks its part bit for bit against safetensors single-process reads, and writes one JSON
+row. Rank 0 of the job evicts the checkpoint from the page cache first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def rss() -> tuple[int, int]:
+    """(RssAnon, RssFile) of this process in bytes: private memory and mapped file pages."""
+    anon = file = 0
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                anon = int(line.split()[1]) * 1024
+            elif line.startswith("RssFile:"):
+                file = int(line.split()[1]) * 1024
+    return anon, file
+
+
+def storage_read_bytes() -> int:
+    """Bytes this process caused to be fetched from storage (page-cache hits excluded)."""
+    with open("/proc/self/io") as fh:
+        for line in fh:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakSampler:
+    """Samples RssAnon and RssFile every 2 ms on a thread; keeps the peaks."""
+
+    def __init__(self) -> None:
+        self.peak, self.peak_file = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        anon, file = rss()
+        self.peak = max(self.peak, anon)
+        self.peak_file = max(self.peak_file, file)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(0.002)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return self.peak
+
+
+def evict(root: Path) -> None:
+    """Drop the checkpoint's pages from the page cache (cold reads for the next method)."""
+    for path in root.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def main() -> None:
+    from safetensors import safe_open
+
+    import distload
+    from distload.bench.methods import METHODS, Context
+    from distload.checkpoint import read_checkpoint
+    from distload.placement import preset
+    from distload.placement.base import local_box
+    from distload.planner import make_plan
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("method", choices=sorted(METHODS))
+    parser.add_argument("ckpt")
+    parser.add_argument("out")
+    parser.add_argument("--staging-mb", type=float, default=256)
+    parser.add_argument("--tag", default="run")
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    node = int(os.environ.get("GROUP_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    root = Path(args.ckpt)
+    index = read_checkpoint(root)
+    placement = distload.TensorParallel(preset("llama"))
+    plan = make_plan(index, world, placement)
+    wanted = {}
+    for out, o in enumerate(plan.outputs):
+        box = local_box(o.shape, plan.layouts[out], rank)
+        if box is not None:
+            wanted[o.name] = (out, tuple(slice(a, b) for a, b in box))
+    if local_rank == 0:  # each "node" evicts its own copy
+        evict(root)
+    dist.barrier()
+    base = rss()[0]
+    dests = {
+        name: torch.empty(tuple(s.stop - s.start for s in sl), dtype=torch.bfloat16)
+        .view(torch.uint8)
+        .fill_(0)
+        .view(torch.bfloat16)  # touched: resident before loading
+        for name, (_, sl) in wanted.items()
+    }
+    part = sum(d.numel() * d.element_size() for d in dests.values())
+    ctx = Context(
+        root, index, plan, placement, rank, world, wanted, dests, int(args.staging_mb * 2**20)
+    )
+    io_before = storage_read_bytes()
+    sampler = PeakSampler()
+    dist.barrier()
+    start = time.perf_counter()
+    METHODS[args.method](ctx)
+    elapsed = time.perf_counter() - start
+    peak = sampler.stop()
+    read = storage_read_bytes() - io_before
+    figures = torch.tensor([elapsed, float(read)], dtype=torch.float64)
+    everyone = [torch.zeros_like(figures) for _ in range(world)]
+    dist.all_gather(everyone, figures)
+    ok = True
+    for f in index.files:
+        with safe_open(str(root / f.name), "pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if name in wanted:
+                    expected = fh.get_slice(name)[wanted[name][1]]
+                    ok &= torch.equal(expected.view(torch.int16), dests[name].view(torch.int16))
+    row = {
+        "method": args.method,
+        "rank": rank,
+        "node": node,
+        "world": world,
+        "part_bytes": part,
+        "extra_over_part": peak - base - part,
+        "staging_budget": int(args.staging_mb * 2**20),
+        "seconds": elapsed,
+        "slowest_seconds": max(float(t[0]) for t in everyone),
+        "storage_read": read,
+        "job_storage_read": sum(float(t[1]) for t in everyone),
+        "bit_exact": bool(ok),
+    }
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"{args.tag}-{args.method}-{rank}.json").write_text(json.dumps(row))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
