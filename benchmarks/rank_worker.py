@@ -1,6 +1,6 @@
 """One rank of a benchmark run (started by torchrun from benchmarks/memory.py).
 
-Measures this rank's private memory (RssAnon, sampled every 2 ms) while loading its
+Measures the memory this rank holds (RssAnon + RssShmem, sampled every 2 ms) while loading its
 tensor-parallel part of a checkpoint into preallocated destinations with one method, checks the
 result bit for bit against safetensors, and writes a JSON line of figures.
 """
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import threading
 import time
 from pathlib import Path
 
@@ -20,60 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import distload
+from distload.bench.worker import PeakSampler, evict, rss
 from distload.checkpoint import read_checkpoint
 from distload.placement import preset
 from distload.planner import make_plan
-
-
-def rss() -> tuple[int, int]:
-    """(RssAnon, RssFile) of this process in bytes: private memory and mapped file pages."""
-    anon = file = 0
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                anon = int(line.split()[1]) * 1024
-            elif line.startswith("RssFile:"):
-                file = int(line.split()[1]) * 1024
-    return anon, file
-
-
-def rss_anon() -> int:
-    return rss()[0]
-
-
-class PeakSampler:
-    """Samples RssAnon and RssFile every 2 ms on a thread; keeps the peaks."""
-
-    def __init__(self) -> None:
-        self.peak, self.peak_file = rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        anon, file = rss()
-        self.peak = max(self.peak, anon)
-        self.peak_file = max(self.peak_file, file)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            time.sleep(0.002)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        return self.peak
-
-
-def evict(root: Path) -> None:
-    for path in root.glob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def slices_for(plan, rank):  # type: ignore[no-untyped-def]
@@ -104,7 +52,7 @@ def main() -> None:
     if rank == 0:
         evict(root)
     dist.barrier()
-    base = rss_anon()
+    base = rss()[0]
     dests = {
         name: torch.empty(tuple(s.stop - s.start for s in sl), dtype=torch.bfloat16)
         for name, (meta, sl) in wanted.items()
@@ -112,7 +60,7 @@ def main() -> None:
     for d in dests.values():  # touch the pages: the part is resident before loading
         d.view(torch.uint8).fill_(0)
     part = sum(d.numel() * d.element_size() for d in dests.values())
-    after_alloc = rss_anon()
+    after_alloc = rss()[0]
     base_file = rss()[1]
     sampler = PeakSampler()
     dist.barrier()

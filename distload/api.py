@@ -47,6 +47,7 @@ from distload.placement.base import Placement
 from distload.plan import LoadPlan
 from distload.planner import make_plan
 from distload.report import LoadReport, RankReport
+from distload.shm import ShmExchange
 from distload.storage import DEFAULT_READ_THREADS, Arenas, FileReader
 from distload.transforms import Transform, apply_transforms
 
@@ -106,7 +107,7 @@ def _build_plan(
                 tensor=missing[0],
                 phase="plan",
             )
-    return _tagged(
+    plan = _tagged(
         "plan",
         lambda: make_plan(
             index,
@@ -122,6 +123,20 @@ def _build_plan(
             file_readers=file_readers,
         ),
     )
+    return dataclasses.replace(plan, token=uuid.uuid4().hex)
+
+
+def _use_shm(choice: bool | None, plan: LoadPlan, device: torch.device) -> bool:
+    """Whether shared buckets go through shared memory (same decision on every rank)."""
+    one_node = plan.world_size > 1 and len(set(plan.nodes)) == 1
+    if choice is None:
+        return one_node and device.type == "cpu"
+    if choice and not (one_node and device.type == "cpu"):
+        raise DistLoadError(
+            "shm=True needs every rank on one node and a host-memory transport (gloo, MPI)",
+            phase="materialize",
+        )
+    return choice
 
 
 def load(
@@ -152,6 +167,7 @@ def load(
     hub_cache: str = "auto",
     extra_files: Sequence[str] = (),
     download_progress: Callable[[int, int], None] | None = None,
+    shm: bool | None = None,
 ) -> LoadedState:
     """Load this rank's piece of every tensor of a safetensors checkpoint.
 
@@ -207,6 +223,9 @@ def load(
             their local paths are in ``state.files``.
         download_progress: called on rank 0 as ``progress(bytes_done, bytes_total)`` during
             the download phase of a Hub source.
+        shm: exchange shared buckets through shared memory (one read, each rank copies its
+            parts) instead of the transport. Default: when every rank is on one node and the
+            transport works in host memory (gloo, MPI). ``False`` forces the transport.
 
     Returns:
         :class:`LoadedState`: a dict of this rank's tensors, plus ``.report`` (per-rank bytes
@@ -333,13 +352,21 @@ def load(
         seconds["download"] = downloaded.seconds
         root, contain = hub_download.local_root(hub, hub_options.cache)
     tick = time.perf_counter()
+    exchange: ShmExchange | None = None
     if error is None:
         try:
             phase = "materialize"
             dests = prepare_destinations(plan, rt.rank, rt.device, out)
+            if _use_shm(shm, plan, net.device):
+                exchange = ShmExchange(plan, rt.rank)
         except Exception as exc:
             error = exc
-    agree(net, phase, error)
+    try:
+        agree(net, phase, error)
+    except BaseException:
+        if exchange is not None:
+            exchange.close()
+        raise
     seconds["materialize"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -361,12 +388,18 @@ def load(
             on_bucket=(lambda n: progress(n + 1, total))
             if progress is not None and rt.rank == 0
             else None,
+            shm=exchange,
         )
         stats = executor.run()
         agree(net, "close", executor.pending)
     finally:
         reader.close()
+        if exchange is not None:
+            shared = exchange.nbytes
+            exchange.close()
     staging = host.nbytes + (comm.nbytes if comm is not host else 0)
+    if exchange is not None:
+        staging += shared
     host.clear()
     comm.clear()
     seconds["read"] = stats.read_seconds

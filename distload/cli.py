@@ -124,6 +124,13 @@ def _read_index(args: argparse.Namespace) -> CheckpointIndex:
     from distload.hub.options import HubOptions, resolve_source
     from distload.hub.remote import read_hub_index
 
+    if args.source.startswith("model:"):  # shapes of a real model family, no file (planning)
+        from distload.simulate import MODELS, model_index
+
+        name = args.source.removeprefix("model:")
+        if name not in MODELS:
+            raise SystemExit(f"distload: unknown model {name!r}; known: {', '.join(MODELS)}")
+        return model_index(MODELS[name])
     options = HubOptions(revision=args.revision, subfolder=args.subfolder, cache_dir=args.cache_dir)
     resolved = resolve_source(args.source, options)
     if resolved is None:
@@ -168,6 +175,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     index = _read_index(args)
     bucket = int((args.bucket_mb or DEFAULT_BUCKET_BYTES / 2**20) * 2**20)
     placement = _placement(args)
+    per_node = args.ranks_per_node or args.world
+    nodes = [r // per_node for r in range(args.world)]
     plan = make_plan(
         index,
         args.world,
@@ -175,6 +184,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         dtype=parse_dtype(args.dtype),
         bucket_bytes=bucket,
         transforms=_transforms(args),
+        nodes=nodes,
     )
     if isinstance(placement, DeviceMap):
         _out("device map: " + json.dumps(placement.resolve(index.tensors, args.world)))
@@ -188,6 +198,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         + ")"
     )
+    if args.simulate:
+        _print_simulation(plan, args)
+        return 0
     _out("")
     _out(
         f"  {'rank':>4} {'reads':>12} {'sends':>12} {'receives':>12} {'holds':>12} {'staging':>12}"
@@ -203,6 +216,41 @@ def cmd_plan(args: argparse.Namespace) -> int:
             names = sorted({plan.tensors[it.tensor].name for it in b.items})
             _out(f"  bucket {i:>4} {b.kind:9} reader {b.reader:>3}  {', '.join(names)[:100]}")
     return 0
+
+
+def _print_simulation(plan: Any, args: argparse.Namespace) -> None:
+    from distload.simulate import Bandwidths, simulate
+
+    gb = 1e9
+    bw = Bandwidths(
+        node_storage=args.storage_gbps * gb,
+        shared_storage=args.shared_storage_gbps * gb if args.shared_storage_gbps else None,
+        nic=args.nic_gbps * gb,
+        intra=args.intra_gbps * gb,
+        latency=args.latency_us * 1e-6,
+    )
+    pred = simulate(plan, bw)
+    nodes = len(pred.read_bytes_per_node)
+    _out(
+        f"  model: {nodes} node(s) x {args.ranks_per_node or args.world} ranks; storage "
+        f"{args.storage_gbps:g} GB/s per node"
+        + (f", {args.shared_storage_gbps:g} GB/s shared" if args.shared_storage_gbps else "")
+        + f"; NIC {args.nic_gbps:g} GB/s; intra-node {args.intra_gbps:g} GB/s"
+    )
+    _out(f"  {pred.summary()}")
+    _out(
+        "  busy: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in pred.busy.items())
+        + f"; peak per rank (part + staging) {human_bytes(pred.peak_rank_bytes)}"
+    )
+    _out("")
+    _out(f"  {'node':>4} {'reads':>12} {'NIC out':>12} {'NIC in':>12} {'intra-node':>12}")
+    for n in range(nodes):
+        _out(
+            f"  {n:>4} {human_bytes(pred.read_bytes_per_node[n]):>12} "
+            f"{human_bytes(pred.nic_bytes_out[n]):>12} {human_bytes(pred.nic_bytes_in[n]):>12} "
+            f"{human_bytes(pred.intra_bytes[n]):>12}"
+        )
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -328,9 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("plan", help="who reads, sends, receives and holds what (no launch)")
-    p.add_argument("source")
+    p.add_argument("source", help="a checkpoint, a Hub repo, or model:llama-8b|70b|405b (shapes)")
     p.add_argument("--world", type=int, required=True, help="number of ranks")
+    p.add_argument("--ranks-per-node", type=int, default=None, help="default: all on one node")
     p.add_argument("--buckets", action="store_true", help="list every bucket")
+    p.add_argument("--simulate", action="store_true", help="predict time and link traffic")
+    p.add_argument("--storage-gbps", type=float, default=2.0, help="storage GB/s per node")
+    p.add_argument(
+        "--shared-storage-gbps", type=float, default=None, help="shared filesystem aggregate GB/s"
+    )
+    p.add_argument("--nic-gbps", type=float, default=25.0, help="network GB/s per node")
+    p.add_argument("--intra-gbps", type=float, default=150.0, help="intra-node link GB/s")
+    p.add_argument("--latency-us", type=float, default=50.0, help="fixed cost per bucket")
     _add_placement_args(p)
     _add_hub_args(p)
     p.set_defaults(fn=cmd_plan)

@@ -8,7 +8,9 @@ single global order:
 * before each shared bucket all ranks agree on a status flag (one small ``all_reduce``), so a
   rank whose read failed ends the load everywhere instead of leaving peers waiting;
 * ``broadcast`` buckets move one packed buffer from the reader to all ranks; ``p2p`` buckets
-  send each rank only its own parts (packed), point to point.
+  send each rank only its own parts (packed), point to point;
+* when all ranks share one node (host memory), shared buckets skip the transport: the reader
+  reads into a shared-memory slot and each rank copies its parts from it (``distload.shm``).
 
 A background thread reads this rank's upcoming buckets (in plan order) into a ring of staging
 arenas while the main thread transfers the current one, overlapping storage and network.
@@ -31,6 +33,7 @@ from distload.coordination import agree
 from distload.dtypes import to_torch
 from distload.errors import CheckpointError, DistLoadError, failure_from_exception
 from distload.plan import Bucket, Item, LoadPlan, Segment, piece_shape, read_slots, segments_for
+from distload.shm import SLOTS, ShmExchange
 from distload.storage import Arenas, FileReader, ReadRequest, byte_view
 from distload.transport.base import Transport
 
@@ -94,11 +97,16 @@ class _Prefetcher:
         arenas: Arenas,
         direct_target: Callable[[Item], memoryview | None],
         stats: ExecStats,
+        shm: ShmExchange | None = None,
     ) -> None:
         self.plan, self.rank, self.reader, self.arenas = plan, rank, reader, arenas
         self.direct_target = direct_target
         self.stats = stats
-        self.mine = [b for b in plan.buckets if b.reader == rank]
+        self.shm = shm
+        self.mine = [(n, b) for n, b in enumerate(plan.buckets) if b.reader == rank]
+        self.shm_free = {f"shm{i}": threading.Event() for i in range(SLOTS)}
+        for event in self.shm_free.values():
+            event.set()
         self.digests = {t: (rows, chunks) for t, rows, chunks in plan.digests}
         self.free: queue.Queue[str] = queue.Queue()
         for i in range(PREFETCH_DEPTH):
@@ -110,11 +118,17 @@ class _Prefetcher:
             self.thread.start()
 
     def _run(self) -> None:
-        for bucket in self.mine:
+        for number, bucket in self.mine:
             arena = None
+            slot = self.shm.slot_of.get(number) if self.shm is not None else None
             while arena is None:
                 if self._stop.is_set():
                     return
+                if slot is not None:  # this bucket's shared-memory slot, once peers are done
+                    if self.shm_free[slot].wait(timeout=0.1):
+                        self.shm_free[slot].clear()
+                        arena = slot
+                    continue
                 try:
                     arena = self.free.get(timeout=0.1)
                 except queue.Empty:
@@ -134,7 +148,11 @@ class _Prefetcher:
                         targets[slot.item] = direct
             staged = [s for s in slots if s.item not in targets]
             size = max((s.offset + s.nbytes for s in staged), default=0)
-            out.buffer = self.arenas.get(arena, size)
+            if arena in self.shm_free:
+                assert self.shm is not None
+                out.buffer = self.shm.own(arena, size)
+            else:
+                out.buffer = self.arenas.get(arena, size)
             if staged:
                 host = byte_view(out.buffer)
                 for slot in staged:
@@ -183,7 +201,9 @@ class _Prefetcher:
         return got
 
     def release(self, ready: _Ready) -> None:
-        if ready.arena is not None:
+        if ready.arena in self.shm_free:
+            self.shm_free[ready.arena].set()
+        elif ready.arena is not None:
             self.free.put(ready.arena)
 
     def stop(self) -> None:
@@ -209,6 +229,7 @@ class Executor:
         host_arenas: Arenas,
         comm_arenas: Arenas,
         on_bucket: Callable[[int], None] | None = None,
+        shm: ShmExchange | None = None,
     ) -> None:
         self.plan = plan
         self.transport = transport
@@ -221,6 +242,9 @@ class Executor:
         self.stats = ExecStats()
         self.pending: BaseException | None = None  # a local failure not yet shared
         self._agreed = False  # whether the current bucket's status check has passed
+        self.shm = shm  # same-node shared-memory exchange (None: transfers go over transport)
+        self._held: list[_Ready] = []  # shm slots peers may still read: freed at next check
+        self._shm_started = False  # whether a shared bucket went through shared memory yet
 
     # -- destinations -------------------------------------------------------------------------
 
@@ -279,6 +303,7 @@ class Executor:
             arenas=self.host_arenas,
             direct_target=self._direct_target,
             stats=self.stats,
+            shm=self.shm,
         )
         try:
             for number, bucket in enumerate(self.plan.buckets):
@@ -301,6 +326,9 @@ class Executor:
                 if self.on_bucket is not None:
                     self.on_bucket(number)
         finally:
+            for held in self._held:
+                prefetch.release(held)
+            self._held.clear()
             prefetch.stop()
         self.stats.bytes_read = self.reader.bytes_read
         if self.comm_arenas.device.type == "cuda":
@@ -320,9 +348,28 @@ class Executor:
             if ready is not None:
                 prefetch.release(ready)
             return
-        agree(self.transport, "read", self.pending)
+        # with shared memory this check also closes the previous shared bucket's copies, so a
+        # peer lost here may have been lost in that transfer
+        agree(self.transport, "transfer" if self._shm_started else "read", self.pending)
         self._agreed = True
+        self._shm_started = self.shm is not None
+        # every rank has finished the earlier shared buckets: their shm slots are free again
+        for held in self._held:
+            prefetch.release(held)
+        self._held.clear()
         start = time.perf_counter()
+        if self.shm is not None:
+            # no collective inside a shared-memory bucket: any failure here is shared with all
+            # ranks at the next status check (or the closing agreement) instead of a timeout
+            try:
+                self._shm_bucket(number, bucket, ready)
+            except Exception as exc:
+                self._fail_pending(exc, "transfer")
+            if ready is not None:
+                self._held.append(ready)
+            self.stats.transfer_seconds += time.perf_counter() - start
+            self.stats.buckets += 1
+            return
         what = f"transfer: bucket {number} ({bucket.kind}, reader rank {bucket.reader})"
         try:
             if bucket.kind == "broadcast":
@@ -340,6 +387,31 @@ class Executor:
             fn()
         except Exception as exc:  # shared with all ranks at the next agreement
             self.pending = self.pending or exc
+
+    def _fail_pending(self, exc: Exception, phase: str) -> None:
+        """Keep ``exc`` (tagged with ``phase`` unless it has one) for the next agreement."""
+        if getattr(exc, "phase", None) is None:
+            with contextlib.suppress(AttributeError):
+                exc.phase = phase  # type: ignore[attr-defined]
+        self.pending = self.pending or exc
+
+    def _shm_bucket(self, number: int, bucket: Bucket, ready: _Ready | None) -> None:
+        """Same-node exchange: every rank copies its parts from the reader's shm slot."""
+        assert self.shm is not None
+        if ready is not None:
+            self._guard(lambda: self._own_parts(ready))
+            for peer in range(self.transport.world_size):
+                if peer != self.rank:
+                    self.stats.bytes_sent += segments_for(self.plan, bucket, peer)[1]
+            return
+        segs, size = segments_for(self.plan, bucket, self.rank)
+        if not segs:
+            return
+        slots, total = read_slots(self.plan, bucket)
+        view = self.shm.peer(bucket.reader, self.shm.slot_of[number], total)
+        peer = _Ready(bucket, buffer=view, slots={s.item: s for s in slots})
+        self._guard(lambda: self._own_parts(peer))
+        self.stats.bytes_received += size
 
     def _broadcast(self, bucket: Bucket, ready: _Ready | None, what: str) -> None:
         segs, size = segments_for(self.plan, bucket, self.rank)

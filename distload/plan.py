@@ -80,6 +80,7 @@ class LoadPlan:
     digests: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
     # Hub sources: the pinned commit, cache domains and downloads (``distload.hub.plan``)
     hub: dict[str, Any] | None = None
+    token: str = ""  # unique per load (names its shared-memory files)
 
     @property
     def tensors(self) -> tuple[TensorMeta, ...]:
@@ -118,6 +119,7 @@ class LoadPlan:
                 "nodes": list(self.nodes),
                 "digests": [[t, rows, list(chunks)] for t, rows, chunks in self.digests],
                 "hub": self.hub,
+                "token": self.token,
             },
             separators=(",", ":"),
         ).encode()
@@ -151,6 +153,7 @@ class LoadPlan:
                 (int(t), int(rows), tuple(chunks)) for t, rows, chunks in raw.get("digests", ())
             ),
             hub=raw.get("hub"),
+            token=raw.get("token", ""),
         )
 
     def local_shape(self, output: int, rank: int) -> tuple[int, ...] | None:

@@ -270,7 +270,7 @@ def render(
         f"- storage limit (cold, all shards): {one / 1e9:.2f} GB/s with one reader, "
         f"{many / 1e9:.2f} GB/s with 4 parallel readers -> {total / many:.2f} s for the "
         "checkpoint at best",
-        "- time = slowest rank, median over rounds; memory = peak private memory (RssAnon, "
+        "- time = slowest rank, median over rounds; memory = peak memory held (RssAnon + RssShmem, "
         "sampled every 2 ms) over the rank's own part, worst rank and round; storage read = "
         "bytes the job fetched from storage (/proc/self/io) / checkpoint bytes",
         *[f"- {n}" for n in notes],

@@ -1,8 +1,8 @@
 """One rank of one benchmark run: ``python -m distload.bench.worker METHOD CKPT OUT``.
 
 Started by torchrun from ``distload.bench.driver``. The rank preallocates and touches its
-tensor-parallel part, then loads it with one method while a thread samples its private
-memory (RssAnon) every 2 ms; it counts the bytes it read from storage (``/proc/self/io``),
+tensor-parallel part, then loads it with one method while a thread samples its memory
+(RssAnon + RssShmem) every 2 ms; it counts the bytes it read from storage (``/proc/self/io``),
 checks its part bit for bit against safetensors single-process reads, and writes one JSON
 row. Rank 0 of the job evicts the checkpoint from the page cache first.
 """
@@ -21,12 +21,15 @@ import torch.distributed as dist
 
 
 def rss() -> tuple[int, int]:
-    """(RssAnon, RssFile) of this process in bytes: private memory and mapped file pages."""
+    """(RssAnon + RssShmem, RssFile) of this process in bytes: the memory it holds (private
+    pages and the shared-memory pages it maps, e.g. same-node staging slots -- counted in every
+    process that touches them, so shared staging is over- rather than under-counted) and the
+    checkpoint's file pages it maps."""
     anon = file = 0
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("RssAnon:"):
-                anon = int(line.split()[1]) * 1024
+            if line.startswith(("RssAnon:", "RssShmem:")):
+                anon += int(line.split()[1]) * 1024
             elif line.startswith("RssFile:"):
                 file = int(line.split()[1]) * 1024
     return anon, file
@@ -42,7 +45,7 @@ def storage_read_bytes() -> int:
 
 
 class PeakSampler:
-    """Samples RssAnon and RssFile every 2 ms on a thread; keeps the peaks."""
+    """Samples held memory (RssAnon + RssShmem) and RssFile every 2 ms; keeps the peaks."""
 
     def __init__(self) -> None:
         self.peak, self.peak_file = rss()

@@ -70,6 +70,7 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
         bucket_bytes=cfg.get("bucket_bytes"),
         device=cfg.get("device", "cpu"),
         timeout=cfg.get("timeout", 60),
+        shm=cfg.get("shm"),
     )
     if out is None:
         reference = read_all(cfg["source"])
@@ -560,6 +561,7 @@ PHASE_HOOKS: dict[str, tuple[str, str]] = {
     "read": ("distload.storage.FileReader", "read"),
     "transfer": ("distload.transport.torch_dist.TorchDistTransport", "send"),
     "transfer@recv": ("distload.transport.torch_dist.TorchDistTransport", "recv"),
+    "transfer@shm": ("distload.execute.Executor", "_shm_bucket"),
     "close": ("distload.report.RankReport", "to_json"),
 }
 
@@ -589,6 +591,7 @@ def failure_case(args: dict[str, Any]) -> dict[str, Any]:
             hook = f"{phase}@0"
         if phase == "transfer" and args.get("receiver"):
             hook = "transfer@recv"
+        hook = args.get("hook") or hook
         owner_path, attr = PHASE_HOOKS[hook]
         owner = _resolve(owner_path)
         original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
@@ -617,6 +620,7 @@ def failure_case(args: dict[str, Any]) -> dict[str, Any]:
             device="cpu",
             timeout=timeout,
             bucket_bytes=args.get("bucket_bytes"),
+            shm=args.get("shm"),
         )
     except distload.DistLoadError as exc:
         return {

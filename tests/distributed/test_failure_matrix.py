@@ -31,14 +31,23 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+# "download" (Hub sources) is covered in tests/hub; "shm-transfer" is the transfer phase
+# through same-node shared memory, "transfer" the one through the transport (gloo)
+MATRIX_PHASES = [p for p in PHASES if p != "download"] + ["shm-transfer"]
+
+
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("phase", [p for p in PHASES if p != "download"])  # Hub: test_hub
+@pytest.mark.parametrize("phase", MATRIX_PHASES)
 def test_failure_matrix(phase: str, kind: str, ckpt: Path) -> None:
     victim = 0 if kind == "exception@0" else 1
     base = kind.split("@", maxsplit=1)[0]
+    shm = phase == "shm-transfer"
+    label, phase = phase, "transfer" if shm else phase
     args = {
         "source": str(ckpt),
         "phase": phase,
+        "shm": True if shm else (False if phase == "transfer" else None),
+        "hook": "transfer@shm" if shm else None,
         "kind": base,
         "victim": victim,
         "timeout": TIMEOUT,
@@ -54,7 +63,7 @@ def test_failure_matrix(phase: str, kind: str, ckpt: Path) -> None:
             fh.write(
                 json.dumps(
                     {
-                        "phase": phase,
+                        "phase": label,
                         "kind": kind,
                         "results": results,
                         "returncodes": [o.returncode for o in outcomes],

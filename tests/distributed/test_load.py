@@ -58,6 +58,12 @@ def _configs(world: int, mixed: Path, llama: Path, single: Path) -> list[dict[st
     ]
     if world % 2 == 0 and world > 2:
         configs.append({"name": "tp2-dp", "source": m, "rules": MIXED_RULES, "tp": 2})
+    if world > 1:  # the same loads through the transport instead of same-node shared memory
+        configs += [
+            dict(c, name=f"{c['name']}-transport", shm=False)
+            for c in configs
+            if c["name"] in ("replicate", "tp-upcast-small-buckets", "tp-llama", "tp2-dp")
+        ]
     return configs
 
 

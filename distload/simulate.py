@@ -1,0 +1,233 @@
+"""Predict a load's time, link traffic and memory from its plan and a bandwidth model.
+
+Pure Python, no torch.distributed, run anywhere (``distload plan --simulate``): a plan for
+512 ranks and a 405B checkpoint is built and simulated on a laptop, from shapes alone
+(:func:`model_index` makes the index of a real model family without any file).
+
+The model follows how :class:`~distload.execute.Executor` runs a plan:
+
+* every reader reads its buckets in plan order, up to ``prefetch`` buckets ahead of the
+  transfer of its oldest unsent one; readers of one node share that node's storage bandwidth
+  (and, with shared storage, everyone shares its aggregate bandwidth);
+* shared buckets are transferred one at a time in the global order, each when its read is done
+  and the previous transfer has finished; a transfer lasts as long as its busiest link needs:
+  the reader's NIC (bytes to other nodes), each receiving node's NIC, the intra-node link
+  (bytes between ranks of one node), plus a fixed latency per bucket;
+* a broadcast reaches each node once over the network (a ring or tree, as NCCL and gloo do);
+  point-to-point buckets send each rank only its parts.
+
+The result is compared with the physical lower bound
+``max(bytes per node / node storage bandwidth, total bytes / aggregate storage bandwidth)``
+(with the checkpoint read once per job, spread over the nodes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from distload.checkpoint import CheckpointIndex, FileMeta, TensorMeta
+from distload.plan import LoadPlan, piece_bytes, segments_for
+from distload.planner import traffic
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """Link speeds in bytes/s (see ``distload plan --simulate --help`` for the flags)."""
+
+    node_storage: float  # what one node reads from its storage (local disk or its share of NFS)
+    shared_storage: float | None = None  # aggregate of a shared filesystem (None: node-local)
+    nic: float = 25 * GB  # one node's network, each direction
+    intra: float = 100 * GB  # between ranks of one node (NVLink, shared memory)
+    latency: float = 50e-6  # fixed cost of one bucket's transfer, seconds
+    prefetch: int = 2  # buckets a reader may read ahead (the executor's ring of arenas)
+
+
+@dataclass
+class Prediction:
+    """What :func:`simulate` predicts for one plan."""
+
+    seconds: float  # predicted wall time of the read + transfer phases
+    lower_bound: float  # physical lower bound of reading the checkpoint once
+    read_bytes_per_node: list[int]
+    nic_bytes_out: list[int]  # per node, bytes sent to other nodes
+    nic_bytes_in: list[int]  # per node, bytes received from other nodes
+    intra_bytes: list[int]  # per node, bytes moved between its own ranks
+    peak_rank_bytes: int  # largest final part + staging of any rank
+    bottleneck: str  # which resource bounds the predicted time
+    busy: dict[str, float] = field(default_factory=dict)  # seconds each resource is busy
+
+    def summary(self) -> str:
+        return (
+            f"predicted {self.seconds:.2f} s (lower bound {self.lower_bound:.2f} s, "
+            f"{self.lower_bound / self.seconds:.0%} of it reached), bound by {self.bottleneck}"
+        )
+
+
+def _node_of(plan: LoadPlan) -> list[int]:
+    return list(plan.nodes) if plan.nodes else [0] * plan.world_size
+
+
+def _transfer_bytes(
+    plan: LoadPlan, number: int, node: list[int], nodes: int
+) -> tuple[list[int], list[int], list[int], int]:
+    """One shared bucket's traffic: (NIC bytes out per node, NIC bytes in per node, bytes moved
+    inside each node, bytes on the busiest intra-node link)."""
+    bucket = plan.buckets[number]
+    out, inn, intra = [0] * nodes, [0] * nodes, [0] * nodes
+    src = node[bucket.reader]
+    if bucket.kind == "broadcast":
+        size = sum(piece_bytes(plan.tensors[i.tensor], i) for i in bucket.items)
+        present = sorted({node[r] for r in range(plan.world_size)})
+        for n in present:
+            if n != src:  # one copy enters every other node (a ring or tree between nodes)
+                inn[n] += size
+        # a ring forwards one copy out of every node but the last; a pair is one hop
+        for n in present[: max(0, len(present) - 1)]:
+            out[n] += size
+        for n in present:
+            intra[n] += size * (node.count(n) - 1)
+        busiest = size if any(node.count(n) > 1 for n in present) else 0
+        return out, inn, intra, busiest
+    for r in range(plan.world_size):
+        if r == bucket.reader:
+            continue
+        _, nbytes = segments_for(plan, bucket, r)
+        if not nbytes:
+            continue
+        if node[r] == src:
+            intra[src] += nbytes
+        else:
+            out[src] += nbytes
+            inn[node[r]] += nbytes
+    return out, inn, intra, intra[src]  # the reader's own link carries all it sends locally
+
+
+def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
+    """Predict ``plan``'s read + transfer time under ``bw`` (pure; any world size)."""
+    node = _node_of(plan)
+    nodes = max(node) + 1
+    reading = {b.reader for b in plan.buckets}
+    # each node's storage serves its readers' requests one after the other at its full rate
+    # (work-conserving); a shared filesystem caps each reading node at its share
+    nodes_reading = len({node[r] for r in reading}) or 1
+    rate = bw.node_storage
+    if bw.shared_storage is not None:
+        rate = min(rate, bw.shared_storage / nodes_reading)
+    storage_clock = [0.0] * nodes
+    read_done = [0.0] * len(plan.buckets)
+    reader_clock = dict.fromkeys(reading, 0.0)
+    # a reader may start bucket k only once its bucket (k - prefetch) of its own is moved on
+    own: dict[int, list[int]] = {r: [] for r in reading}
+    for k, b in enumerate(plan.buckets):
+        own[b.reader].append(k)
+    position = {k: i for r in reading for i, k in enumerate(own[r])}
+    finished = [0.0] * len(plan.buckets)  # when each bucket's transfer (or local copy) ends
+    read_bytes_node = [0] * nodes
+    nic_out, nic_in, intra_total = [0] * nodes, [0] * nodes, [0] * nodes
+    busy = {"storage": 0.0, "nic": 0.0, "intra-node": 0.0, "latency": 0.0}
+    clock = 0.0  # end of the last shared transfer (the global order)
+    for k, b in enumerate(plan.buckets):
+        nbytes = sum(piece_bytes(plan.tensors[i.tensor], i) for i in b.items)
+        read_bytes_node[node[b.reader]] += nbytes
+        i = position[k]
+        gate = finished[own[b.reader][i - bw.prefetch]] if i >= bw.prefetch else 0.0
+        start = max(reader_clock[b.reader], gate, storage_clock[node[b.reader]])
+        read_done[k] = start + nbytes / rate
+        storage_clock[node[b.reader]] = read_done[k]
+        reader_clock[b.reader] = read_done[k]
+        busy["storage"] = max(busy["storage"], read_done[k])
+        if b.kind == "local":
+            finished[k] = read_done[k]
+            continue
+        out, inn, intra, busiest = _transfer_bytes(plan, k, node, nodes)
+        for n in range(nodes):
+            nic_out[n] += out[n]
+            nic_in[n] += inn[n]
+            intra_total[n] += intra[n]
+        net = max(*out, *inn) / bw.nic
+        local = busiest / bw.intra
+        duration = max(net, local) + bw.latency
+        busy["nic"] += net
+        busy["intra-node"] += local
+        busy["latency"] += bw.latency
+        clock = max(clock, read_done[k]) + duration
+        finished[k] = clock
+    seconds = max([clock, *reader_clock.values()], default=0.0)
+    total = plan.index.total_bytes
+    lower = total / nodes / bw.node_storage
+    if bw.shared_storage is not None:
+        lower = max(lower, total / bw.shared_storage)
+    stats = traffic(plan)
+    peak = max((s.held + s.staging for s in stats), default=0)
+    bottleneck = max(busy, key=lambda key: busy[key])
+    return Prediction(
+        seconds=seconds,
+        lower_bound=lower,
+        read_bytes_per_node=read_bytes_node,
+        nic_bytes_out=nic_out,
+        nic_bytes_in=nic_in,
+        intra_bytes=intra_total,
+        peak_rank_bytes=peak,
+        bottleneck=bottleneck,
+        busy=busy,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# real shapes without files
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Dimensions of a Llama-family decoder (enough to know every tensor's shape)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+
+MODELS: dict[str, ModelShape] = {
+    "llama-8b": ModelShape(4096, 14336, 32, 32, 8, 128256),
+    "llama-70b": ModelShape(8192, 28672, 80, 64, 8, 128256),
+    "llama-405b": ModelShape(16384, 53248, 126, 128, 8, 128256),
+}
+
+
+def model_index(
+    shape: ModelShape, *, dtype: str = "BF16", shard_bytes: int = 5 * 2**30
+) -> CheckpointIndex:
+    """The index a ``save_pretrained`` checkpoint of ``shape`` would have (no file needed)."""
+    from distload.dtypes import ITEMSIZE
+    from distload.synthetic import LlamaShape, llama_tensors
+
+    names = llama_tensors(
+        LlamaShape(
+            shape.vocab, shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.kv_heads
+        )
+    )
+    item = ITEMSIZE[dtype]
+    shards: list[list[tuple[str, tuple[int, ...], int]]] = [[]]
+    size = 0
+    for name, dims in names.items():
+        nbytes = math.prod(dims) * item
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, dims, nbytes))
+        size += nbytes
+    files, tensors = [], []
+    for n, shard in enumerate(shards):
+        fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        header = 8 + 128 * len(shard)
+        offset = header
+        for name, dims, nbytes in shard:
+            tensors.append(TensorMeta(name, fname, dtype, dims, offset, nbytes))
+            offset += nbytes
+        files.append(FileMeta(fname, offset, header))
+    return CheckpointIndex(f"<{shape}>", tuple(files), tuple(tensors), {"format": "pt"})

@@ -1,0 +1,133 @@
+"""The bandwidth model (``distload plan --simulate``) with plain integers: conservation of
+bytes, the lower bound, storage- and network-bound regimes, real model shapes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import distload
+from distload.cli import main
+from distload.placement import preset
+from distload.planner import make_plan, traffic
+from distload.simulate import MODELS, Bandwidths, ModelShape, model_index, simulate
+
+GB = 1e9
+SMALL = ModelShape(hidden=256, intermediate=704, layers=4, heads=8, kv_heads=4, vocab=1000)
+
+
+def _params(shape: ModelShape) -> int:
+    h, i, kv = shape.hidden, shape.intermediate, shape.hidden // shape.heads * shape.kv_heads
+    per_layer = 2 * h * h + 2 * kv * h + 3 * h * i + 2 * h
+    return 2 * shape.vocab * h + shape.layers * per_layer + h
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_index_has_the_real_parameter_count(name: str) -> None:
+    shape = MODELS[name]
+    index = model_index(shape, shard_bytes=5 * 2**30)
+    assert index.total_bytes == 2 * _params(shape)
+    billions = {"llama-8b": 8.0, "llama-70b": 70.6, "llama-405b": 405.8}[name]
+    assert index.total_bytes / 2 / 1e9 == pytest.approx(billions, rel=0.01)
+    assert all(f.size <= 5 * 2**30 + 8 + 128 * 1000 for f in index.files)
+    # offsets are contiguous within each file, as save_pretrained writes them
+    for f in index.files:
+        ts = [t for t in index.tensors if t.file == f.name]
+        for a, b in zip(ts, ts[1:], strict=False):
+            assert a.offset + a.nbytes == b.offset
+
+
+def _plan(world: int, per_node: int, placement: object, bucket: int = 2**20):  # type: ignore[no-untyped-def]
+    index = model_index(SMALL, shard_bytes=2**21)
+    return make_plan(
+        index,
+        world,
+        placement,  # type: ignore[arg-type]
+        bucket_bytes=bucket,
+        nodes=[r // per_node for r in range(world)],
+    )
+
+
+def test_single_reader_node_is_storage_bound() -> None:
+    plan = _plan(4, 4, distload.TensorParallel(preset("llama")))
+    bw = Bandwidths(node_storage=1 * GB, nic=1e6, intra=1e6 * GB, latency=0.0)
+    pred = simulate(plan, bw)
+    total = plan.index.total_bytes
+    assert pred.read_bytes_per_node == [total]
+    assert pred.nic_bytes_out == [0] and pred.nic_bytes_in == [0]  # one node: no network
+    assert pred.lower_bound == pytest.approx(total / GB)
+    assert pred.seconds == pytest.approx(pred.lower_bound, rel=0.02)
+    assert pred.bottleneck == "storage"
+
+
+@pytest.mark.parametrize("placement", ["tp", "replicate", "mesh"])
+def test_bytes_are_conserved_and_bound_holds(placement: str) -> None:
+    world, per_node = 8, 4
+    layout = {
+        "tp": distload.TensorParallel(preset("llama")),
+        "replicate": None,
+        "mesh": distload.Mesh(dp=2, tp=4, tp_rules=preset("llama")),
+    }[placement]
+    plan = _plan(world, per_node, layout)
+    pred = simulate(plan, Bandwidths(node_storage=2 * GB, nic=1 * GB, intra=10 * GB))
+    assert sum(pred.read_bytes_per_node) == plan.index.total_bytes  # read once per job
+    assert pred.seconds >= pred.lower_bound
+    if placement != "replicate":  # point to point: what leaves one node enters another
+        assert sum(pred.nic_bytes_out) == sum(pred.nic_bytes_in)
+    # what crosses the network is what ranks on other nodes than the reader receive
+    received = sum(t.received for t in traffic(plan))
+    assert sum(pred.nic_bytes_in) + sum(pred.intra_bytes) >= min(received, 1)
+    stats = traffic(plan)
+    assert pred.peak_rank_bytes == max(s.held + s.staging for s in stats)
+
+
+def test_slow_network_becomes_the_bottleneck() -> None:
+    plan = _plan(8, 4, None)  # replicate everything: every node needs every byte
+    fast = simulate(plan, Bandwidths(node_storage=1 * GB, nic=100 * GB, intra=100 * GB))
+    slow = simulate(plan, Bandwidths(node_storage=1 * GB, nic=0.01 * GB, intra=100 * GB))
+    assert fast.bottleneck == "storage"
+    assert slow.bottleneck == "nic"
+    total = plan.index.total_bytes
+    # the other node must receive the whole checkpoint but the half it read itself
+    assert sum(slow.nic_bytes_in) == pytest.approx(total, rel=0.01)
+    assert slow.seconds >= total / 2 / (0.01 * GB)
+
+
+def test_shared_storage_caps_the_lower_bound() -> None:
+    plan = _plan(8, 4, distload.TensorParallel(preset("llama")))
+    pred = simulate(
+        plan, Bandwidths(node_storage=10 * GB, shared_storage=1 * GB, nic=100 * GB, intra=100 * GB)
+    )
+    assert pred.lower_bound == pytest.approx(plan.index.total_bytes / GB)
+    assert pred.seconds >= pred.lower_bound
+
+
+def test_cli_simulates_a_real_model_shape(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "plan",
+            "model:llama-8b",
+            "--world",
+            "16",
+            "--ranks-per-node",
+            "8",
+            "--tp",
+            "8",
+            "--dp",
+            "2",
+            "--simulate",
+            "--bucket-mb",
+            "256",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "predicted" in out and "lower bound" in out
+    assert out.count("GiB") >= 4
+    assert math.isfinite(float(out.split("predicted ")[1].split(" s")[0]))
+
+
+def test_cli_rejects_unknown_model() -> None:
+    with pytest.raises(SystemExit, match="unknown model"):
+        main(["plan", "model:gpt-99", "--world", "2"])
