@@ -1,6 +1,6 @@
 """One rank of a benchmark run (started by torchrun from benchmarks/memory.py).
 
-Measures the memory this rank holds (RssAnon + RssShmem, sampled every 2 ms) while loading its
+Measures the memory this rank holds (proportional set size, sampled every 2 ms) while loading its
 tensor-parallel part of a checkpoint into preallocated destinations with one method, checks the
 result bit for bit against safetensors, and writes a JSON line of figures.
 """
@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import distload
-from distload.bench.worker import PeakSampler, evict, rss
+from distload.bench.worker import PeakSampler, evict, held, rss
 from distload.checkpoint import read_checkpoint
 from distload.placement import preset
 from distload.planner import make_plan
@@ -52,7 +52,7 @@ def main() -> None:
     if rank == 0:
         evict(root)
     dist.barrier()
-    base = rss()[0]
+    base = held()
     dests = {
         name: torch.empty(tuple(s.stop - s.start for s in sl), dtype=torch.bfloat16)
         for name, (meta, sl) in wanted.items()
@@ -60,7 +60,7 @@ def main() -> None:
     for d in dests.values():  # touch the pages: the part is resident before loading
         d.view(torch.uint8).fill_(0)
     part = sum(d.numel() * d.element_size() for d in dests.values())
-    after_alloc = rss()[0]
+    after_alloc = held()
     base_file = rss()[1]
     sampler = PeakSampler()
     dist.barrier()
@@ -100,9 +100,9 @@ def main() -> None:
         "rank": rank,
         "world": world,
         "part_bytes": part,
-        "baseline_rss_anon": base,
-        "alloc_rss_anon": after_alloc,
-        "peak_rss_anon": peak,
+        "baseline_held": base,
+        "alloc_held": after_alloc,
+        "peak_held": peak,
         "extra_over_part": peak - base - part,
         "peak_file_mapped": sampler.peak_file - base_file,
         "staging_budget": int(args.staging_mb * 2**20),

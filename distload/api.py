@@ -365,7 +365,7 @@ def load(
         agree(net, phase, error)
     except BaseException:
         if exchange is not None:
-            exchange.close()
+            exchange.close(purge=True)
         raise
     seconds["materialize"] = time.perf_counter() - tick
 
@@ -392,11 +392,16 @@ def load(
         )
         stats = executor.run()
         agree(net, "close", executor.pending)
+        failed = False
+    except BaseException:
+        failed = True
+        raise
     finally:
         reader.close()
         if exchange is not None:
             shared = exchange.nbytes
-            exchange.close()
+            # after a failure a peer may be dead: survivors also remove its shared-memory files
+            exchange.close(purge=failed)
     staging = host.nbytes + (comm.nbytes if comm is not host else 0)
     if exchange is not None:
         staging += shared

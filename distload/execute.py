@@ -32,7 +32,16 @@ import torch
 from distload.coordination import agree
 from distload.dtypes import to_torch
 from distload.errors import CheckpointError, DistLoadError, failure_from_exception
-from distload.plan import Bucket, Item, LoadPlan, Segment, piece_shape, read_slots, segments_for
+from distload.plan import (
+    Bucket,
+    Item,
+    LoadPlan,
+    Segment,
+    piece_bytes,
+    piece_shape,
+    read_slots,
+    segments_for,
+)
 from distload.shm import SLOTS, ShmExchange
 from distload.storage import Arenas, FileReader, ReadRequest, byte_view
 from distload.transport.base import Transport
@@ -98,8 +107,13 @@ class _Prefetcher:
         direct_target: Callable[[Item], memoryview | None],
         stats: ExecStats,
         shm: ShmExchange | None = None,
+        cuda: torch.device | None = None,
     ) -> None:
         self.plan, self.rank, self.reader, self.arenas = plan, rank, reader, arenas
+        # copies out of a pinned arena into CUDA memory are asynchronous: an arena is read into
+        # again only after the copies queued before its release have run (one event each)
+        self.cuda = cuda
+        self.fences: dict[str, torch.cuda.Event] = {}
         self.direct_target = direct_target
         self.stats = stats
         self.shm = shm
@@ -118,7 +132,9 @@ class _Prefetcher:
             self.thread.start()
 
     def _run(self) -> None:
-        for number, bucket in self.mine:
+        for position, (number, bucket) in enumerate(self.mine):
+            if position + 1 < len(self.mine):  # storage starts on the next bucket meanwhile
+                self._advise(self.mine[position + 1][1])
             arena = None
             slot = self.shm.slot_of.get(number) if self.shm is not None else None
             while arena is None:
@@ -133,7 +149,18 @@ class _Prefetcher:
                     arena = self.free.get(timeout=0.1)
                 except queue.Empty:
                     continue
+                fence = self.fences.pop(arena, None)
+                if fence is not None:
+                    fence.synchronize()
             self.ready.put(self._read(bucket, arena))
+
+    def _advise(self, bucket: Bucket) -> None:
+        """Tell the kernel which byte ranges this reader asks for next (read-ahead hint)."""
+        for item in bucket.items:
+            meta = self.plan.tensors[item.tensor]
+            self.reader.advise(
+                meta.file, meta.offset + item.start * meta.row_bytes, piece_bytes(meta, item)
+            )
 
     def _read(self, bucket: Bucket, arena: str) -> _Ready:
         out = _Ready(bucket, arena=arena)
@@ -204,6 +231,10 @@ class _Prefetcher:
         if ready.arena in self.shm_free:
             self.shm_free[ready.arena].set()
         elif ready.arena is not None:
+            if self.cuda is not None:
+                fence = torch.cuda.Event()
+                fence.record(torch.cuda.current_stream(self.cuda))
+                self.fences[ready.arena] = fence
             self.free.put(ready.arena)
 
     def stop(self) -> None:
@@ -293,6 +324,13 @@ class Executor:
             _view(buf, seg).copy_(_source(ready, seg), non_blocking=True)
         return buf
 
+    def _cuda_device(self) -> torch.device | None:
+        """The CUDA device this rank's destinations live on (copies from pinned arenas into it
+        are asynchronous), or None."""
+        if self.comm_arenas.device.type == "cuda":
+            return self.comm_arenas.device
+        return next((d.device for d in self.dests.values() if d.device.type == "cuda"), None)
+
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self) -> ExecStats:
@@ -304,6 +342,7 @@ class Executor:
             direct_target=self._direct_target,
             stats=self.stats,
             shm=self.shm,
+            cuda=self._cuda_device(),
         )
         try:
             for number, bucket in enumerate(self.plan.buckets):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import warnings
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,20 @@ from distload.dtypes import ITEMSIZE, from_torch
 from distload.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def _stored_sizes(path: Path, bad: Callable[[str], CheckpointError]) -> dict[str, int]:
+    """Record name (without the archive's top folder) -> size, for uncompressed records only
+    (a compressed record's bytes are not its data, so it cannot be read as a byte range)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {
+                info.filename.split("/", 1)[1]: info.file_size
+                for info in archive.infolist()
+                if "/" in info.filename and info.compress_type == zipfile.ZIP_STORED
+            }
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise bad(f"unreadable zip directory ({exc})") from None
 
 
 def read_pickle_header(path: Path, display: str) -> tuple[FileMeta, dict[str, TensorMeta]]:
@@ -71,6 +87,7 @@ def read_pickle_header(path: Path, display: str) -> tuple[FileMeta, dict[str, Te
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise bad("expected a flat state dict (name -> tensor)")
     size = path.stat().st_size
+    stored = _stored_sizes(path, bad)
     tensors: dict[str, TensorMeta] = {}
     for name, t in obj.items():
         if not isinstance(t, torch.Tensor):
@@ -81,8 +98,10 @@ def read_pickle_header(path: Path, display: str) -> tuple[FileMeta, dict[str, Te
         if key is None:
             raise bad(f"tensor {name!r} has no storage record")
         record = f"data/{key}"
+        if record not in stored:
+            raise bad(f"storage record {record!r} of tensor {name!r} is compressed or missing")
         start = reader.get_record_offset(record)
-        limit = start + reader.get_record_size(record)
+        limit = start + stored[record]
         dtype = from_torch(t.dtype)
         offset = start + t.storage_offset() * ITEMSIZE[dtype]
         nbytes = t.numel() * ITEMSIZE[dtype]

@@ -13,7 +13,8 @@ earlier bucket's copies, so a slot is never overwritten while a peer reads it.
 
 Files are named ``distload-<plan token>-<rank>-<slot>``; the reader creates its files before
 its first read and unlinks them when the load ends (peers that still map them keep valid
-mappings).
+mappings). After a failed load every survivor removes all files of that load, so a rank killed
+mid-load leaves nothing behind in ``/dev/shm``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from distload.plan import Bucket, LoadPlan, read_slots
+from distload.plan import LoadPlan, read_slots
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,11 @@ SLOTS = 2
 
 
 def shm_dir() -> Path:
-    """``/dev/shm`` where it exists (tmpfs), else the temporary folder."""
+    """``DISTLOAD_SHM_DIR`` if set, else ``/dev/shm`` where it exists (tmpfs), else the
+    temporary folder."""
+    chosen = os.environ.get("DISTLOAD_SHM_DIR")
+    if chosen:
+        return Path(chosen)
     path = Path("/dev/shm")
     return path if path.is_dir() and os.access(path, os.W_OK) else Path(tempfile.gettempdir())
 
@@ -97,18 +102,18 @@ class ShmExchange:
             self._peers[key] = view
         return view[:nbytes]
 
-    def slot(self, number: int, bucket: Bucket) -> str:
-        return self.slot_of[number]
-
     @property
     def nbytes(self) -> int:
         """Shared memory this rank holds (its own slots)."""
         return sum(t.numel() for t in self._own.values())
 
-    def close(self) -> None:
-        """Drop every mapping and remove this rank's files."""
+    def close(self, *, purge: bool = False) -> None:
+        """Drop every mapping and remove this rank's files; with ``purge`` (after a failed
+        load, when a peer may have died without cleaning up) every rank's files of this load."""
         self._peers.clear()
         self._own.clear()
-        for i in range(SLOTS):
-            with contextlib.suppress(FileNotFoundError):
-                self.path(self.rank, f"shm{i}").unlink()
+        owners = range(self.plan.world_size) if purge else (self.rank,)
+        for rank in owners:
+            for i in range(SLOTS):
+                with contextlib.suppress(FileNotFoundError):
+                    self.path(rank, f"shm{i}").unlink()

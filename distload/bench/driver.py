@@ -31,6 +31,7 @@ from pathlib import Path
 
 from distload.bench.methods import METHODS, available
 from distload.bench.worker import evict
+from distload.shm import shm_dir
 
 MiB = 2**20
 BLOCK = 8 * MiB
@@ -73,6 +74,65 @@ def storage_limit(root: Path, threads: int) -> float:
     for w in workers:
         w.join()
     return total[0] / (time.perf_counter() - start)
+
+
+def copy_limit(nbytes: int = 256 * MiB) -> float:
+    """Bytes/s of one host-memory copy (what a same-node shared-memory exchange runs at)."""
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(4):
+        dst.copy_(src)
+    return 4 * nbytes / (time.perf_counter() - start)
+
+
+def loopback_limit(nbytes: int = 256 * MiB) -> float:
+    """Bytes/s over one TCP connection on loopback (the "network" between simulated nodes)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    got = [0]
+
+    def sink() -> None:
+        conn, _ = server.accept()
+        with conn:
+            buf = bytearray(4 * MiB)
+            while got[0] < nbytes:
+                n = conn.recv_into(buf)
+                if not n:
+                    break
+                got[0] += n
+
+    thread = threading.Thread(target=sink)
+    thread.start()
+    chunk = bytes(4 * MiB)
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        for _ in range(nbytes // len(chunk)):
+            client.sendall(chunk)
+    thread.join()
+    server.close()
+    return got[0] / (time.perf_counter() - start)
+
+
+def predicted(ckpt: Path, scenario: str, storage: float, copy: float, net: float) -> float:
+    """distload's time for ``scenario`` under ``distload.simulate``'s model, fed the limits
+    measured on this machine (a check of the model against the measured runs)."""
+    import distload
+    from distload.checkpoint import read_checkpoint
+    from distload.placement import preset
+    from distload.planner import make_plan
+    from distload.simulate import Bandwidths, simulate
+
+    index = read_checkpoint(ckpt)
+    world = 4 if scenario == "2node" else int(scenario.removeprefix("tp"))
+    nodes = [r // 2 for r in range(world)] if scenario == "2node" else [0] * world
+    plan = make_plan(index, world, distload.TensorParallel(preset("llama")), nodes=nodes)
+    # one physical disk: the two simulated nodes share it
+    bw = Bandwidths(node_storage=storage, shared_storage=storage, nic=net, intra=copy)
+    return simulate(plan, bw).seconds
 
 
 def _worker_cmd(method: str, ckpt: Path, out: Path, tag: str, staging_mb: float) -> list[str]:
@@ -143,7 +203,14 @@ def run_two_nodes(
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    """Worker environment: one math thread per rank, loopback gloo, and a shared-memory folder
+    of the benchmark's own (its staging files are counted for the ranks that create them)."""
+    return dict(
+        os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DISTLOAD_SHM_DIR=str(SHM_DIR)
+    )
+
+
+SHM_DIR = shm_dir() / f"distload-bench-{os.getpid()}"
 
 
 def two_nodes_supported() -> bool:
@@ -208,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
             scenarios.remove("2node")
             notes.append("2node skipped: `unshare -m` (a private mount namespace) needs root")
 
+    SHM_DIR.mkdir(parents=True, exist_ok=True)
     one = storage_limit(ckpt, 1)
     many = storage_limit(ckpt, 4)
+    copy_bw, net_bw = copy_limit(), loopback_limit()
+    model = {s: predicted(ckpt, s, many, copy_bw, net_bw) for s in scenarios}
     results: dict[str, dict[str, dict]] = {}
     out = work / "rows"
     shutil.rmtree(out, ignore_errors=True)
@@ -232,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.setdefault(method, []).append(row)
         results[scenario] = {m: summarise(r, total) for m, r in rows.items()}
 
+    shutil.rmtree(SHM_DIR, ignore_errors=True)
     text = render(
         results,
         args,
@@ -239,7 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         nfiles=len(files),
         one=one,
         many=many,
-        notes=notes + [f"{m} not installed: skipped" for m in skipped],
+        notes=notes
+        + [f"{m} not installed: skipped" for m in skipped]
+        + [
+            f"model inputs: host copy {copy_bw / 1e9:.2f} GB/s, loopback TCP "
+            f"{net_bw / 1e9:.2f} GB/s, storage {many / 1e9:.2f} GB/s"
+        ],
+        model=model,
     )
     sys.stdout.write(text)
     if args.results:
@@ -256,6 +333,7 @@ def render(
     one: float,
     many: float,
     notes: list[str],
+    model: dict[str, float] | None = None,
 ) -> str:
     lines = [
         "# distload load benchmark",
@@ -270,7 +348,9 @@ def render(
         f"- storage limit (cold, all shards): {one / 1e9:.2f} GB/s with one reader, "
         f"{many / 1e9:.2f} GB/s with 4 parallel readers -> {total / many:.2f} s for the "
         "checkpoint at best",
-        "- time = slowest rank, median over rounds; memory = peak memory held (RssAnon + RssShmem, "
+        "- time = slowest rank, median over rounds; memory = peak memory held "
+        "(RssAnon plus the shared-memory staging files the rank created; a peer's files it only "
+        "reads count for that peer; "
         "sampled every 2 ms) over the rank's own part, worst rank and round; storage read = "
         "bytes the job fetched from storage (/proc/self/io) / checkpoint bytes",
         *[f"- {n}" for n in notes],
@@ -302,6 +382,12 @@ def render(
                 f"{'within' if budget_ok else 'OVER'} the {d['budget'] / MiB:.0f} MiB staging "
                 f"budget; storage read {d['read']:.2f} x the checkpoint.",
             ]
+            if model and scenario in model:
+                lines.append(
+                    f"`distload plan --simulate` predicts {model[scenario]:.2f} s from the "
+                    f"measured limits (measured {d['slowest']:.2f} s, ratio "
+                    f"{d['slowest'] / model[scenario]:.2f})."
+                )
         lines.append("")
     return "\n".join(lines)
 

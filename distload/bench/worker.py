@@ -1,15 +1,17 @@
 """One rank of one benchmark run: ``python -m distload.bench.worker METHOD CKPT OUT``.
 
 Started by torchrun from ``distload.bench.driver``. The rank preallocates and touches its
-tensor-parallel part, then loads it with one method while a thread samples its memory
-(RssAnon + RssShmem) every 2 ms; it counts the bytes it read from storage (``/proc/self/io``),
-checks its part bit for bit against safetensors single-process reads, and writes one JSON
-row. Rank 0 of the job evicts the checkpoint from the page cache first.
+tensor-parallel part, then loads it with one method while a thread samples the memory it
+holds (private pages plus the shared-memory staging it created) every 2 ms; it counts the
+bytes it read from storage (``/proc/self/io``), checks its part bit for bit against
+safetensors single-process reads, and writes one JSON row. Rank 0 of each node evicts the
+checkpoint from the page cache first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import threading
@@ -20,42 +22,58 @@ import torch
 import torch.distributed as dist
 
 
+def _fields(path: str, names: tuple[str, ...]) -> dict[str, int]:
+    """``name: N kB`` lines of a /proc file, in bytes."""
+    found: dict[str, int] = {}
+    with open(path) as fh:
+        for line in fh:
+            key = line.split(":", 1)[0]
+            if key in names:
+                found[key] = int(line.split()[1]) * 1024
+    return found
+
+
+def own_shared_bytes() -> int:
+    """Resident bytes of the shared-memory staging files this rank created (``DISTLOAD_SHM_DIR``
+    is set by the benchmark driver; files are named ``distload-<load>-<rank>-<slot>``).
+
+    Shared memory is counted where it is allocated: a rank's own slots count in full for it,
+    the peers' slots it only reads from do not (they count for their owners), so the ranks'
+    figures add up to what the node really holds, as private memory does."""
+    folder = os.environ.get("DISTLOAD_SHM_DIR")
+    if not folder:
+        return 0
+    rank = os.environ.get("RANK", "0")
+    total = 0
+    for path in Path(folder).glob(f"distload-*-{rank}-shm*"):
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_blocks * 512
+    return total
+
+
 def rss() -> tuple[int, int]:
-    """(RssAnon + RssShmem, RssFile) of this process in bytes: the memory it holds (private
-    pages and the shared-memory pages it maps, e.g. same-node staging slots -- counted in every
-    process that touches them, so shared staging is over- rather than under-counted) and the
-    checkpoint's file pages it maps."""
-    anon = file = 0
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(("RssAnon:", "RssShmem:")):
-                anon += int(line.split()[1]) * 1024
-            elif line.startswith("RssFile:"):
-                file = int(line.split()[1]) * 1024
-    return anon, file
+    """(RssAnon, RssFile) of this process in bytes: private memory and mapped file pages."""
+    status = _fields("/proc/self/status", ("RssAnon", "RssFile"))
+    return status.get("RssAnon", 0), status.get("RssFile", 0)
 
 
-def storage_read_bytes() -> int:
-    """Bytes this process caused to be fetched from storage (page-cache hits excluded)."""
-    with open("/proc/self/io") as fh:
-        for line in fh:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    return 0
+def held() -> int:
+    """Memory this rank holds now: private pages plus the shared-memory staging it created."""
+    return rss()[0] + own_shared_bytes()
 
 
 class PeakSampler:
-    """Samples held memory (RssAnon + RssShmem) and RssFile every 2 ms; keeps the peaks."""
+    """Samples held memory (:func:`held`) and mapped file pages every 2 ms; keeps the peaks."""
 
     def __init__(self) -> None:
-        self.peak, self.peak_file = rss()
+        self.peak, self.peak_file = held(), rss()[1]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
         anon, file = rss()
-        self.peak = max(self.peak, anon)
+        self.peak = max(self.peak, anon + own_shared_bytes())
         self.peak_file = max(self.peak_file, file)
 
     def _run(self) -> None:
@@ -68,6 +86,15 @@ class PeakSampler:
         self._thread.join()
         self._sample()
         return self.peak
+
+
+def storage_read_bytes() -> int:
+    """Bytes this process caused to be fetched from storage (page-cache hits excluded)."""
+    with open("/proc/self/io") as fh:
+        for line in fh:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
 
 
 def evict(root: Path) -> None:
@@ -114,7 +141,7 @@ def main() -> None:
     if local_rank == 0:  # each "node" evicts its own copy
         evict(root)
     dist.barrier()
-    base = rss()[0]
+    base = held()
     dests = {
         name: torch.empty(tuple(s.stop - s.start for s in sl), dtype=torch.bfloat16)
         .view(torch.uint8)

@@ -38,7 +38,7 @@ MATRIX_PHASES = [p for p in PHASES if p != "download"] + ["shm-transfer"]
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("phase", MATRIX_PHASES)
-def test_failure_matrix(phase: str, kind: str, ckpt: Path) -> None:
+def test_failure_matrix(phase: str, kind: str, ckpt: Path, tmp_path: Path) -> None:
     victim = 0 if kind == "exception@0" else 1
     base = kind.split("@", maxsplit=1)[0]
     shm = phase == "shm-transfer"
@@ -54,7 +54,13 @@ def test_failure_matrix(phase: str, kind: str, ckpt: Path) -> None:
         "bucket_bytes": 30_000,
         "stall": TIMEOUT + 6 if base == "stall_long" else TIMEOUT * 0.3,
     }
-    outcomes = run_group(WORLD, "failure_case", args, timeout=120)
+    shm_dir = tmp_path / "shm"
+    shm_dir.mkdir()
+    outcomes = run_group(
+        WORLD, "failure_case", args, timeout=120, extra_env={"DISTLOAD_SHM_DIR": str(shm_dir)}
+    )
+    # shared-memory staging files are gone, also those of a killed rank
+    assert not list(shm_dir.iterdir()), sorted(p.name for p in shm_dir.iterdir())
     # no process left running: run_group waited for every one (a hang raises)
     results = {o.rank: o.result for o in outcomes}
     log = os.environ.get("DISTLOAD_MATRIX_LOG")

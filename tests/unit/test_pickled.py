@@ -102,3 +102,17 @@ def test_malformed_archives(tmp_path: Path, payload: object, message: str) -> No
         torch.save(payload, path)
     with pytest.raises(distload.CheckpointError, match=message):
         distload.load(path, allow_pickle=True, device="cpu")
+
+
+def test_compressed_storage_record_is_refused(tmp_path: Path) -> None:
+    """A storage record stored deflated is not its tensor's bytes: refused, never misread."""
+    plain = tmp_path / "plain.bin"
+    torch.save(_state(), plain)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(folder / "pytorch_model.bin", "w") as dst:
+        for info in src.infolist():
+            method = zipfile.ZIP_DEFLATED if "/data/" in info.filename else zipfile.ZIP_STORED
+            dst.writestr(info.filename, src.read(info.filename), compress_type=method)
+    with pytest.raises(distload.CheckpointError, match="compressed or missing"):
+        distload.load(folder, allow_pickle=True, device="cpu")

@@ -3,6 +3,7 @@ bytes, the lower bound, storage- and network-bound regimes, real model shapes.""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -34,7 +35,7 @@ def test_model_index_has_the_real_parameter_count(name: str) -> None:
     # offsets are contiguous within each file, as save_pretrained writes them
     for f in index.files:
         ts = [t for t in index.tensors if t.file == f.name]
-        for a, b in zip(ts, ts[1:], strict=False):
+        for a, b in itertools.pairwise(ts):
             assert a.offset + a.nbytes == b.offset
 
 
