@@ -104,7 +104,7 @@ class _Prefetcher:
         *,
         reader: FileReader,
         arenas: Arenas,
-        direct_target: Callable[[Item], memoryview | None],
+        direct_targets: Callable[[Bucket], dict[Item, memoryview]],
         stats: ExecStats,
         shm: ShmExchange | None = None,
         cuda: torch.device | None = None,
@@ -114,7 +114,7 @@ class _Prefetcher:
         # again only after the copies queued before its release have run (one event each)
         self.cuda = cuda
         self.fences: dict[str, torch.cuda.Event] = {}
-        self.direct_target = direct_target
+        self.direct_targets = direct_targets
         self.stats = stats
         self.shm = shm
         self.mine = [(n, b) for n, b in enumerate(plan.buckets) if b.reader == rank]
@@ -134,7 +134,10 @@ class _Prefetcher:
     def _run(self) -> None:
         for position, (number, bucket) in enumerate(self.mine):
             if position + 1 < len(self.mine):  # storage starts on the next bucket meanwhile
-                self._advise(self.mine[position + 1][1])
+                try:
+                    self._advise(self.mine[position + 1][1])
+                except Exception:  # a hint only: never let it end the reader thread
+                    log.debug("read-ahead hint failed", exc_info=True)
             arena = None
             slot = self.shm.slot_of.get(number) if self.shm is not None else None
             while arena is None:
@@ -169,10 +172,7 @@ class _Prefetcher:
             slots, _ = read_slots(self.plan, bucket)
             targets: dict[Item, memoryview] = {}
             if bucket.kind == "local":
-                for slot in slots:
-                    direct = self.direct_target(slot.item)
-                    if direct is not None:
-                        targets[slot.item] = direct
+                targets.update(self.direct_targets(bucket))
             staged = [s for s in slots if s.item not in targets]
             size = max((s.offset + s.nbytes for s in staged), default=0)
             if arena in self.shm_free:
@@ -222,7 +222,16 @@ class _Prefetcher:
             )
 
     def next(self, bucket: Bucket) -> _Ready:
-        got = self.ready.get()
+        while True:
+            try:
+                got = self.ready.get(timeout=0.5)
+                break
+            except queue.Empty:
+                # a reader thread that died outside a read must not leave this rank waiting
+                if not self.thread.is_alive() and self.ready.empty():
+                    raise DistLoadError(
+                        "the reader thread ended before reading every bucket", phase="read"
+                    ) from None
         if got.bucket is not bucket:  # pragma: no cover - would be a bug in ordering
             raise RuntimeError("prefetch order diverged from the plan order")
         return got
@@ -276,26 +285,45 @@ class Executor:
         self.shm = shm  # same-node shared-memory exchange (None: transfers go over transport)
         self._held: list[_Ready] = []  # shm slots peers may still read: freed at next check
         self._shm_started = False  # whether a shared bucket went through shared memory yet
+        # (id of a bucket of ``plan.buckets``, rank) -> segments_for(...): the plan keeps every
+        # bucket alive for the whole run, so ids are stable
+        self._segment_cache: dict[tuple[int, int], tuple[list[Segment], int]] = {}
 
     # -- destinations -------------------------------------------------------------------------
 
-    def _direct_target(self, item: Item) -> memoryview | None:
-        """Destination memory a piece can be read into unchanged, if there is such memory."""
-        meta = self.plan.tensors[item.tensor]
-        segs, _ = segments_for(self.plan, Bucket("local", self.rank, (item,)), self.rank)
-        if (
-            len(segs) != 1
-            or segs[0].part.transposed
-            or segs[0].part.shape != piece_shape(meta, item)
-        ):
-            return None
-        dest = self.dests.get(segs[0].part.output)
-        if dest is None or dest.device.type != "cpu" or dest.dtype != to_torch(meta.dtype):
-            return None
-        region = _region(dest, segs[0].part.dst)
-        if not region.is_contiguous():
-            return None
-        return byte_view(region)
+    def _segments(self, bucket: Bucket, rank: int) -> tuple[list[Segment], int]:
+        """``segments_for`` of a bucket of this plan, computed once per (bucket, rank) for this
+        run (the reader thread and the main thread both ask; a bucket of thousands of small
+        tensors is then walked once, not three times)."""
+        key = (id(bucket), rank)
+        got = self._segment_cache.get(key)
+        if got is None:
+            got = segments_for(self.plan, bucket, rank)
+            self._segment_cache[key] = got
+        return got
+
+    def _direct_targets(self, bucket: Bucket) -> dict[Item, memoryview]:
+        """Destination memory each piece of a local bucket can be read into unchanged (pieces
+        whose bytes are one contiguous region of a destination of the stored dtype)."""
+        by_item: dict[Item, list[Segment]] = {}
+        for seg in self._segments(bucket, self.rank)[0]:
+            by_item.setdefault(seg.item, []).append(seg)
+        targets: dict[Item, memoryview] = {}
+        for item, segs in by_item.items():
+            meta = self.plan.tensors[item.tensor]
+            if (
+                len(segs) != 1
+                or segs[0].part.transposed
+                or segs[0].part.shape != piece_shape(meta, item)
+            ):
+                continue
+            dest = self.dests.get(segs[0].part.output)
+            if dest is None or dest.device.type != "cpu" or dest.dtype != to_torch(meta.dtype):
+                continue
+            region = _region(dest, segs[0].part.dst)
+            if region.is_contiguous():
+                targets[item] = byte_view(region)
+        return targets
 
     def _deliver(self, segs: list[Segment], buf: torch.Tensor) -> None:
         """Copy packed segments of ``buf`` into this rank's destinations."""
@@ -306,7 +334,7 @@ class Executor:
 
     def _own_parts(self, ready: _Ready) -> None:
         """Copy the parts this reader holds itself straight from its read slots."""
-        for seg in segments_for(self.plan, ready.bucket, self.rank)[0]:
+        for seg in self._segments(ready.bucket, self.rank)[0]:
             if seg.item in ready.direct:
                 continue
             dest = self.dests.get(seg.part.output)
@@ -339,7 +367,7 @@ class Executor:
             self.rank,
             reader=self.reader,
             arenas=self.host_arenas,
-            direct_target=self._direct_target,
+            direct_targets=self._direct_targets,
             stats=self.stats,
             shm=self.shm,
             cuda=self._cuda_device(),
@@ -441,9 +469,9 @@ class Executor:
             self._guard(lambda: self._own_parts(ready))
             for peer in range(self.transport.world_size):
                 if peer != self.rank:
-                    self.stats.bytes_sent += segments_for(self.plan, bucket, peer)[1]
+                    self.stats.bytes_sent += self._segments(bucket, peer)[1]
             return
-        segs, size = segments_for(self.plan, bucket, self.rank)
+        segs, size = self._segments(bucket, self.rank)
         if not segs:
             return
         slots, total = read_slots(self.plan, bucket)
@@ -453,7 +481,7 @@ class Executor:
         self.stats.bytes_received += size
 
     def _broadcast(self, bucket: Bucket, ready: _Ready | None, what: str) -> None:
-        segs, size = segments_for(self.plan, bucket, self.rank)
+        segs, size = self._segments(bucket, self.rank)
         if ready is not None:
             assert ready.buffer is not None
             same = all(
@@ -482,7 +510,7 @@ class Executor:
             for peer in range(self.transport.world_size):
                 if peer == self.rank:
                     continue
-                segs, size = segments_for(self.plan, bucket, peer)
+                segs, size = self._segments(bucket, peer)
                 if not segs:
                     continue
                 buf = self._pack(ready, segs, size)
@@ -490,7 +518,7 @@ class Executor:
                 self.stats.bytes_sent += size
             self._guard(lambda: self._own_parts(ready))
             return
-        segs, size = segments_for(self.plan, bucket, self.rank)
+        segs, size = self._segments(bucket, self.rank)
         if not segs:
             return
         buf = self.comm_arenas.get("recv", size)
