@@ -363,6 +363,15 @@ def load(
             error = exc
     try:
         agree(net, phase, error)
+        if exchange is not None:
+            # every rank maps every slot now, then the files are removed: the mappings stay
+            # valid and nothing is left in /dev/shm even if the whole job is killed later
+            try:
+                exchange.attach()
+            except Exception as exc:
+                error = exc
+            agree(net, "materialize", error)
+            exchange.unlink_own()
     except BaseException:
         if exchange is not None:
             exchange.close(purge=True)

@@ -11,10 +11,11 @@ shared bucket uses slot ``k % SLOTS``. A slot is given back to the reader only a
 status check of a *later* shared bucket, which every rank enters only after finishing the
 earlier bucket's copies, so a slot is never overwritten while a peer reads it.
 
-Files are named ``distload-<plan token>-<rank>-<slot>``; the reader creates its files before
-its first read and unlinks them when the load ends (peers that still map them keep valid
-mappings). After a failed load every survivor removes all files of that load, so a rank killed
-mid-load leaves nothing behind in ``/dev/shm``.
+Files are named ``distload-<plan token>-<rank>-<slot>``. Every rank creates its files, all
+ranks agree, every rank maps every peer's slots (:meth:`ShmExchange.attach`), all ranks agree
+again, and then each rank unlinks its own files: from then on the memory lives only in the
+mappings, so nothing is left in ``/dev/shm`` even when the whole job is killed mid-load. A load
+that fails during that set-up removes every rank's files of that load.
 """
 
 from __future__ import annotations
@@ -90,17 +91,26 @@ class ShmExchange:
         """This rank's slot as a uint8 tensor of ``nbytes`` (the reader writes into it)."""
         return self._own[slot][:nbytes]
 
-    def peer(self, reader: int, slot: str, nbytes: int) -> torch.Tensor:
-        """A view of ``reader``'s slot (mapped on first use)."""
-        key = (reader, slot)
-        view = self._peers.get(key)
-        if view is None:
+    def attach(self) -> None:
+        """Map every peer's slots (all ranks, after every rank has created its files)."""
+        for reader in range(self.plan.world_size):
             size = slot_sizes(self.plan, reader)
-            view = torch.from_file(
-                str(self.path(reader, slot)), shared=True, size=size, dtype=torch.uint8
-            )
-            self._peers[key] = view
-        return view[:nbytes]
+            if reader == self.rank or not size:
+                continue
+            for i in range(SLOTS):
+                path = str(self.path(reader, f"shm{i}"))
+                view = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+                self._peers[(reader, f"shm{i}")] = view
+
+    def unlink_own(self) -> None:
+        """Remove this rank's files once every peer has mapped them (mappings stay valid)."""
+        for i in range(SLOTS):
+            with contextlib.suppress(FileNotFoundError):
+                self.path(self.rank, f"shm{i}").unlink()
+
+    def peer(self, reader: int, slot: str, nbytes: int) -> torch.Tensor:
+        """A view of ``reader``'s slot (mapped by :meth:`attach`)."""
+        return self._peers[(reader, slot)][:nbytes]
 
     @property
     def nbytes(self) -> int:
