@@ -33,17 +33,9 @@ from pathlib import Path
 
 import torch
 
+from distload.bench.worker import evict
+
 MiB = 2**20
-
-
-def evict(root: Path) -> None:
-    for path in root.glob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def storage_limit(root: Path, threads: int = 8, block: int = 16 * MiB) -> float:
