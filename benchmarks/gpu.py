@@ -33,35 +33,10 @@ from pathlib import Path
 
 import torch
 
+from distload.bench.driver import storage_limit
 from distload.bench.worker import evict
 
 MiB = 2**20
-
-
-def storage_limit(root: Path, threads: int = 8, block: int = 16 * MiB) -> float:
-    from concurrent.futures import ThreadPoolExecutor
-
-    evict(root)
-    files = sorted(root.glob("*.safetensors"))
-    jobs = [(f, off) for f in files for off in range(0, f.stat().st_size, block)]
-    fds = {f: os.open(f, os.O_RDONLY) for f in files}
-    buffers = [bytearray(block) for _ in range(threads)]
-    slots = list(range(threads))
-
-    def read(job: tuple[Path, int]) -> int:
-        i = slots.pop()
-        try:
-            return os.preadv(fds[job[0]], [buffers[i]], job[1])
-        finally:
-            slots.append(i)
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        total = sum(pool.map(read, jobs))
-    seconds = time.perf_counter() - start
-    for fd in fds.values():
-        os.close(fd)
-    return total / seconds
 
 
 def h2d_limit(nbytes: int = 256 * MiB, repeat: int = 8) -> float:
@@ -167,7 +142,7 @@ def main() -> int:
         reference.update({n: t.clone() for n, t in load_file(str(f)).items()})
     dests = {n: torch.empty_like(t, device="cuda") for n, t in reference.items()}
     table = methods(root)
-    disk = statistics.median(storage_limit(root) for _ in range(2))
+    disk = statistics.median(storage_limit(root, 8) for _ in range(2))
     h2d = h2d_limit()
     for fn in table.values():  # first calls pay for imports, CUDA and pinned-memory set-up
         fn(dests)

@@ -26,6 +26,7 @@ from distload.placement import (
     presets,
 )
 from distload.placement.base import Placement
+from distload.plan import LoadPlan
 from distload.planner import DEFAULT_BUCKET_BYTES, make_plan, traffic
 from distload.report import human_bytes
 
@@ -218,7 +219,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_simulation(plan: Any, args: argparse.Namespace) -> None:
+def _print_simulation(plan: LoadPlan, args: argparse.Namespace) -> None:
+    """``distload plan --simulate``: the bandwidth model's prediction for ``plan``."""
     from distload.simulate import Bandwidths, simulate
 
     gb = 1e9

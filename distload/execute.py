@@ -38,6 +38,7 @@ from distload.plan import (
     LoadPlan,
     Segment,
     piece_bytes,
+    piece_offset,
     piece_shape,
     read_slots,
     segments_for,
@@ -158,12 +159,21 @@ class _Prefetcher:
             self.ready.put(self._read(bucket, arena))
 
     def _advise(self, bucket: Bucket) -> None:
-        """Tell the kernel which byte ranges this reader asks for next (read-ahead hint)."""
+        """Tell the kernel which byte ranges this reader asks for next (read-ahead hint), one
+        call per run of pieces stored back to back."""
+        run: tuple[str, int, int] | None = None  # (file, start, end)
         for item in bucket.items:
             meta = self.plan.tensors[item.tensor]
-            self.reader.advise(
-                meta.file, meta.offset + item.start * meta.row_bytes, piece_bytes(meta, item)
-            )
+            start = piece_offset(meta, item)
+            end = start + piece_bytes(meta, item)
+            if run is not None and run[0] == meta.file and run[2] == start:
+                run = (run[0], run[1], end)
+                continue
+            if run is not None:
+                self.reader.advise(run[0], run[1], run[2] - run[1])
+            run = (meta.file, start, end)
+        if run is not None:
+            self.reader.advise(run[0], run[1], run[2] - run[1])
 
     def _read(self, bucket: Bucket, arena: str) -> _Ready:
         out = _Ready(bucket, arena=arena)
@@ -191,7 +201,7 @@ class _Prefetcher:
                 out.slots[slot.item] = slot
                 target = targets[slot.item]
                 if len(target):
-                    offset = meta.offset + slot.item.start * meta.row_bytes
+                    offset = piece_offset(meta, slot.item)
                     requests.append(ReadRequest(meta.file, offset, target, meta.name))
             self.reader.read(requests)
             for slot in slots:
@@ -211,7 +221,7 @@ class _Prefetcher:
         want = chunks[item.start // rows]
         if got != want:
             meta = self.plan.tensors[item.tensor]
-            start = meta.offset + item.start * meta.row_bytes
+            start = piece_offset(meta, item)
             raise CheckpointError(
                 f"{meta.file}: bytes [{start}, {start + len(data)}) of tensor {meta.name!r} "
                 f"(rows {item.start}..{item.stop}, manifest chunk {item.start // rows}) do not "

@@ -191,6 +191,11 @@ def piece_bytes(meta: TensorMeta, item: Item) -> int:
     return (item.stop - item.start) * meta.row_bytes if meta.shape else meta.nbytes
 
 
+def piece_offset(meta: TensorMeta, item: Item) -> int:
+    """Absolute file offset of a piece's first byte."""
+    return meta.offset + item.start * meta.row_bytes
+
+
 def _intersect(a: Box, b: Box) -> Box | None:
     out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b, strict=True))
     return None if any(lo >= hi for lo, hi in out) else out

@@ -45,12 +45,14 @@ def shm_dir() -> Path:
     return path if path.is_dir() and os.access(path, os.W_OK) else Path(tempfile.gettempdir())
 
 
-def slot_sizes(plan: LoadPlan, reader: int) -> int:
-    """Bytes of one slot of ``reader``: its largest shared bucket's read layout."""
-    return max(
-        (read_slots(plan, b)[1] for b in plan.buckets if b.reader == reader and b.kind != "local"),
-        default=0,
-    )
+def slot_sizes(plan: LoadPlan) -> dict[int, int]:
+    """Bytes of one slot of each reader: its largest shared bucket's read layout."""
+    sizes: dict[int, int] = {}
+    for bucket in plan.buckets:
+        if bucket.kind != "local":
+            size = read_slots(plan, bucket)[1]
+            sizes[bucket.reader] = max(size, sizes.get(bucket.reader, 0))
+    return sizes
 
 
 class ShmExchange:
@@ -70,7 +72,8 @@ class ShmExchange:
             k = counts.get(bucket.reader, 0)
             counts[bucket.reader] = k + 1
             self.slot_of[number] = f"shm{k % SLOTS}"
-        size = slot_sizes(plan, rank)
+        self.slot_bytes = slot_sizes(plan)  # reader -> bytes of each of its slots
+        size = self.slot_bytes.get(rank, 0)
         if size:
             for i in range(SLOTS):
                 self._own[f"shm{i}"] = self._create(f"shm{i}", size)
@@ -93,8 +96,7 @@ class ShmExchange:
 
     def attach(self) -> None:
         """Map every peer's slots (all ranks, after every rank has created its files)."""
-        for reader in range(self.plan.world_size):
-            size = slot_sizes(self.plan, reader)
+        for reader, size in self.slot_bytes.items():
             if reader == self.rank or not size:
                 continue
             for i in range(SLOTS):

@@ -71,16 +71,17 @@ def _node_of(plan: LoadPlan) -> list[int]:
 
 
 def _transfer_bytes(
-    plan: LoadPlan, number: int, node: list[int], nodes: int
+    plan: LoadPlan, number: int, size: int, node: list[int], ranks_on: list[int]
 ) -> tuple[list[int], list[int], list[int], int]:
-    """One shared bucket's traffic: (NIC bytes out per node, NIC bytes in per node, bytes moved
-    inside each node, bytes on the busiest intra-node link)."""
+    """One shared bucket's traffic (``size``: its bytes; ``ranks_on``: ranks per node): NIC
+    bytes out and in per node, bytes moved inside each node, bytes on the busiest intra-node
+    link."""
     bucket = plan.buckets[number]
+    nodes = len(ranks_on)
     out, inn, intra = [0] * nodes, [0] * nodes, [0] * nodes
     src = node[bucket.reader]
     if bucket.kind == "broadcast":
-        size = sum(piece_bytes(plan.tensors[i.tensor], i) for i in bucket.items)
-        present = sorted({node[r] for r in range(plan.world_size)})
+        present = [n for n in range(nodes) if ranks_on[n]]
         for n in present:
             if n != src:  # one copy enters every other node (a ring or tree between nodes)
                 inn[n] += size
@@ -88,8 +89,8 @@ def _transfer_bytes(
         for n in present[: max(0, len(present) - 1)]:
             out[n] += size
         for n in present:
-            intra[n] += size * (node.count(n) - 1)
-        busiest = size if any(node.count(n) > 1 for n in present) else 0
+            intra[n] += size * (ranks_on[n] - 1)
+        busiest = size if any(ranks_on[n] > 1 for n in present) else 0
         return out, inn, intra, busiest
     for r in range(plan.world_size):
         if r == bucket.reader:
@@ -109,6 +110,7 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
     """Predict ``plan``'s read + transfer time under ``bw`` (pure; any world size)."""
     node = _node_of(plan)
     nodes = max(node) + 1
+    ranks_on = [node.count(n) for n in range(nodes)]
     reading = {b.reader for b in plan.buckets}
     # each node's storage serves its readers' requests one after the other at its full rate
     # (work-conserving); a shared filesystem caps each reading node at its share
@@ -142,7 +144,7 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
         if b.kind == "local":
             finished[k] = read_done[k]
             continue
-        out, inn, intra, busiest = _transfer_bytes(plan, k, node, nodes)
+        out, inn, intra, busiest = _transfer_bytes(plan, k, nbytes, node, ranks_on)
         for n in range(nodes):
             nic_out[n] += out[n]
             nic_in[n] += inn[n]
