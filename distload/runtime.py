@@ -99,10 +99,11 @@ def first_host(nodelist: str) -> str:
 
 
 def slurm_port(env: Mapping[str, str]) -> int:
-    """A rendezvous port derived from the Slurm job and step ids (range 15000-54999)."""
+    """A rendezvous port derived from the Slurm job and step ids, in 15000-32767: below
+    Linux's ephemeral range (32768-60999), where other sockets of the node may hold it."""
     job = _int(env, "SLURM_JOB_ID", 0)
     step = _int(env, "SLURM_STEP_ID", _int(env, "SLURM_STEPID", 0))
-    return 15000 + (job * 13 + step) % 40000
+    return 15000 + (job * 13 + step) % 17768
 
 
 def detect(env: Mapping[str, str] | None = None) -> Environment:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -42,10 +43,13 @@ class TorchDistTransport:
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
-    def _wait(self, work: dist.Work | None, what: str) -> None:
-        if work is None:
-            return
+    def _wait(self, issue: Callable[[], dist.Work | None], what: str) -> None:
+        """Issue one operation and wait for it; a failure while issuing (a peer's connection
+        already closed) is handled like one while waiting: a PeerError naming who is gone."""
         try:
+            work = issue()
+            if work is None:
+                return
             if self.device.type == "cuda":
                 work.wait()
                 torch.cuda.current_stream(self.device).synchronize()
@@ -86,23 +90,28 @@ class TorchDistTransport:
             return ()
 
     def broadcast(self, buf: torch.Tensor, src: int, what: str) -> None:
-        self._wait(dist.broadcast(buf, self._global(src), group=self.group, async_op=True), what)
+        self._wait(
+            lambda: dist.broadcast(buf, self._global(src), group=self.group, async_op=True), what
+        )
 
     def send(self, buf: torch.Tensor, dst: int, what: str) -> None:
-        self._wait(dist.isend(buf, self._global(dst), group=self.group), what)
+        self._wait(lambda: dist.isend(buf, self._global(dst), group=self.group), what)
 
     def recv(self, buf: torch.Tensor, src: int, what: str) -> None:
-        self._wait(dist.irecv(buf, self._global(src), group=self.group), what)
+        self._wait(lambda: dist.irecv(buf, self._global(src), group=self.group), what)
 
     def all_reduce_max(self, value: int, what: str) -> int:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        self._wait(dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True), what)
+        self._wait(
+            lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+            what,
+        )
         return int(t.item())
 
     def all_gather_bytes(self, data: bytes, what: str) -> list[bytes]:
         size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
         sizes = [torch.empty_like(size) for _ in range(self.world_size)]
-        self._wait(dist.all_gather(sizes, size, group=self.group, async_op=True), what)
+        self._wait(lambda: dist.all_gather(sizes, size, group=self.group, async_op=True), what)
         lengths = [int(s.item()) for s in sizes]
         width = max(lengths)
         if width == 0:
@@ -112,7 +121,7 @@ class TorchDistTransport:
             mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         mine = mine.to(self.device)
         outs = [torch.empty_like(mine) for _ in range(self.world_size)]
-        self._wait(dist.all_gather(outs, mine, group=self.group, async_op=True), what)
+        self._wait(lambda: dist.all_gather(outs, mine, group=self.group, async_op=True), what)
         return [bytes(o.cpu()[:n].numpy().tobytes()) for o, n in zip(outs, lengths, strict=True)]
 
     def broadcast_bytes(self, data: bytes | None, src: int, what: str) -> bytes:
