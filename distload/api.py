@@ -50,6 +50,7 @@ from distload.report import LoadReport, RankReport
 from distload.shm import ShmExchange
 from distload.storage import DEFAULT_READ_THREADS, Arenas, FileReader
 from distload.transforms import Transform, apply_transforms
+from distload.transport.base import Transport
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,26 @@ def _use_shm(choice: bool | None, plan: LoadPlan, device: torch.device) -> bool:
             phase="materialize",
         )
     return choice
+
+
+def _open_multicast(net: Transport, plan: LoadPlan, shm: bool) -> bool:
+    """Open the sub-groups the plan multicasts to (all ranks; shared by one agreement).
+
+    Not with shared memory (ranks copy their parts from the reader's slot) nor when
+    ``DISTLOAD_MULTICAST=0``; False also where the transport cannot open groups (MPI, a load
+    on a caller's sub-group): classes of receivers are then sent to member by member.
+    """
+    groups = plan.multicast_groups()
+    if shm or not groups or os.environ.get("DISTLOAD_MULTICAST", "1") == "0":
+        return False
+    error: BaseException | None = None
+    opened = False
+    try:
+        opened = net.open_groups(groups, "transfer: opening multicast groups")
+    except Exception as exc:
+        error = exc
+    agree(net, "transfer", error)
+    return opened
 
 
 def load(
@@ -387,6 +408,7 @@ def load(
     )
     reader = FileReader(root, threads=read_threads, contain=contain)
     try:
+        multicast = _open_multicast(net, plan, exchange is not None)
         executor = Executor(
             plan,
             net,
@@ -398,15 +420,25 @@ def load(
             if progress is not None and rt.rank == 0
             else None,
             shm=exchange,
+            multicast=multicast,
         )
         stats = executor.run()
         agree(net, "close", executor.pending)
+        if rt.world_size == 1:
+            exchange_mode = "none"
+        elif exchange is not None:
+            exchange_mode = "shared memory"
+        elif multicast:
+            exchange_mode = f"multicast ({len(plan.multicast_groups())} groups)"
+        else:
+            exchange_mode = "point to point"
         failed = False
     except BaseException:
         failed = True
         raise
     finally:
         reader.close()
+        net.close_groups()
         if exchange is not None:
             shared = exchange.nbytes
             # after a failure a peer may be dead: survivors also remove its shared-memory files
@@ -448,6 +480,7 @@ def load(
         tensors=len(plan.outputs),
         buckets=total,
         placement=plan.placement,
+        exchange=exchange_mode,
         nodes=len(set(plan.nodes)) or 1,
         ranks=reports,
         wall_seconds=max(r.seconds.get("total", 0.0) for r in reports),

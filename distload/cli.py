@@ -199,6 +199,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         + ")"
     )
+    groups = plan.multicast_groups()
+    if groups:
+        sizes = sorted({len(g) for g in groups})
+        _out(
+            f"  {sum(1 for b in plan.buckets if b.multicasts())} p2p buckets multicast to "
+            f"classes of identical receivers: {len(groups)} sub-groups of "
+            f"{'/'.join(map(str, sizes))} ranks (reader -> root -> broadcast in the class)"
+        )
     if args.simulate:
         _print_simulation(plan, args)
         return 0
@@ -215,7 +223,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         _out("")
         for i, b in enumerate(plan.buckets):
             names = sorted({plan.tensors[it.tensor].name for it in b.items})
-            _out(f"  bucket {i:>4} {b.kind:9} reader {b.reader:>3}  {', '.join(names)[:100]}")
+            classes = f" classes {[list(c) for c in b.classes]}"[:60] if b.classes else ""
+            _out(
+                f"  bucket {i:>4} {b.kind:9} reader {b.reader:>3}{classes}  "
+                f"{', '.join(names)[:100]}"
+            )
     return 0
 
 

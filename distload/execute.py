@@ -8,7 +8,8 @@ single global order:
 * before each shared bucket all ranks agree on a status flag (one small ``all_reduce``), so a
   rank whose read failed ends the load everywhere instead of leaving peers waiting;
 * ``broadcast`` buckets move one packed buffer from the reader to all ranks; ``p2p`` buckets
-  send each rank only its own parts (packed), point to point;
+  send each class of receivers only its own parts (packed once per class): point to point to
+  a single rank, a multicast (reader -> root -> broadcast inside the class) to several;
 * when all ranks share one node (host memory), shared buckets skip the transport: the reader
   reads into a shared-memory slot and each rank copies its parts from it (``distload.shm``).
 
@@ -280,6 +281,7 @@ class Executor:
         comm_arenas: Arenas,
         on_bucket: Callable[[int], None] | None = None,
         shm: ShmExchange | None = None,
+        multicast: bool = False,
     ) -> None:
         self.plan = plan
         self.transport = transport
@@ -293,6 +295,9 @@ class Executor:
         self.pending: BaseException | None = None  # a local failure not yet shared
         self._agreed = False  # whether the current bucket's status check has passed
         self.shm = shm  # same-node shared-memory exchange (None: transfers go over transport)
+        # whether the transport opened the plan's multicast groups (else classes of several
+        # receivers are sent to member by member)
+        self.multicast = multicast
         self._held: list[_Ready] = []  # shm slots peers may still read: freed at next check
         self._shm_started = False  # whether a shared bucket went through shared memory yet
         # (id of a bucket of ``plan.buckets``, rank) -> segments_for(...): the plan keeps every
@@ -477,9 +482,12 @@ class Executor:
         assert self.shm is not None
         if ready is not None:
             self._guard(lambda: self._own_parts(ready))
-            for peer in range(self.transport.world_size):
-                if peer != self.rank:
-                    self.stats.bytes_sent += self._segments(bucket, peer)[1]
+            if bucket.kind == "broadcast":
+                size = self._segments(bucket, self.rank)[1]
+                self.stats.bytes_sent += size * (self.transport.world_size - 1)
+            for members in bucket.classes:
+                size = self._segments(bucket, members[0])[1]
+                self.stats.bytes_sent += size * sum(1 for r in members if r != self.rank)
             return
         segs, size = self._segments(bucket, self.rank)
         if not segs:
@@ -516,22 +524,52 @@ class Executor:
         self._guard(lambda: self._deliver(segs, buf))
 
     def _p2p(self, bucket: Bucket, ready: _Ready | None, what: str) -> None:
+        """Each class of receivers gets its packed parts once. A class of several ranks is a
+        multicast when the transport opened its group: the reader sends to the class's root
+        (or is the root), which broadcasts inside the class; otherwise every member is sent
+        the same packed buffer point to point. The reader sends to other classes first and
+        broadcasts within its own class last, so no rank waits on a rank that waits on it."""
         if ready is not None:
-            for peer in range(self.transport.world_size):
-                if peer == self.rank:
+            own: tuple[int, ...] = ()
+            for members in bucket.classes:
+                if self.rank in members:
+                    own = members
                     continue
-                segs, size = self._segments(bucket, peer)
-                if not segs:
-                    continue
+                segs, size = self._segments(bucket, members[0])
                 buf = self._pack(ready, segs, size)
-                self.transport.send(buf, peer, f"{what}: sending to rank {peer}")
-                self.stats.bytes_sent += size
+                multicast = self.multicast and len(members) > 1
+                for peer in members[:1] if multicast else members:
+                    self.transport.send(buf, peer, f"{what}: sending to rank {peer}")
+                    self.stats.bytes_sent += size
+            if len(own) > 1:
+                segs, size = self._segments(bucket, self.rank)
+                buf = self._pack(ready, segs, size)
+                if self.multicast:
+                    self.transport.group_broadcast(
+                        buf, own, self.rank, f"{what}: multicast to ranks {list(own)}"
+                    )
+                    self.stats.bytes_sent += size * (len(own) - 1)
+                else:
+                    for peer in own[1:]:
+                        self.transport.send(buf, peer, f"{what}: sending to rank {peer}")
+                        self.stats.bytes_sent += size
             self._guard(lambda: self._own_parts(ready))
             return
-        segs, size = self._segments(bucket, self.rank)
-        if not segs:
+        members = next((c for c in bucket.classes if self.rank in c), ())
+        if not members:
             return
+        segs, size = self._segments(bucket, self.rank)
         buf = self.comm_arenas.get("recv", size)
-        self.transport.recv(buf, bucket.reader, f"{what}: receiving")
+        root = members[0]
+        if self.multicast and len(members) > 1:
+            where = f"{what}: multicast within ranks {list(members)} from rank {root}"
+            if root == self.rank:  # the relay: the reader is not a member of this class
+                self.transport.recv(buf, bucket.reader, f"{what}: receiving")
+                self.transport.group_broadcast(buf, members, root, where)
+                self.stats.bytes_sent += size * (len(members) - 1)
+            else:
+                self.transport.group_broadcast(buf, members, root, where)
+        else:
+            self.transport.recv(buf, bucket.reader, f"{what}: receiving")
         self.stats.bytes_received += size
         self._guard(lambda: self._deliver(segs, buf))

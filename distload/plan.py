@@ -14,7 +14,13 @@ Vocabulary:
 * a *bucket* (:class:`Bucket`) is a set of pieces read by one reader rank and moved together in
   one step of the global order: ``local`` (only the reader needs them; no communication),
   ``broadcast`` (every rank needs all of them in full) or ``p2p`` (each rank receives only its
-  parts, sent point to point by the reader).
+  parts);
+* the *receivers* of a ``p2p`` bucket are partitioned into *classes*: ranks that hold exactly
+  the same parts of every piece (e.g. the data-parallel replicas of one tensor-parallel
+  rank). The bytes of a class are packed once; a class of several ranks is served by one
+  *multicast*: the reader sends its buffer to the class's first rank (the *root*: the reader
+  itself when it is a member, else a member on the reader's node), which broadcasts it within
+  the class. So the reader's link carries each distinct part once, however many replicas.
 """
 
 from __future__ import annotations
@@ -49,6 +55,13 @@ class Bucket:
     kind: BucketKind  # "local" | "broadcast" | "p2p"
     reader: int  # group rank that reads these pieces from storage
     items: tuple[Item, ...]  # in file order
+    # p2p only: every rank holding a part, partitioned into classes of ranks that hold the same
+    # parts; the first rank of a class is its root (see the module docstring), the rest sorted
+    classes: tuple[tuple[int, ...], ...] = ()
+
+    def multicasts(self) -> tuple[tuple[int, ...], ...]:
+        """Classes served by one broadcast inside the class (two or more ranks)."""
+        return tuple(c for c in self.classes if len(c) > 1)
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,12 @@ class LoadPlan:
         """The stored tensors (what pieces refer to)."""
         return self.index.tensors
 
+    def multicast_groups(self) -> tuple[tuple[int, ...], ...]:
+        """Every distinct set of ranks some bucket multicasts to (sorted ranks, sorted list):
+        the sub-groups a transport creates, in this order on every rank, before executing."""
+        found = {tuple(sorted(c)) for b in self.buckets for c in b.multicasts()}
+        return tuple(sorted(found, key=lambda g: (len(g), g)))
+
     def links_of(self, stored: int) -> list[tuple[int, Link]]:
         """(output, link) pairs reading from stored tensor ``stored``."""
         table = self.__dict__.get("_by_stored")
@@ -111,7 +130,12 @@ class LoadPlan:
                 "layouts": [lay.to_json() for lay in self.layouts],
                 "dtypes": list(self.dtypes),
                 "buckets": [
-                    [b.kind, b.reader, [[i.tensor, i.start, i.stop] for i in b.items]]
+                    [
+                        b.kind,
+                        b.reader,
+                        [[i.tensor, i.start, i.stop] for i in b.items],
+                        [list(c) for c in b.classes],
+                    ]
                     for b in self.buckets
                 ],
                 "placement": self.placement,
@@ -143,8 +167,13 @@ class LoadPlan:
             layouts=tuple(Layout.from_json(x) for x in raw["layouts"]),
             dtypes=tuple(raw["dtypes"]),
             buckets=tuple(
-                Bucket(kind, reader, tuple(Item(*i) for i in items))
-                for kind, reader, items in raw["buckets"]
+                Bucket(
+                    b[0],
+                    b[1],
+                    tuple(Item(*i) for i in b[2]),
+                    tuple(tuple(c) for c in b[3]) if len(b) > 3 else (),
+                )
+                for b in raw["buckets"]
             ),
             placement=raw["placement"],
             skipped=tuple(raw.get("skipped", ())),
@@ -293,3 +322,17 @@ def segments_for(plan: LoadPlan, bucket: Bucket, rank: int) -> tuple[list[Segmen
             segs.append(Segment(item, part, dtype, cursor, nbytes))
             cursor = aligned(cursor + nbytes)
     return segs, cursor
+
+
+def receiving_classes(plan: LoadPlan, bucket: Bucket) -> list[tuple[tuple[int, ...], int]]:
+    """Who receives what from a shared bucket: (class, bytes each member receives), root first.
+
+    A broadcast is one class of every rank rooted at the reader; a p2p bucket has its own
+    classes. Sizes come from one ``segments_for`` per class (members receive identical bytes).
+    """
+    if bucket.kind == "local":
+        return []
+    if bucket.kind == "broadcast":
+        everyone = (bucket.reader, *(r for r in range(plan.world_size) if r != bucket.reader))
+        return [(everyone, segments_for(plan, bucket, bucket.reader)[1])]
+    return [(c, segments_for(plan, bucket, c[0])[1]) for c in bucket.classes]

@@ -9,10 +9,15 @@ Steps:
 2. cut tensors into pieces of at most ``bucket_bytes`` along dim 0, also at dim-0 shard
    boundaries so that a piece of a row-sharded tensor belongs to one chunk;
 3. classify each piece: needed by one rank only -> that rank reads it itself (``local``); needed
-   in full by every rank -> ``broadcast``; anything else -> ``p2p`` (each rank gets its part);
-4. group consecutive pieces of one kind into buckets of at most ``bucket_bytes`` and give each
-   bucket to the reader with the fewest bytes so far, so every byte is read by exactly one rank
-   and reading is balanced; local pieces count towards their reader's share first.
+   in full by every rank -> ``broadcast``; anything else -> ``p2p`` (each rank gets its part),
+   with the receivers partitioned into classes of ranks holding identical parts (computed once
+   per class, see :func:`holder_classes`; a class of several ranks is one multicast);
+4. group consecutive pieces of one kind (and one partition) into buckets of at most
+   ``bucket_bytes`` and give each bucket to the reader with the fewest bytes so far, so every
+   byte is read by exactly one rank and reading is balanced over all nodes' storage (shared
+   buckets move one at a time in the global order, so a reader need not hold the bytes it
+   reads); local pieces count towards their reader's share first. Each class's root is put
+   first (the reader, or a member on its node).
 """
 
 from __future__ import annotations
@@ -26,17 +31,25 @@ from distload.checkpoint import CheckpointIndex, TensorMeta
 from distload.dtypes import FLOATING, ITEMSIZE
 from distload.errors import PlacementError
 from distload.manifest import Digests
-from distload.placement.base import Layout, Placement, ReplicateAll
+from distload.placement.base import (
+    Layout,
+    Placement,
+    ReplicateAll,
+    box_shape,
+    holders,
+    local_box,
+)
 from distload.plan import (
     Bucket,
     BucketKind,
     Item,
     LoadPlan,
     Output,
+    Part,
     parts_of,
     piece_bytes,
     read_slots,
-    segments_for,
+    receiving_classes,
 )
 from distload.transforms import Transform, apply_transforms
 
@@ -121,6 +134,61 @@ def split_pieces(
     return items
 
 
+Classes = tuple[tuple[int, ...], ...]  # ranks partitioned by what they hold (sorted)
+
+
+def _chunk_table(layout: Layout, world_size: int) -> list[int]:
+    """Per rank: the chunk of a tensor with ``layout`` it holds (0 for a full copy, -1: none)."""
+    table = [-1] * world_size
+    for pos, rank in enumerate(holders(layout, world_size)):
+        table[rank] = pos % layout.chunks if layout.dim is not None else 0
+    return table
+
+
+def holder_classes(
+    plan: LoadPlan, stored: int, tables: dict[Layout, list[int]] | None = None
+) -> list[list[int]]:
+    """Ranks that hold a part of stored tensor ``stored``, grouped by the chunks they hold of
+    every output made of it: ranks of one group hold exactly the same regions (e.g. the
+    data-parallel replicas of one tensor-parallel rank), so geometry is computed once per
+    group instead of once per rank. ``tables`` caches chunk tables by layout across calls."""
+    tables = {} if tables is None else tables
+    columns = []
+    for out, _link in plan.links_of(stored):
+        layout = plan.layouts[out]
+        if layout not in tables:
+            tables[layout] = _chunk_table(layout, plan.world_size)
+        columns.append(tables[layout])
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for rank in range(plan.world_size):
+        key = tuple(column[rank] for column in columns)
+        if any(k >= 0 for k in key):
+            groups.setdefault(key, []).append(rank)
+    return list(groups.values())
+
+
+def piece_classes(plan: LoadPlan, item: Item, holding: list[list[int]]) -> Classes:
+    """The ranks holding a part of piece ``item``, partitioned by identical parts (from the
+    tensor's :func:`holder_classes`): sorted classes of sorted ranks."""
+    by_parts: dict[tuple[Part, ...], list[int]] = {}
+    for ranks in holding:
+        parts = tuple(parts_of(plan, ranks[0], item))
+        if parts:
+            by_parts.setdefault(parts, []).extend(ranks)
+    return tuple(sorted(tuple(sorted(ranks)) for ranks in by_parts.values()))
+
+
+def _rooted(members: tuple[int, ...], reader: int, nodes: Sequence[int]) -> tuple[int, ...]:
+    """A class with its root first: the reader if a member, else the first member on the
+    reader's node (the hop from the reader stays inside the node), else the first member."""
+    if reader in members:
+        root = reader
+    else:
+        near = [r for r in members if nodes and nodes[r] == nodes[reader]]
+        root = near[0] if near else members[0]
+    return (root, *(r for r in members if r != root))
+
+
 @dataclass
 class _Open:
     items: list[Item] = field(default_factory=list)
@@ -196,17 +264,26 @@ def make_plan(
     load = dict.fromkeys(reader_set, 0)
     ordered: list[tuple[int, Bucket]] = []  # (position of last piece, bucket)
     local_open: dict[int, _Open] = {}
-    # shared buckets by kind and by the readers allowed for their files
-    shared_open: dict[tuple[BucketKind, tuple[int, ...]], _Open] = {}
+    # shared buckets by kind, by the readers allowed for their files and by their receiver
+    # classes (pieces of one bucket split their receivers the same way)
+    shared_open: dict[tuple[BucketKind, tuple[int, ...], Classes], _Open] = {}
     position = 0
+    tables: dict[Layout, list[int]] = {}
 
-    def close(kind: BucketKind, reader: int | None, bucket: _Open, pool: tuple[int, ...]) -> None:
+    def close(
+        kind: BucketKind,
+        reader: int | None,
+        bucket: _Open,
+        pool: tuple[int, ...],
+        classes: Classes = (),
+    ) -> None:
         if not bucket.items:
             return
         if reader is None:
             reader = min(pool, key=lambda r: (load[r], r))
         load[reader] += bucket.nbytes
-        ordered.append((position, Bucket(kind, reader, tuple(bucket.items))))
+        rooted = tuple(_rooted(c, reader, nodes) for c in classes)
+        ordered.append((position, Bucket(kind, reader, tuple(bucket.items), rooted)))
         bucket.items, bucket.nbytes = [], 0
 
     used = sorted({link.stored for _, link in links})
@@ -214,30 +291,35 @@ def make_plan(
         meta = index.tensors[t]
         pool = allowed_by_file.get(meta.file, everyone)
         grid = digests[t].rows_per_chunk if digests and t in digests else None
+        holding = holder_classes(skeleton, t, tables)
         for item in split_pieces(skeleton, t, bucket_bytes, grid):
             position += 1
             nbytes = piece_bytes(meta, item)
-            # each rank's regions of this piece, computed once
-            parts = [parts_of(skeleton, rank, item) for rank in range(world_size)]
-            who = [rank for rank, held in enumerate(parts) if held]
-            if not who:
+            classes = piece_classes(skeleton, item, holding)
+            if not classes:
                 continue
-            if len(who) == 1 and who[0] in pool:
+            key: tuple[BucketKind, tuple[int, ...], Classes]
+            if len(classes) == 1 and len(classes[0]) == 1 and classes[0][0] in pool:
                 kind: BucketKind = "local"
-                bucket = local_open.setdefault(who[0], _Open())
-            elif len(who) == world_size and all(p == parts[0] for p in parts):
+                bucket = local_open.setdefault(classes[0][0], _Open())
+            elif len(classes) == 1 and len(classes[0]) == world_size:
                 # every rank holds the same regions: one broadcast serves all
                 kind = "broadcast"
-                bucket = shared_open.setdefault((kind, pool), _Open())
+                key = (kind, pool, ())
+                bucket = shared_open.setdefault(key, _Open())
             else:
                 kind = "p2p"
-                bucket = shared_open.setdefault((kind, pool), _Open())
+                key = (kind, pool, classes)
+                bucket = shared_open.setdefault(key, _Open())
             if bucket.items and bucket.nbytes + nbytes > bucket_bytes:
-                close(kind, who[0] if kind == "local" else None, bucket, pool)
+                if kind == "local":
+                    close(kind, classes[0][0], bucket, pool)
+                else:
+                    close(kind, None, bucket, pool, key[2])
             bucket.items.append(item)
             bucket.nbytes += nbytes
-    for (kind, pool), bucket in shared_open.items():
-        close(kind, None, bucket, pool)
+    for (kind, pool, classes), bucket in shared_open.items():
+        close(kind, None, bucket, pool, classes)
     for rank, bucket in sorted(local_open.items()):
         close("local", rank, bucket, everyone)
     ordered.sort(key=lambda pb: pb[0])
@@ -278,33 +360,44 @@ class RankTraffic:
     staging: int  # largest staging buffer this rank needs, in bytes
 
 
-def traffic(plan: LoadPlan) -> list[RankTraffic]:
-    """Per-rank byte accounting of a plan (what ``distload plan`` prints)."""
+def traffic(plan: LoadPlan, *, multicast: bool = True) -> list[RankTraffic]:
+    """Per-rank byte accounting of a plan (what ``distload plan`` prints).
+
+    With ``multicast`` a class of several receivers is served as the executor does when the
+    transport opened its group: the reader sends its bytes once (to the class's root, or
+    within the class when it is a member itself) and the root sends one copy to every other
+    member, as a broadcast inside the class does logically. Without, the reader sends to
+    every member (shared memory, or a transport without sub-groups).
+    """
     world = plan.world_size
     read, sent, recv, staging = [0] * world, [0] * world, [0] * world, [0] * world
     for bucket in plan.buckets:
         _, size = read_slots(plan, bucket)
         read[bucket.reader] += sum(piece_bytes(plan.tensors[i.tensor], i) for i in bucket.items)
         staging[bucket.reader] = max(staging[bucket.reader], size)
-        if bucket.kind == "local":
-            continue
-        ranks = range(world)
-        for rank in ranks:
-            if rank == bucket.reader:
-                continue
-            _, nbytes = segments_for(plan, bucket, rank)
-            if bucket.kind == "p2p" and nbytes == 0:
-                continue
-            recv[rank] += nbytes
-            sent[bucket.reader] += nbytes
-            staging[rank] = max(staging[rank], nbytes)
+        for members, nbytes in receiving_classes(plan, bucket):
+            if multicast or bucket.kind == "broadcast":
+                root = members[0]
+                if root != bucket.reader:
+                    sent[bucket.reader] += nbytes
+                sent[root] += nbytes * (len(members) - 1)
+            else:
+                sent[bucket.reader] += nbytes * sum(1 for r in members if r != bucket.reader)
+            for rank in members:
+                if rank == bucket.reader:
+                    continue
+                recv[rank] += nbytes
+                staging[rank] = max(staging[rank], nbytes)
     held = [0] * world
-    for t, _meta in enumerate(plan.tensors):
-        for rank in range(world):
-            shape = plan.local_shape(t, rank)
-            if shape is not None:
-                n = 1
-                for d in shape:
-                    n *= d
-                held[rank] += n * ITEMSIZE[plan.dtypes[t]]
+    tables: dict[Layout, list[int]] = {}
+    for out, output in enumerate(plan.outputs):
+        layout = plan.layouts[out]
+        if layout not in tables:
+            tables[layout] = _chunk_table(layout, world)
+        itemsize = ITEMSIZE[plan.dtypes[out]]
+        for rank, chunk in enumerate(tables[layout]):
+            if chunk >= 0:
+                box = local_box(output.shape, layout, rank)
+                assert box is not None
+                held[rank] += math.prod(box_shape(box)) * itemsize
     return [RankTraffic(r, read[r], sent[r], recv[r], held[r], staging[r]) for r in range(world)]

@@ -48,6 +48,9 @@ class LoadReport:
     nodes: int  # number of nodes the group spans
     ranks: list[RankReport]
     wall_seconds: float  # slowest rank, from the start of the load to its end
+    # how shared buckets moved: "none" (one rank), "shared memory", "point to point" or
+    # "multicast (<n> groups)" (classes of receivers served through sub-groups)
+    exchange: str = "none"
     commit: str | None = None  # Hub sources: the commit every rank loaded
     hub_cache: str | None = None  # Hub sources: "shared" or "<n> caches"
 
@@ -74,7 +77,8 @@ class LoadReport:
             f"{self.source}\n{self._hub_line()}  placement: {self.placement}\n"
             f"  world {self.world_size} on "
             f"{self.nodes} node(s), "
-            f"{self.buckets} buckets, {self.wall_seconds:.2f} s (slowest rank), read "
+            f"{self.buckets} buckets ({self.exchange}), {self.wall_seconds:.2f} s (slowest "
+            "rank), read "
             f"{human_bytes(self.bytes_read)} "
             f"({self.bytes_read / max(1, self.total_bytes):.2f}x the checkpoint)"
         )

@@ -14,7 +14,8 @@ The model follows how :class:`~distload.execute.Executor` runs a plan:
   the reader's NIC (bytes to other nodes), each receiving node's NIC, the intra-node link
   (bytes between ranks of one node), plus a fixed latency per bucket;
 * a broadcast reaches each node once over the network (a ring or tree, as NCCL and gloo do);
-  point-to-point buckets send each rank only its parts.
+  point-to-point buckets send each class of receivers its parts once (to the class's root),
+  and the root broadcasts them inside the class.
 
 The result is compared with the physical lower bound
 ``max(bytes per node / node storage bandwidth, total bytes / aggregate storage bandwidth)``
@@ -27,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 
 from distload.checkpoint import CheckpointIndex, FileMeta, TensorMeta
-from distload.plan import LoadPlan, piece_bytes, segments_for
+from distload.plan import LoadPlan, piece_bytes, receiving_classes
 from distload.planner import traffic
 
 GB = 1e9
@@ -71,46 +72,60 @@ def _node_of(plan: LoadPlan) -> list[int]:
 
 
 def _transfer_bytes(
-    plan: LoadPlan, number: int, size: int, node: list[int], ranks_on: list[int]
+    plan: LoadPlan, number: int, node: list[int]
 ) -> tuple[list[int], list[int], list[int], int]:
-    """One shared bucket's traffic (``size``: its bytes; ``ranks_on``: ranks per node): NIC
-    bytes out and in per node, bytes moved inside each node, bytes on the busiest intra-node
-    link."""
+    """One shared bucket's traffic: NIC bytes out and in per node, bytes moved inside each
+    node, and bytes on the busiest intra-node link (what one rank sends to ranks of its node).
+
+    Each receiving class is served as the executor does it: the reader sends the class's bytes
+    to its root (unless it is the root), then the root broadcasts inside the class; a broadcast
+    enters every other node of the class once (a ring or tree between nodes, as NCCL and gloo
+    do) and reaches the remaining members of each node over the intra-node link.
+    """
     bucket = plan.buckets[number]
-    nodes = len(ranks_on)
+    nodes = max(node) + 1
     out, inn, intra = [0] * nodes, [0] * nodes, [0] * nodes
-    src = node[bucket.reader]
-    if bucket.kind == "broadcast":
-        present = [n for n in range(nodes) if ranks_on[n]]
-        for n in present:
-            if n != src:  # one copy enters every other node (a ring or tree between nodes)
-                inn[n] += size
-        # a ring forwards one copy out of every node but the last; a pair is one hop
-        for n in present[: max(0, len(present) - 1)]:
-            out[n] += size
-        for n in present:
-            intra[n] += size * (ranks_on[n] - 1)
-        busiest = size if any(ranks_on[n] > 1 for n in present) else 0
-        return out, inn, intra, busiest
-    for r in range(plan.world_size):
-        if r == bucket.reader:
-            continue
-        _, nbytes = segments_for(plan, bucket, r)
+    local_out: dict[int, int] = {}  # rank -> bytes it sends to ranks of its own node
+    reader = bucket.reader
+
+    def hop(src: int, dst: int, nbytes: int) -> None:
+        if node[src] == node[dst]:
+            intra[node[src]] += nbytes
+            local_out[src] = local_out.get(src, 0) + nbytes
+        else:
+            out[node[src]] += nbytes
+            inn[node[dst]] += nbytes
+
+    for members, nbytes in receiving_classes(plan, bucket):
         if not nbytes:
             continue
-        if node[r] == src:
-            intra[src] += nbytes
-        else:
-            out[src] += nbytes
-            inn[node[r]] += nbytes
-    return out, inn, intra, intra[src]  # the reader's own link carries all it sends locally
+        root = members[0]
+        if root != reader:
+            hop(reader, root, nbytes)
+        if len(members) == 1:
+            continue
+        on: dict[int, list[int]] = {}
+        for r in members:
+            on.setdefault(node[r], []).append(r)
+        ring = [node[root], *(n for n in on if n != node[root])]
+        for n in ring[1:]:
+            inn[n] += nbytes
+        for n in ring[:-1]:  # every node of the ring but the last forwards one copy
+            out[n] += nbytes
+        for n, ranks in on.items():
+            first = root if n == node[root] else ranks[0]
+            for r in ranks:
+                if r != first:
+                    intra[n] += nbytes
+            if len(ranks) > 1:  # a ring inside the node: each link carries one copy
+                local_out[first] = local_out.get(first, 0) + nbytes
+    return out, inn, intra, max(local_out.values(), default=0)
 
 
 def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
     """Predict ``plan``'s read + transfer time under ``bw`` (pure; any world size)."""
     node = _node_of(plan)
     nodes = max(node) + 1
-    ranks_on = [node.count(n) for n in range(nodes)]
     reading = {b.reader for b in plan.buckets}
     # each node's storage serves its readers' requests one after the other at its full rate
     # (work-conserving); a shared filesystem caps each reading node at its share
@@ -144,7 +159,7 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
         if b.kind == "local":
             finished[k] = read_done[k]
             continue
-        out, inn, intra, busiest = _transfer_bytes(plan, k, nbytes, node, ranks_on)
+        out, inn, intra, busiest = _transfer_bytes(plan, k, node)
         for n in range(nodes):
             nic_out[n] += out[n]
             nic_in[n] += inn[n]

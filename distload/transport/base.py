@@ -9,6 +9,7 @@ waiting for, so a dead or stalled peer never hangs a rank.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -30,3 +31,20 @@ class Transport(Protocol):
     def all_gather_bytes(self, data: bytes, what: str) -> list[bytes]: ...
 
     def broadcast_bytes(self, data: bytes | None, src: int, what: str) -> bytes: ...
+
+    def open_groups(self, groups: Sequence[tuple[int, ...]], what: str) -> bool:
+        """Create one sub-group per rank set of ``groups`` (all ranks call this with the same
+        list, in the same order). Returns False where the transport cannot, and then callers
+        send to each member point to point instead."""
+        ...
+
+    def group_broadcast(
+        self, buf: torch.Tensor, members: tuple[int, ...], src: int, what: str
+    ) -> None:
+        """Broadcast ``buf`` from ``src`` to the ranks ``members`` (a group opened by
+        :meth:`open_groups`); only members call it."""
+        ...
+
+    def close_groups(self) -> None:
+        """Release the groups of :meth:`open_groups` (every rank, after the load)."""
+        ...

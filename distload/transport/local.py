@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -32,3 +34,14 @@ class LocalTransport:
     def broadcast_bytes(self, data: bytes | None, src: int, what: str) -> bytes:
         assert data is not None
         return data
+
+    def open_groups(self, groups: Sequence[tuple[int, ...]], what: str) -> bool:
+        return False  # a group of one has no sub-groups
+
+    def group_broadcast(
+        self, buf: torch.Tensor, members: tuple[int, ...], src: int, what: str
+    ) -> None:
+        raise RuntimeError(f"{what}: no sub-groups in a single-process load")
+
+    def close_groups(self) -> None:
+        return None

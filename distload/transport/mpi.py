@@ -11,6 +11,7 @@ does when a rank exits non-zero, ``srun --kill-on-bad-exit=1`` too).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -89,3 +90,16 @@ class MPITransport:
         if n:
             self._wait(self.comm.Ibcast(buf, root=src), what)
         return buf.tobytes()
+
+    def open_groups(self, groups: Sequence[tuple[int, ...]], what: str) -> bool:
+        # MPI creates sub-communicators with blocking calls that cannot time out, which would
+        # break the no-hang guarantee: classes of receivers are served point to point instead
+        return False
+
+    def group_broadcast(
+        self, buf: torch.Tensor, members: tuple[int, ...], src: int, what: str
+    ) -> None:
+        raise RuntimeError(f"{what}: the MPI transport opens no sub-groups")
+
+    def close_groups(self) -> None:
+        return None

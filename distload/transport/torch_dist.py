@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,7 @@ class TorchDistTransport:
         self.timeout = datetime.timedelta(seconds=timeout)
         TorchDistTransport._count += 1
         self.serial = TorchDistTransport._count  # same on every rank: one transport per load
+        self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}  # members -> sub-group
 
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
@@ -138,3 +139,43 @@ class TorchDistTransport:
         if n:
             self.broadcast(buf, src, what)
         return data if self.rank == src and data is not None else bytes(buf.cpu().numpy())
+
+    def open_groups(self, groups: Sequence[tuple[int, ...]], what: str) -> bool:
+        """One ``new_group`` per rank set, called by every rank in the same order.
+
+        Only possible when the load's group is the whole world (``new_group`` is collective
+        over the default group); a load on a caller's sub-group returns False. Ranks outside
+        a set pass through at once; members meet in the new group's rendezvous, which waits at
+        most the transport's timeout.
+        """
+        if not groups:
+            return True
+        if dist.get_world_size(self.group) != dist.get_world_size():
+            return False
+        try:
+            for members in groups:
+                ranks = sorted(self._global(r) for r in members)
+                pg = dist.new_group(ranks, timeout=self.timeout)
+                if self.rank in members:
+                    self._groups[tuple(sorted(members))] = pg
+        except Exception as exc:
+            self.close_groups()
+            phase = what.split(":", maxsplit=1)[0]
+            raise PeerError(
+                f"rank {self.rank}: {what}: could not create a sub-group: {exc}", phase=phase
+            ) from exc
+        return True
+
+    def group_broadcast(
+        self, buf: torch.Tensor, members: tuple[int, ...], src: int, what: str
+    ) -> None:
+        pg = self._groups[tuple(sorted(members))]
+        self._wait(lambda: dist.broadcast(buf, self._global(src), group=pg, async_op=True), what)
+
+    def close_groups(self) -> None:
+        for pg in self._groups.values():
+            try:
+                dist.destroy_process_group(pg)
+            except Exception:  # best effort at teardown (e.g. after a peer died)
+                log.debug("could not destroy a sub-group", exc_info=True)
+        self._groups.clear()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import Replicate, Shard
 
 import distload
+from distload.planner import traffic
 from tests.reference import expected_local, read_all, same_bits
 
 
@@ -62,16 +63,21 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
         for name, full in reference.items():
             exp = expected_local(full, name, rules, tp, rank, dtype)
             out[name] = torch.full(exp.shape, 0, dtype=exp.dtype)
-    state = distload.load(
-        cfg["source"],
-        placement,
-        dtype=dtype,
-        out=out,
-        bucket_bytes=cfg.get("bucket_bytes"),
-        device=cfg.get("device", "cpu"),
-        timeout=cfg.get("timeout", 60),
-        shm=cfg.get("shm"),
-    )
+    if cfg.get("multicast") is False:
+        os.environ["DISTLOAD_MULTICAST"] = "0"
+    try:
+        state = distload.load(
+            cfg["source"],
+            placement,
+            dtype=dtype,
+            out=out,
+            bucket_bytes=cfg.get("bucket_bytes"),
+            device=cfg.get("device", "cpu"),
+            timeout=cfg.get("timeout", 60),
+            shm=cfg.get("shm"),
+        )
+    finally:
+        os.environ.pop("DISTLOAD_MULTICAST", None)
     if out is None:
         reference = read_all(cfg["source"])
     if set(state) != set(reference):
@@ -87,7 +93,12 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
                 f"expected {exp.dtype} {tuple(exp.shape)}"
             )
     rep = state.report
+    # what the executor moved must be what the plan's accounting says it moves
+    accounted = traffic(state.plan, multicast=rep.exchange.startswith("multicast"))
     return {
+        "exchange": rep.exchange,
+        "planned_sent": [t.sent for t in accounted],
+        "planned_received": [t.received for t in accounted],
         "tensors": len(state),
         "total_bytes": rep.total_bytes,
         "bytes_read": [r.bytes_read for r in rep.ranks],
@@ -214,7 +225,9 @@ def load_placement(args: dict[str, Any]) -> dict[str, Any]:
     """
     rank, world = _rank(), _world()
     spec = args["placement"]
-    state = distload.load(args["source"], _placement_from(spec), device="cpu", timeout=60)
+    state = distload.load(
+        args["source"], _placement_from(spec), device="cpu", timeout=60, shm=args.get("shm")
+    )
     reference = read_all(args["source"])
     rules = spec.get("rules", [])
     tp = spec.get("tp", 1)
@@ -244,8 +257,12 @@ def load_placement(args: dict[str, Any]) -> dict[str, Any]:
     covered = {n for names in gathered for n in names}
     if rank == 0 and covered != set(reference):
         raise AssertionError(f"not covered by any rank: {sorted(set(reference) - covered)[:5]}")
+    accounted = traffic(state.plan, multicast=state.report.exchange.startswith("multicast"))
     return {
         "held": held,
+        "exchange": state.report.exchange,
+        "bytes_sent": [r.bytes_sent for r in state.report.ranks],
+        "planned_sent": [t.sent for t in accounted],
         "bytes_read": [r.bytes_read for r in state.report.ranks],
         "total_bytes": state.report.total_bytes,
         "placement": state.report.placement,

@@ -219,3 +219,42 @@ def test_manifest_catches_a_flipped_byte_on_every_rank(tmp_path: Path) -> None:
     err = outcomes[0].error
     assert err["type"] == "CheckpointError" and err["file"] == shard.name
     assert "do not match the manifest" in err["message"]
+
+
+MULTICAST = {"rules": MIXED_RULES, "tp": 2, "shm": False, "bucket_bytes": 4000}
+
+
+@pytest.mark.parametrize("victim", [0, 1, 3])
+def test_killed_rank_inside_multicasts_ends_every_survivor(mixed_ckpt: Path, victim: int) -> None:
+    """dp2 x tp2 over the transport: replicas are served by multicast through sub-groups; a
+    rank killed mid-load (reader, relay or plain member) ends every survivor with a PeerError
+    within the timeout, never a hang in a sub-group's broadcast."""
+    cfg = {"source": str(mixed_ckpt), "timeout": 5, **MULTICAST}
+    args = {"cfg": cfg, "sabotage": {"kind": "kill", "rank": victim, "at": 4}}
+    outcomes = run_group(4, "expect_failure", args, timeout=90)
+    assert outcomes[victim].returncode == -9
+    for o in outcomes:
+        if o.rank == victim:
+            continue
+        assert o.ok, o
+        assert o.result["type"] == "PeerError", o.result
+        assert o.result["phase"] in ("read", "transfer"), o.result
+        assert o.result["seconds"] < 5 + 10
+
+
+def test_exception_inside_multicasts_is_shared_and_the_next_load_works(
+    mixed_ckpt: Path,
+) -> None:
+    cfg = {"source": str(mixed_ckpt), "timeout": 30, **MULTICAST}
+    args = {
+        "cfg": cfg,
+        "sabotage": {"kind": "raise", "rank": 2, "at": 3},
+        "then_load": cfg,
+    }
+    errors = _failures(run_group(4, "expect_failure", args, timeout=90))
+    for err in errors:
+        assert err["ranks"] == [2], err
+        assert "injected failure in the transfer loop" in err["message"]
+        after = err["after"]
+        assert after["exchange"].startswith("multicast"), after
+        assert sum(after["bytes_read"]) == after["total_bytes"]

@@ -64,6 +64,17 @@ def _configs(world: int, mixed: Path, llama: Path, single: Path) -> list[dict[st
             for c in configs
             if c["name"] in ("replicate", "tp-upcast-small-buckets", "tp-llama", "tp2-dp")
         ]
+    if world == 4:  # data-parallel replicas served member by member instead of by multicast
+        configs.append(
+            {
+                "name": "tp2-dp-transport-no-multicast",
+                "source": m,
+                "rules": MIXED_RULES,
+                "tp": 2,
+                "shm": False,
+                "multicast": False,
+            }
+        )
     return configs
 
 
@@ -80,8 +91,18 @@ def test_loads_are_bit_exact(
         assert all(r["bytes_read"] == first["bytes_read"] for r in per_rank), cfg["name"]
         # read once: every checkpoint byte is read by exactly one rank
         assert sum(first["bytes_read"]) == first["total_bytes"], (cfg["name"], first)
-        # what is sent is what is received
+        # what is sent is what is received, and what the plan's accounting says
         assert sum(first["bytes_sent"]) == sum(first["bytes_received"]), cfg["name"]
+        assert first["bytes_sent"] == first["planned_sent"], (cfg["name"], first)
+        assert first["bytes_received"] == first["planned_received"], (cfg["name"], first)
+        # how shared buckets moved
+        if world == 1:
+            assert first["exchange"] == "none"
+        elif cfg.get("shm") is False:
+            multicast = cfg.get("tp") == 2 and cfg.get("multicast") is not False
+            assert first["exchange"].startswith("multicast") == multicast, (cfg, first)
+        else:
+            assert first["exchange"] == "shared memory", (cfg, first)
         # staging stays within a few buckets
         if cfg.get("bucket_bytes"):
             assert max(first["staging"]) <= 4 * cfg["bucket_bytes"] + 64 * 64, (cfg, first)

@@ -117,14 +117,19 @@ MESH_STAGES = [
 ]
 
 
-def test_mesh_dp2_pp2_tp2_on_eight_processes(mixed_ckpt: Path) -> None:
+@pytest.mark.parametrize("shm", [None, False], ids=["shared-memory", "multicast"])
+def test_mesh_dp2_pp2_tp2_on_eight_processes(mixed_ckpt: Path, shm: bool | None) -> None:
     # rank = (d * pp + p) * tp + t: stage 0 -> ranks 0, 1, 4, 5; stage 1 -> 2, 3, 6, 7
     names = list(read_all(mixed_ckpt))
     expect = _holders_by_stage(names, [[0, 1, 4, 5], [2, 3, 6, 7]], MESH_STAGES)
     spec = {"kind": "mesh", "dp": 2, "pp": 2, "tp": 2, "rules": MESH_RULES, "stages": MESH_STAGES}
-    args = {"source": str(mixed_ckpt), "placement": spec, "expect": expect}
+    args = {"source": str(mixed_ckpt), "placement": spec, "expect": expect, "shm": shm}
     results = check_all_ok(run_group(8, "load_placement", args, timeout=200))
     _check_read_once(results)
+    first = results[0]
+    # without shared memory, replicas (and stage-replicated tensors) are served by multicast
+    assert first["exchange"].startswith("multicast" if shm is False else "shared"), first
+    assert first["bytes_sent"] == first["planned_sent"], first
     # data-parallel replicas hold the same names
     assert results[0]["held"] == results[4]["held"]
     assert results[3]["held"] == results[7]["held"]

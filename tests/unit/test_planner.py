@@ -237,3 +237,51 @@ def test_random_plans_cover_exactly(
     reads = file_ranges(plan)
     assert set(reads.values()) <= {1}
     simulate(plan)
+
+
+def test_replicas_form_multicast_classes_rooted_near_the_reader() -> None:
+    """dp2 x tp2 over two nodes: the data-parallel replicas of each TP rank hold identical
+    parts, so each p2p bucket has one class per TP rank; the class's root is the reader when
+    it is a member, else the member on the reader's node."""
+    index = index_of([((8, 64), "BF16"), ((16, 32), "F32")])
+    nodes = [0, 0, 1, 1]  # a TP group per node; ranks 0 and 2 hold chunk 0, 1 and 3 chunk 1
+    plan = make_plan(
+        index, 4, TensorParallel({"*": "rowwise"}, size=2), bucket_bytes=10**6, nodes=nodes
+    )
+    assert {b.kind for b in plan.buckets} == {"p2p"}
+    for b in plan.buckets:
+        assert sorted(sorted(c) for c in b.classes) == [[0, 2], [1, 3]]
+        for c in b.classes:
+            if b.reader in c:
+                assert c[0] == b.reader
+            else:
+                assert nodes[c[0]] == nodes[b.reader]
+        assert b.multicasts() == b.classes
+    assert plan.multicast_groups() == ((0, 2), (1, 3))
+    assert LoadPlan.from_json(plan.to_json()) == plan
+    # the reader sends each byte it read once (to a root, or within its own class); without
+    # multicast it sends its replica's slice plus both slices of the other class
+    total = index.total_bytes
+    multicast = traffic(plan)
+    plain = traffic(plan, multicast=False)
+    assert sum(s.sent for s in multicast) == sum(s.received for s in multicast)
+    assert sum(s.sent for s in plain) == sum(s.received for s in plain)
+    assert [s.received for s in multicast] == [s.received for s in plain]
+    assert len(plan.buckets) == 1
+    reader = plan.buckets[0].reader
+    assert multicast[reader].sent == total
+    assert plain[reader].sent == total * 3 // 2
+
+
+def test_holder_classes_group_replicas_once_per_tensor() -> None:
+    from distload.placement import Mesh
+    from distload.planner import holder_classes
+
+    index = index_of([((64, 16), "BF16"), ((16,), "F32")], files=1)
+    plan = make_plan(index, 128, Mesh(dp=16, tp=8, tp_rules={"t0": "colwise"}), bucket_bytes=10**6)
+    sharded = holder_classes(plan, 0)
+    assert len(sharded) == 8 and all(len(g) == 16 for g in sharded)
+    assert sorted(r for g in sharded for r in g) == list(range(128))
+    assert all({r % 8 for r in g} == {g[0] % 8} for g in sharded)  # one TP rank each
+    assert holder_classes(plan, 1) == [list(range(128))]  # replicated: one class
+    simulate(make_plan(index, 8, Mesh(dp=2, tp=4, tp_rules={"t0": "colwise"}), bucket_bytes=64))

@@ -132,3 +132,21 @@ def test_cli_simulates_a_real_model_shape(capsys: pytest.CaptureFixture[str]) ->
 def test_cli_rejects_unknown_model() -> None:
     with pytest.raises(SystemExit, match="unknown model"):
         main(["plan", "model:gpt-99", "--world", "2"])
+
+
+def test_replicas_over_nodes_approach_the_network_bound() -> None:
+    """dp4 x tp4, one TP group per node: every node needs every byte, so each node's NIC must
+    take in the 3/4 it did not read. Serving each class of replicas by one multicast (reader ->
+    root on its node -> broadcast across nodes) keeps each bucket's traffic spread over all
+    NICs; sending every replica its slice from the reader alone would load the reader's NIC
+    with three copies per bucket."""
+    world, per_node = 16, 4
+    plan = _plan(world, per_node, distload.Mesh(dp=4, tp=4, tp_rules=preset("llama")))
+    assert plan.multicast_groups()
+    nic = 0.01 * GB
+    pred = simulate(plan, Bandwidths(node_storage=100 * GB, nic=nic, intra=1000 * GB))
+    total = plan.index.total_bytes
+    bound = max(total - read for read in pred.read_bytes_per_node) / nic
+    assert max(pred.nic_bytes_in) <= total
+    assert pred.bottleneck == "nic"
+    assert bound <= pred.seconds <= 1.3 * bound
