@@ -35,6 +35,7 @@ from distload.coordination import agree, from_coordinator, gather_or_fail
 from distload.dtypes import parse_dtype
 from distload.errors import DistLoadError
 from distload.execute import PREFETCH_DEPTH, Executor
+from distload.gcpause import gc_paused
 from distload.hub import download as hub_download
 from distload.hub import options as hub_options_mod
 from distload.hub.download import DownloadStats
@@ -160,6 +161,7 @@ def _open_multicast(net: Transport, plan: LoadPlan, shm: bool) -> bool:
     return opened
 
 
+@gc_paused
 def load(
     source: str | os.PathLike[str],
     placement: Placement | None = None,

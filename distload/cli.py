@@ -17,6 +17,7 @@ from typing import Any
 
 from distload.checkpoint import CheckpointIndex, read_checkpoint
 from distload.errors import DistLoadError
+from distload.gcpause import gc_paused
 from distload.placement import (
     DeviceMap,
     Mesh,
@@ -170,6 +171,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+@gc_paused
 def cmd_plan(args: argparse.Namespace) -> int:
     from distload.dtypes import parse_dtype
 

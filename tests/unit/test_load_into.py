@@ -124,3 +124,34 @@ def test_failed_load_into_leaves_model_visibly_unloaded(ckpt: Path, tmp_path: Pa
         distload.load_into(model, broken, device="cpu")
     # nothing was assigned: every parameter is still on the meta device
     assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_load_pauses_the_garbage_collector_and_restores_it(ckpt: Path, enabled: bool) -> None:
+    """The collector is paused during a load (its passes over many small objects dominated
+    loads of tens of thousands of tensors) and left as it was, also when the load fails."""
+    import gc
+
+    from distload.placement import Layout
+
+    seen: list[bool] = []
+
+    class Spy:
+        def layouts(self, tensors: object, world_size: int) -> list[Layout]:
+            seen.append(gc.isenabled())
+            return [Layout()] * len(tensors)  # type: ignore[arg-type]
+
+        def describe(self) -> str:
+            return "spy"
+
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        state = distload.load(ckpt, Spy(), device="cpu")
+        assert seen == [False] and gc.isenabled() is enabled
+        assert same_bits(state["step"], read_all(ckpt)["step"])
+        with pytest.raises(distload.DistLoadError):
+            distload.load(ckpt / "missing", device="cpu")
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
