@@ -167,9 +167,22 @@ def holder_classes(
     return list(groups.values())
 
 
+def _whole_copies(plan: LoadPlan, stored: int) -> bool:
+    """Whether every output made of stored tensor ``stored`` is the whole tensor, held in full
+    by its holders (the common case of a replicated tensor without key transforms)."""
+    meta = plan.tensors[stored]
+    full = tuple((0, n) for n in meta.shape)
+    return meta.nbytes > 0 and all(
+        plan.layouts[out].dim is None and link.stored_box == full and not link.transposed
+        for out, link in plan.links_of(stored)
+    )
+
+
 def piece_classes(plan: LoadPlan, item: Item, holding: list[list[int]]) -> Classes:
     """The ranks holding a part of piece ``item``, partitioned by identical parts (from the
     tensor's :func:`holder_classes`): sorted classes of sorted ranks."""
+    if len(holding) == 1 and _whole_copies(plan, item.tensor):
+        return (tuple(holding[0]),)  # every holder holds the whole piece: no geometry needed
     by_parts: dict[tuple[Part, ...], list[int]] = {}
     for ranks in holding:
         parts = tuple(parts_of(plan, ranks[0], item))
