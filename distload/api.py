@@ -297,6 +297,8 @@ def load(
             file_readers=file_readers,
         )
 
+    built: list[LoadPlan] = []  # rank 0: the plan it made for a local source
+
     def first_step() -> bytes:
         """Rank 0: a local source's plan (b"L"), or a Hub source pinned to a commit (b"H")."""
         resolved = _tagged("index", lambda: hub_options_mod.resolve_source(source, hub_options))
@@ -307,7 +309,9 @@ def load(
                     source, max_header_bytes=max_header_bytes, allow_pickle=allow_pickle
                 ),
             )
-            return b"L" + plan_for(index).to_json()
+            plan = plan_for(index)
+            built.append(plan)  # rank 0 keeps its plan: no JSON round trip for itself
+            return b"L" + (plan.to_json() if rt.world_size > 1 else b"")
         if verify or allow_pickle:
             raise DistLoadError(
                 "verify= and allow_pickle= apply to local sources; Hub files are checked "
@@ -347,7 +351,7 @@ def load(
     error: BaseException | None = None
     phase = "plan"  # a failure here is reported with the phase it happened in
     try:
-        plan = LoadPlan.from_json(payload)
+        plan = built[0] if built and first[:1] == b"L" else LoadPlan.from_json(payload)
         hub = HubPlan.from_json(plan.hub) if plan.hub is not None else None
     except Exception as exc:
         error = exc

@@ -57,8 +57,10 @@ class Prediction:
     nic_bytes_in: list[int]  # per node, bytes received from other nodes
     intra_bytes: list[int]  # per node, bytes moved between its own ranks
     peak_rank_bytes: int  # largest final part + staging of any rank
-    bottleneck: str  # which resource bounds the predicted time
-    busy: dict[str, float] = field(default_factory=dict)  # seconds each resource is busy
+    bottleneck: str  # the resource with the most busy time
+    # seconds each resource is busy: storage = the busiest node's reads; nic / intra-node /
+    # latency = summed over the shared buckets, which move one at a time in the global order
+    busy: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         return (
@@ -155,7 +157,6 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
         read_done[k] = start + nbytes / rate
         storage_clock[node[b.reader]] = read_done[k]
         reader_clock[b.reader] = read_done[k]
-        busy["storage"] = max(busy["storage"], read_done[k])
         if b.kind == "local":
             finished[k] = read_done[k]
             continue
@@ -173,6 +174,8 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
         clock = max(clock, read_done[k]) + duration
         finished[k] = clock
     seconds = max([clock, *reader_clock.values()], default=0.0)
+    # storage is busy for the bytes its node reads (waiting on transfers is not storage time)
+    busy["storage"] = max(read_bytes_node) / rate if read_bytes_node else 0.0
     total = plan.index.total_bytes
     lower = total / nodes / bw.node_storage
     if bw.shared_storage is not None:

@@ -11,9 +11,9 @@ checkpoint from the page cache first.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -33,21 +33,29 @@ def _fields(path: str, names: tuple[str, ...]) -> dict[str, int]:
     return found
 
 
+_MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
+
+
 def own_shared_bytes() -> int:
     """Resident bytes of the shared-memory staging files this rank created (``DISTLOAD_SHM_DIR``
     is set by the benchmark driver; files are named ``distload-<load>-<rank>-<slot>``).
 
-    Shared memory is counted where it is allocated: a rank's own slots count in full for it,
-    the peers' slots it only reads from do not (they count for their owners), so the ranks'
-    figures add up to what the node really holds, as private memory does."""
+    Read from this process's mappings (``/proc/self/smaps``), since the files are unlinked
+    right after every rank has mapped them. Shared memory is counted where it is allocated:
+    a rank's own slots count for it, the peers' slots it only reads from do not (they count
+    for their owners), so the ranks' figures add up to what the node really holds."""
     folder = os.environ.get("DISTLOAD_SHM_DIR")
     if not folder:
         return 0
     rank = os.environ.get("RANK", "0")
-    total = 0
-    for path in Path(folder).glob(f"distload-*-{rank}-shm*"):
-        with contextlib.suppress(FileNotFoundError):
-            total += path.stat().st_blocks * 512
+    own = re.compile(rf"{re.escape(os.path.realpath(folder))}/distload-[^/ ]*-{rank}-shm\d+")
+    total, counting = 0, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            if _MAPPING.match(line):
+                counting = own.search(line) is not None
+            elif counting and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
     return total
 
 
@@ -66,19 +74,24 @@ class PeakSampler:
     """Samples held memory (:func:`held`) and mapped file pages every 2 ms; keeps the peaks."""
 
     def __init__(self) -> None:
-        self.peak, self.peak_file = held(), rss()[1]
+        self._shared = own_shared_bytes()
+        self.peak, self.peak_file = rss()[0] + self._shared, rss()[1]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _sample(self) -> None:
+    def _sample(self, shared: bool = True) -> None:
         anon, file = rss()
-        self.peak = max(self.peak, anon + own_shared_bytes())
+        if shared:  # staging slots live for the whole load: a slower rate is enough
+            self._shared = own_shared_bytes()
+        self.peak = max(self.peak, anon + self._shared)
         self.peak_file = max(self.peak_file, file)
 
     def _run(self) -> None:
+        n = 0
         while not self._stop.is_set():
-            self._sample()
+            self._sample(shared=n % 20 == 0)
+            n += 1
             time.sleep(0.002)
 
     def stop(self) -> int:
