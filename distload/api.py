@@ -125,6 +125,9 @@ def _build_plan(
             file_readers=file_readers,
         ),
     )
+    every = os.environ.get("DISTLOAD_CHECK_EVERY")  # read here, on rank 0: one value for all
+    if every is not None:
+        plan = dataclasses.replace(plan, check_every=max(1, int(every)))
     return dataclasses.replace(plan, token=uuid.uuid4().hex)
 
 
@@ -469,6 +472,7 @@ def load(
         peak_staging_bytes=staging,
         seconds=seconds,
         bytes_downloaded=downloaded.bytes_downloaded,
+        shared_buckets=stats.buckets,
     )
     reports = [RankReport.from_json(b) for b in gather_or_fail(net, "close", mine.to_json)]
     state = LoadedState((names_by_index[t], d) for t, d in dests.items())

@@ -5,11 +5,19 @@ single global order:
 
 * a ``local`` bucket concerns its reader only (no communication); pieces that land unchanged
   in a contiguous region of the destination are read straight into it;
-* before each shared bucket all ranks agree on a status flag (one small ``all_reduce``), so a
-  rank whose read failed ends the load everywhere instead of leaving peers waiting;
 * ``broadcast`` buckets move one packed buffer from the reader to all ranks; ``p2p`` buckets
   send each class of receivers only its own parts (packed once per class): point to point to
   a single rank, a multicast (reader -> root -> broadcast inside the class) to several;
+* a ``p2p`` bucket involves only its *participants* (reader and receivers); other ranks go
+  straight on to their next bucket, so buckets with disjoint participants (pipeline stages,
+  data-parallel replicas reading their own stage) move at the same time. Every rank still
+  takes its buckets in the global order, so the lowest unfinished bucket always has all its
+  participants at it: no deadlock;
+* all ranks agree on a status flag (one small ``all_reduce``) before every broadcast bucket
+  and before every ``plan.check_every``-th shared bucket, so a failure ends the load everywhere
+  within a bounded number of buckets instead of leaving peers waiting. A rank that fails
+  between two checks keeps to the schedule (its sends go out unfilled, its receives are
+  dropped) until the next check, where every rank raises the same error;
 * when all ranks share one node (host memory), shared buckets skip the transport: the reader
   reads into a shared-memory slot and each rank copies its parts from it (``distload.shm``).
 
@@ -294,6 +302,10 @@ class Executor:
         self.stats = ExecStats()
         self.pending: BaseException | None = None  # a local failure not yet shared
         self._agreed = False  # whether the current bucket's status check has passed
+        self._moving = False  # whether the current bucket's sends/receives have started
+        # the current bucket's read: taken from the prefetcher yet, and not yet released
+        self._took = False
+        self._taken: _Ready | None = None
         self.shm = shm  # same-node shared-memory exchange (None: transfers go over transport)
         # whether the transport opened the plan's multicast groups (else classes of several
         # receivers are sent to member by member)
@@ -303,6 +315,15 @@ class Executor:
         # (id of a bucket of ``plan.buckets``, rank) -> segments_for(...): the plan keeps every
         # bucket alive for the whole run, so ids are stable
         self._segment_cache: dict[tuple[int, int], tuple[list[Segment], int]] = {}
+        # shared buckets with a status check before them (the same set on every rank): all of
+        # them with shared memory, else every broadcast and every ``plan.check_every``-th
+        shared = [n for n, b in enumerate(plan.buckets) if b.kind != "local"]
+        every = max(1, plan.check_every)
+        self.checks = {
+            n
+            for i, n in enumerate(shared)
+            if shm is not None or plan.buckets[n].kind == "broadcast" or i % every == 0
+        }
 
     # -- destinations -------------------------------------------------------------------------
 
@@ -360,11 +381,18 @@ class Executor:
             _region(dest, seg.part.dst).copy_(src, non_blocking=True)
 
     def _pack(self, ready: _Ready, segs: list[Segment], size: int) -> torch.Tensor:
-        """Pack parts of the read pieces into the send layout ``segs`` (casting if needed)."""
-        assert ready.buffer is not None
+        """Pack parts of the read pieces into the send layout ``segs`` (casting if needed).
+
+        Once this rank has failed (``pending``) the buffer goes out unfilled: the load ends at
+        the next status check and the bytes are never used."""
         buf = self.comm_arenas.get("pack", size)
-        for seg in segs:
-            _view(buf, seg).copy_(_source(ready, seg), non_blocking=True)
+        if self.pending is None:
+            try:
+                assert ready.buffer is not None
+                for seg in segs:
+                    _view(buf, seg).copy_(_source(ready, seg), non_blocking=True)
+            except Exception as exc:
+                self._fail_pending(exc, "transfer")
         return buf
 
     def _cuda_device(self) -> torch.device | None:
@@ -389,22 +417,27 @@ class Executor:
         )
         try:
             for number, bucket in enumerate(self.plan.buckets):
-                self._agreed = False
+                self._agreed = self._moving = self._took = False
+                self._taken = None
                 try:
                     self._step(number, bucket, prefetch)
                 except DistLoadError:
                     raise
                 except Exception as exc:
-                    if self._agreed:  # peers are inside this bucket's transfer: they time out
+                    if self._agreed or self._moving:  # peers are inside this bucket's transfer
                         raise DistLoadError(
                             f"rank {self.rank}: transfer of bucket {number} failed: "
                             f"{type(exc).__name__}: {exc}",
                             phase="transfer",
                             failures=(failure_from_exception(exc, self.rank, "transfer"),),
                         ) from exc
-                    # not yet in this bucket's collectives: share the failure instead
-                    agree(self.transport, "transfer", exc)
-                    raise
+                    if number in self.checks:
+                        # peers are at (or heading for) this bucket's status check: share it
+                        agree(self.transport, "transfer", exc)
+                        raise
+                    # no check before this bucket: keep to the schedule, share at the next one
+                    self._fail_pending(exc, "transfer")
+                    self._keep_schedule(number, bucket, prefetch)
                 if self.on_bucket is not None:
                     self.on_bucket(number)
         finally:
@@ -420,6 +453,7 @@ class Executor:
     def _step(self, number: int, bucket: Bucket, prefetch: _Prefetcher) -> None:
         mine = bucket.reader == self.rank
         ready = prefetch.next(bucket) if mine else None
+        self._took, self._taken = True, ready
         if ready is not None and ready.error is not None and self.pending is None:
             if getattr(ready.error, "phase", None) is None:
                 ready.error.phase = "read"  # type: ignore[attr-defined]
@@ -429,11 +463,15 @@ class Executor:
                 self._guard(lambda: self._own_parts(ready))
             if ready is not None:
                 prefetch.release(ready)
+            self._taken = None
             return
-        # with shared memory this check also closes the previous shared bucket's copies, so a
-        # peer lost here may have been lost in that transfer
-        agree(self.transport, "transfer" if self._shm_started else "read", self.pending)
-        self._agreed = True
+        if number in self.checks:
+            # with shared memory this check also closes the previous shared bucket's copies,
+            # so a peer lost here may have been lost in that transfer
+            agree(self.transport, "transfer" if self._shm_started else "read", self.pending)
+            self._agreed = True
+        if self.shm is None and self.rank not in bucket.participants(self.transport.world_size):
+            return  # a p2p bucket between other ranks: they move it meanwhile
         self._shm_started = self.shm is not None
         # every rank has finished the earlier shared buckets: their shm slots are free again
         for held in self._held:
@@ -449,10 +487,12 @@ class Executor:
                 self._fail_pending(exc, "transfer")
             if ready is not None:
                 self._held.append(ready)
+            self._taken = None
             self.stats.transfer_seconds += time.perf_counter() - start
             self.stats.buckets += 1
             return
         what = f"transfer: bucket {number} ({bucket.kind}, reader rank {bucket.reader})"
+        self._moving = True
         try:
             if bucket.kind == "broadcast":
                 self._broadcast(bucket, ready, what)
@@ -461,10 +501,32 @@ class Executor:
         finally:
             if ready is not None:
                 prefetch.release(ready)
+            self._taken = None
         self.stats.transfer_seconds += time.perf_counter() - start
         self.stats.buckets += 1
 
+    def _keep_schedule(self, number: int, bucket: Bucket, prefetch: _Prefetcher) -> None:
+        """After a local failure in a bucket no status check precedes: take part in its
+        transfers anyway (sends unfilled, receives dropped, since ``pending`` is set), so no
+        peer waits on this rank before the next check shares the failure."""
+        ready = self._taken
+        if not self._took and bucket.reader == self.rank:
+            ready = prefetch.next(bucket)
+        self._taken = None
+        try:
+            if bucket.kind == "p2p" and self.rank in bucket.participants(self.transport.world_size):
+                self._moving = True
+                what = f"transfer: bucket {number} ({bucket.kind}, reader rank {bucket.reader})"
+                self._p2p(bucket, ready, what)
+        finally:
+            if ready is not None:
+                prefetch.release(ready)
+
     def _guard(self, fn: Callable[[], None]) -> None:
+        """Run a local copy; a failure is kept for the next agreement. Once this rank has
+        failed its copies are moot (the load ends at the next check) and are skipped."""
+        if self.pending is not None:
+            return
         try:
             fn()
         except Exception as exc:  # shared with all ranks at the next agreement

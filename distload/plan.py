@@ -39,6 +39,10 @@ ALIGN = 64  # byte alignment of every segment inside a staging buffer
 BucketKind = Literal["local", "broadcast", "p2p"]
 
 
+# shared buckets between two status checks when p2p buckets run concurrently
+CHECK_EVERY = 64
+
+
 @dataclass(frozen=True)
 class Item:
     """One piece: rows ``[start, stop)`` along dim 0 of tensor ``tensor`` (0-d: rows 0..1)."""
@@ -62,6 +66,13 @@ class Bucket:
     def multicasts(self) -> tuple[tuple[int, ...], ...]:
         """Classes served by one broadcast inside the class (two or more ranks)."""
         return tuple(c for c in self.classes if len(c) > 1)
+
+    def participants(self, world_size: int) -> frozenset[int]:
+        """Ranks that take part in this bucket's step: the reader and, for a p2p bucket, every
+        rank of its classes (a broadcast involves every rank; a local bucket only its reader)."""
+        if self.kind == "broadcast":
+            return frozenset(range(world_size))
+        return frozenset((self.reader, *(r for c in self.classes for r in c)))
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,9 @@ class LoadPlan:
     # Hub sources: the pinned commit, cache domains and downloads (``distload.hub.plan``)
     hub: dict[str, Any] | None = None
     token: str = ""  # unique per load (names its shared-memory files)
+    # shared buckets between two status checks while p2p buckets run concurrently (see
+    # distload.execute); part of the plan so that every rank checks before the same buckets
+    check_every: int = CHECK_EVERY
 
     @property
     def tensors(self) -> tuple[TensorMeta, ...]:
@@ -144,6 +158,7 @@ class LoadPlan:
                 "digests": [[t, rows, list(chunks)] for t, rows, chunks in self.digests],
                 "hub": self.hub,
                 "token": self.token,
+                "check_every": self.check_every,
             },
             separators=(",", ":"),
         ).encode()
@@ -183,6 +198,7 @@ class LoadPlan:
             ),
             hub=raw.get("hub"),
             token=raw.get("token", ""),
+            check_every=int(raw.get("check_every", CHECK_EVERY)),
         )
 
     def local_shape(self, output: int, rank: int) -> tuple[int, ...] | None:

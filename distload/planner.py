@@ -14,10 +14,12 @@ Steps:
    per class, see :func:`holder_classes`; a class of several ranks is one multicast);
 4. group consecutive pieces of one kind (and one partition) into buckets of at most
    ``bucket_bytes`` and give each bucket to the reader with the fewest bytes so far, so every
-   byte is read by exactly one rank and reading is balanced over all nodes' storage (shared
-   buckets move one at a time in the global order, so a reader need not hold the bytes it
-   reads); local pieces count towards their reader's share first. Each class's root is put
-   first (the reader, or a member on its node).
+   byte is read by exactly one rank and reading is balanced over all nodes' storage; a p2p
+   bucket goes to one of its own receivers where one may read it (local pieces count towards
+   their reader's share first). Each class's root is put first (the reader, or a member on
+   its node);
+5. order the buckets round robin over groups with the same receivers (:func:`interleave`), so
+   buckets of disjoint ranks follow each other and run concurrently (``distload.execute``).
 """
 
 from __future__ import annotations
@@ -293,7 +295,12 @@ def make_plan(
         if not bucket.items:
             return
         if reader is None:
-            reader = min(pool, key=lambda r: (load[r], r))
+            # a p2p bucket is read by one of its receivers where one may read it: its bytes
+            # then start where they are needed, and buckets of disjoint receivers (pipeline
+            # stages) involve disjoint ranks, so they move at the same time
+            holding = {r for c in classes for r in c}
+            near = tuple(r for r in pool if r in holding) if kind == "p2p" else ()
+            reader = min(near or pool, key=lambda r: (load[r], r))
         load[reader] += bucket.nbytes
         rooted = tuple(_rooted(c, reader, nodes) for c in classes)
         ordered.append((position, Bucket(kind, reader, tuple(bucket.items), rooted)))
@@ -336,7 +343,7 @@ def make_plan(
     for rank, bucket in sorted(local_open.items()):
         close("local", rank, bucket, everyone)
     ordered.sort(key=lambda pb: pb[0])
-    buckets = tuple(b for _, b in ordered)
+    buckets = interleave([b for _, b in ordered], world_size)
     return LoadPlan(
         world_size,
         bucket_bytes,
@@ -355,6 +362,36 @@ def make_plan(
             if t in set(used)
         ),
     )
+
+
+def interleave(buckets: list[Bucket], world_size: int) -> tuple[Bucket, ...]:
+    """The global order: groups of buckets with the same receivers interleaved (each group
+    keeps its own order and is spread evenly over the whole), so that consecutive buckets involve
+    disjoint ranks where the placement allows (pipeline stages, replica groups) and move at
+    the same time. Plans whose shared buckets all reach the same ranks (tensor parallel over
+    the whole group) keep the file order."""
+
+    def receivers(b: Bucket) -> frozenset[int]:
+        if b.kind == "local":
+            return frozenset((b.reader,))
+        if b.kind == "broadcast":
+            return frozenset(range(world_size))
+        return frozenset(r for c in b.classes for r in c)
+
+    if len({receivers(b) for b in buckets if b.kind != "local"}) < 2:
+        return tuple(buckets)
+    groups: dict[frozenset[int], list[Bucket]] = {}
+    for b in buckets:
+        groups.setdefault(receivers(b), []).append(b)
+    # each group spread evenly over the whole order (its i-th of n buckets at (i + 1/2) / n),
+    # so long and short groups both run to the end and no reader is left alone at the tail
+    keyed = [
+        ((i + 0.5) / len(g), order, i, b)
+        for order, g in enumerate(groups.values())
+        for i, b in enumerate(g)
+    ]
+    keyed.sort(key=lambda entry: entry[:3])
+    return tuple(entry[3] for entry in keyed)
 
 
 # --------------------------------------------------------------------------------------------

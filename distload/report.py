@@ -25,6 +25,9 @@ class RankReport:
     bytes_held: int = 0  # bytes of the tensors this rank ends with
     peak_staging_bytes: int = 0  # largest staging memory (arenas) this rank used
     bytes_downloaded: int = 0  # bytes this rank fetched from the Hub (cache hits count 0)
+    # shared buckets this rank took part in (with the transport, p2p buckets between other
+    # ranks are skipped: they move meanwhile)
+    shared_buckets: int = 0
     seconds: dict[str, float] = field(default_factory=dict)  # phase -> seconds
 
     def to_json(self) -> bytes:

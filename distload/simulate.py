@@ -9,10 +9,12 @@ The model follows how :class:`~distload.execute.Executor` runs a plan:
 * every reader reads its buckets in plan order, up to ``prefetch`` buckets ahead of the
   transfer of its oldest unsent one; readers of one node share that node's storage bandwidth
   (and, with shared storage, everyone shares its aggregate bandwidth);
-* shared buckets are transferred one at a time in the global order, each when its read is done
-  and the previous transfer has finished; a transfer lasts as long as its busiest link needs:
-  the reader's NIC (bytes to other nodes), each receiving node's NIC, the intra-node link
-  (bytes between ranks of one node), plus a fixed latency per bucket;
+* a shared bucket's transfer starts once its read is done, every participant (reader and
+  receivers) has finished its earlier buckets and the NICs it uses are free; it lasts as long
+  as its busiest link needs: the reader's NIC (bytes to other nodes), each receiving node's
+  NIC, the intra-node link (bytes between ranks of one node), plus a fixed latency. Buckets
+  of disjoint participants thus overlap; a broadcast, and every ``plan.check_every``-th shared
+  bucket (a status check of all ranks), first waits for every rank;
 * a broadcast reaches each node once over the network (a ring or tree, as NCCL and gloo do);
   point-to-point buckets send each class of receivers its parts once (to the class's root),
   and the root broadcasts them inside the class.
@@ -58,8 +60,9 @@ class Prediction:
     intra_bytes: list[int]  # per node, bytes moved between its own ranks
     peak_rank_bytes: int  # largest final part + staging of any rank
     bottleneck: str  # the resource with the most busy time
-    # seconds each resource is busy: storage = the busiest node's reads; nic / intra-node /
-    # latency = summed over the shared buckets, which move one at a time in the global order
+    # seconds each resource is busy, for its busiest instance: storage = the busiest node's
+    # reads, nic = the busiest NIC direction, intra-node = the rank sending most inside its
+    # node, latency = the rank taking part in most transfers (and status checks)
     busy: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -75,9 +78,9 @@ def _node_of(plan: LoadPlan) -> list[int]:
 
 def _transfer_bytes(
     plan: LoadPlan, number: int, node: list[int]
-) -> tuple[list[int], list[int], list[int], int]:
+) -> tuple[list[int], list[int], list[int], dict[int, int]]:
     """One shared bucket's traffic: NIC bytes out and in per node, bytes moved inside each
-    node, and bytes on the busiest intra-node link (what one rank sends to ranks of its node).
+    node, and per sending rank the bytes it sends to ranks of its own node.
 
     Each receiving class is served as the executor does it: the reader sends the class's bytes
     to its root (unless it is the root), then the root broadcasts inside the class; a broadcast
@@ -121,7 +124,7 @@ def _transfer_bytes(
                     intra[n] += nbytes
             if len(ranks) > 1:  # a ring inside the node: each link carries one copy
                 local_out[first] = local_out.get(first, 0) + nbytes
-    return out, inn, intra, max(local_out.values(), default=0)
+    return out, inn, intra, local_out
 
 
 def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
@@ -146,8 +149,11 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
     finished = [0.0] * len(plan.buckets)  # when each bucket's transfer (or local copy) ends
     read_bytes_node = [0] * nodes
     nic_out, nic_in, intra_total = [0] * nodes, [0] * nodes, [0] * nodes
-    busy = {"storage": 0.0, "nic": 0.0, "intra-node": 0.0, "latency": 0.0}
-    clock = 0.0  # end of the last shared transfer (the global order)
+    rank_clock = [0.0] * plan.world_size  # when each rank is done with its earlier buckets
+    out_clock, in_clock = [0.0] * nodes, [0.0] * nodes  # when each NIC direction is free
+    local_sent = [0] * plan.world_size
+    steps = [0] * plan.world_size  # transfers and status checks each rank takes part in
+    shared = 0
     for k, b in enumerate(plan.buckets):
         nbytes = sum(piece_bytes(plan.tensors[i.tensor], i) for i in b.items)
         read_bytes_node[node[b.reader]] += nbytes
@@ -160,20 +166,45 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
         if b.kind == "local":
             finished[k] = read_done[k]
             continue
-        out, inn, intra, busiest = _transfer_bytes(plan, k, node)
+        if b.kind == "broadcast" or shared % max(1, plan.check_every) == 0:
+            everyone = max(rank_clock) + bw.latency  # the status check waits for all ranks
+            rank_clock = [everyone] * plan.world_size
+            steps = [n + 1 for n in steps]
+        shared += 1
+        out, inn, intra, local = _transfer_bytes(plan, k, node)
         for n in range(nodes):
             nic_out[n] += out[n]
             nic_in[n] += inn[n]
             intra_total[n] += intra[n]
+        for r, sent in local.items():
+            local_sent[r] += sent
+        ranks = b.participants(plan.world_size)
+        sending = [n for n in range(nodes) if out[n]]
+        receiving = [n for n in range(nodes) if inn[n]]
+        begin = max(
+            read_done[k],
+            *(rank_clock[r] for r in ranks),
+            *(out_clock[n] for n in sending),
+            *(in_clock[n] for n in receiving),
+        )
         net = max(*out, *inn) / bw.nic
-        local = busiest / bw.intra
-        duration = max(net, local) + bw.latency
-        busy["nic"] += net
-        busy["intra-node"] += local
-        busy["latency"] += bw.latency
-        clock = max(clock, read_done[k]) + duration
-        finished[k] = clock
-    seconds = max([clock, *reader_clock.values()], default=0.0)
+        duration = max(net, max(local.values(), default=0) / bw.intra) + bw.latency
+        end = begin + duration
+        for r in ranks:
+            rank_clock[r] = end
+            steps[r] += 1
+        for n in sending:
+            out_clock[n] = end
+        for n in receiving:
+            in_clock[n] = end
+        finished[k] = end
+    seconds = max([*rank_clock, *reader_clock.values()], default=0.0)
+    busy = {
+        "storage": 0.0,
+        "nic": max(*nic_out, *nic_in) / bw.nic,
+        "intra-node": max(local_sent) / bw.intra,
+        "latency": max(steps) * bw.latency,
+    }
     # storage is busy for the bytes its node reads (waiting on transfers is not storage time)
     busy["storage"] = max(read_bytes_node) / rate if read_bytes_node else 0.0
     total = plan.index.total_bytes

@@ -258,7 +258,15 @@ def load_placement(args: dict[str, Any]) -> dict[str, Any]:
     if rank == 0 and covered != set(reference):
         raise AssertionError(f"not covered by any rank: {sorted(set(reference) - covered)[:5]}")
     accounted = traffic(state.plan, multicast=state.report.exchange.startswith("multicast"))
+    plan = state.plan
+    shared = [b for b in plan.buckets if b.kind != "local"]
     return {
+        "shared_buckets": [r.shared_buckets for r in state.report.ranks],
+        "plan_shared_buckets": len(shared),
+        # over the transport a rank takes part only in the shared buckets it reads or receives
+        "planned_shared_buckets": [
+            sum(1 for b in shared if r in b.participants(world)) for r in range(world)
+        ],
         "held": held,
         "exchange": state.report.exchange,
         "bytes_sent": [r.bytes_sent for r in state.report.ranks],

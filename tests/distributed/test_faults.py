@@ -163,6 +163,52 @@ def test_rank_read_error_mid_load(mixed_ckpt: Path) -> None:
         assert sum(err["after"]["bytes_read"]) == err["after"]["total_bytes"]
 
 
+# over the transport with status checks only every 1000 shared buckets: a failed rank keeps to
+# the schedule (unfilled sends) until the closing check, which shares its failure
+UNCHECKED = {"DISTLOAD_CHECK_EVERY": "1000"}
+
+
+def test_read_error_between_status_checks_is_shared(mixed_ckpt: Path) -> None:
+    cfg = {
+        "source": str(mixed_ckpt),
+        "rules": MIXED_RULES,
+        "bucket_bytes": 4000,
+        "timeout": 30,
+        "shm": False,
+    }
+    # rank 1's 12th read is past the first shared bucket (the one status check before the end)
+    args = {
+        "cfg": cfg,
+        "sabotage": {"kind": "read_error", "rank": 1, "after": 12},
+        "then_load": cfg,
+    }
+    errors = _failures(run_group(WORLD, "expect_failure", args, timeout=90, extra_env=UNCHECKED))
+    for err in errors:
+        assert err["ranks"] == [1], err
+        assert "Input/output error (injected)" in err["message"]
+        assert err["phase"] == "read" and err["type"] == "CheckpointError", err
+        assert err["seconds"] < 20
+        assert sum(err["after"]["bytes_read"]) == err["after"]["total_bytes"]
+
+
+def test_exception_between_status_checks_is_shared(mixed_ckpt: Path) -> None:
+    cfg = {
+        "source": str(mixed_ckpt),
+        "rules": MIXED_RULES,
+        "bucket_bytes": 4000,
+        "timeout": 30,
+        "shm": False,
+    }
+    # bucket 28 is a p2p bucket rank 2 reads, after the first shared bucket's status check
+    args = {"cfg": cfg, "sabotage": {"kind": "raise", "rank": 2, "at": 29}, "then_load": cfg}
+    errors = _failures(run_group(WORLD, "expect_failure", args, timeout=90, extra_env=UNCHECKED))
+    for err in errors:
+        assert err["ranks"] == [2], err
+        assert "injected failure in the transfer loop" in err["message"]
+        assert err["seconds"] < 20
+        assert sum(err["after"]["bytes_read"]) == err["after"]["total_bytes"]
+
+
 def test_rank_raising_in_transfer_loop(mixed_ckpt: Path) -> None:
     cfg = {"source": str(mixed_ckpt), "rules": MIXED_RULES, "bucket_bytes": 4000, "timeout": 30}
     args = {"cfg": cfg, "sabotage": {"kind": "raise", "rank": 2, "at": 3}}

@@ -133,3 +133,21 @@ def test_mesh_dp2_pp2_tp2_on_eight_processes(mixed_ckpt: Path, shm: bool | None)
     # data-parallel replicas hold the same names
     assert results[0]["held"] == results[4]["held"]
     assert results[3]["held"] == results[7]["held"]
+
+
+def test_pipeline_stages_move_their_buckets_concurrently_over_the_transport(
+    mixed_ckpt: Path,
+) -> None:
+    """dp1 x pp2 x tp2 on 4 processes over gloo: each stage's p2p buckets are read inside the
+    stage and involve only its two ranks, so a rank skips the other stage's buckets (they move
+    meanwhile) and takes part in exactly the shared buckets the plan gives it; bit for bit."""
+    names = list(read_all(mixed_ckpt))
+    expect = _holders_by_stage(names, [[0, 1], [2, 3]], MESH_STAGES)
+    spec = {"kind": "mesh", "dp": 1, "pp": 2, "tp": 2, "rules": MESH_RULES, "stages": MESH_STAGES}
+    args = {"source": str(mixed_ckpt), "placement": spec, "expect": expect, "shm": False}
+    results = check_all_ok(run_group(4, "load_placement", args, timeout=200))
+    _check_read_once(results)
+    first = results[0]
+    assert first["bytes_sent"] == first["planned_sent"], first
+    assert first["shared_buckets"] == first["planned_shared_buckets"], first
+    assert all(n < first["plan_shared_buckets"] for n in first["shared_buckets"]), first

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -14,7 +16,7 @@ from distload.checkpoint import CheckpointIndex, FileMeta, TensorMeta
 from distload.dtypes import ITEMSIZE
 from distload.errors import PlacementError
 from distload.placement import Layout, ReplicateAll, TensorParallel, local_box
-from distload.plan import LoadPlan, piece_bytes, segments_for
+from distload.plan import Bucket, LoadPlan, piece_bytes, segments_for
 from distload.planner import make_plan, traffic
 
 
@@ -285,3 +287,50 @@ def test_holder_classes_group_replicas_once_per_tensor() -> None:
     assert all({r % 8 for r in g} == {g[0] % 8} for g in sharded)  # one TP rank each
     assert holder_classes(plan, 1) == [list(range(128))]  # replicated: one class
     simulate(make_plan(index, 8, Mesh(dp=2, tp=4, tp_rules={"t0": "colwise"}), bucket_bytes=64))
+
+
+def test_buckets_of_disjoint_stages_are_interleaved_and_read_inside_their_stage() -> None:
+    """pp2 x tp2 on 4 ranks: stage 0 (ranks 0, 1) and stage 1 (ranks 2, 3) each get their
+    p2p buckets read by one of their own ranks, and the global order alternates between the
+    stages (each keeps its file order), so their transfers overlap; a plan whose shared
+    buckets all reach every rank (TP over the whole group) keeps the file order."""
+    from distload.placement import Mesh, preset
+    from distload.planner import interleave
+    from distload.simulate import ModelShape, model_index
+
+    shape = ModelShape(hidden=256, intermediate=704, layers=4, heads=8, kv_heads=4, vocab=1000)
+    index = model_index(shape, shard_bytes=2**21)
+    plan = make_plan(index, 4, Mesh(pp=2, tp=2, tp_rules=preset("llama")), bucket_bytes=2**16)
+    shared = [b for b in plan.buckets if b.kind == "p2p"]
+    stages = [frozenset(r for c in b.classes for r in c) for b in shared]
+    assert set(stages) == {frozenset({0, 1}), frozenset({2, 3})}
+    for b, stage in zip(shared, stages, strict=True):
+        assert b.reader in stage
+    switches = sum(1 for a, b in itertools.pairwise(stages) if a != b)
+    assert switches >= len(shared) // 2  # alternating, not one stage after the other
+    # interleaving keeps each group's own order: any order in, the same per-stage order out
+    reversed_in = list(reversed(plan.buckets))
+    out = interleave(reversed_in, 4)
+    assert sorted(map(id, out)) == sorted(map(id, reversed_in))
+    for stage in set(stages):
+
+        def of(seq: Sequence[Bucket], stage: frozenset[int] = stage) -> list[Bucket]:
+            return [b for b in seq if frozenset(r for c in b.classes for r in c) == stage]
+
+        assert of(out) == of(reversed_in)
+    tp = make_plan(index, 4, TensorParallel(preset("llama")), bucket_bytes=2**16)
+    assert interleave(list(tp.buckets), 4) == tp.buckets
+
+
+def test_check_interval_travels_with_the_plan() -> None:
+    """Every rank must place its status checks before the same buckets: the interval is part
+    of the plan rank 0 builds (``DISTLOAD_CHECK_EVERY`` is read there only)."""
+    import dataclasses
+
+    from distload.plan import CHECK_EVERY
+
+    index = index_of([((64, 8), "F32")])
+    plan = make_plan(index, 2, TensorParallel({"*": "rowwise"}), bucket_bytes=256)
+    assert plan.check_every == CHECK_EVERY
+    again = LoadPlan.from_json(dataclasses.replace(plan, check_every=7).to_json())
+    assert again.check_every == 7
