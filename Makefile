@@ -10,7 +10,7 @@ NPROC ?= 4
 SIZE_MB ?= 256
 PYTEST_ARGS ?= -n auto --dist loadgroup
 
-.PHONY: install demo test lint bench bench-memory clean
+.PHONY: install demo test lint bench bench-memory bench-concurrency clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null \
@@ -30,6 +30,9 @@ lint: install
 
 bench: install
 	$(PYTHON) -m distload bench --size-mb 1500 --shard-mb 400 --scenarios tp2,tp4,2node --repeat 2 --results benchmarks/RESULTS.md
+
+bench-concurrency: install
+	$(PYTHON) benchmarks/concurrency.py --rounds 7
 
 bench-memory: install
 	$(PYTHON) benchmarks/memory.py --size-mb 1500 --nproc 4
