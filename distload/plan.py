@@ -273,6 +273,17 @@ def parts_of(plan: LoadPlan, rank: int, item: Item) -> list[Part]:
         if not meta.shape:
             parts.append(Part(out, (), (), ()))
             continue
+        rest = tuple((0, n) for n in meta.shape[1:])
+        if not link.transposed and box == link.view_box == link.stored_box == (
+            (0, meta.shape[0]),
+            *rest,
+        ):
+            # the whole stored tensor is this rank's whole output (replicated, untransformed):
+            # the part is the whole piece, at the piece's rows (the common case, made cheap)
+            rows = ((item.start, item.stop), *rest)
+            src = ((0, item.stop - item.start), *rest)
+            parts.append(Part(out, src, rows, box_shape(rows), False))
+            continue
         view = _intersect(box, link.view_box)
         if view is None:
             continue
