@@ -8,7 +8,7 @@ checkpoint, so their times, memory and storage reads compare like for like.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ class Context:
     wanted: dict[str, tuple[int, tuple[slice, ...]]]  # name -> (output index, local slices)
     dests: dict[str, torch.Tensor]
     staging_bytes: int
+    phases: dict[str, float] = field(default_factory=dict)  # distload: this rank's phase times
 
 
 def load_file(c: Context) -> None:
@@ -137,7 +138,8 @@ def distload_load(c: Context) -> None:
     """distload: each byte read once, only slices moved, into ``out=``."""
     import distload
 
-    distload.load(c.root, c.placement, out=c.dests, staging_bytes=c.staging_bytes)  # type: ignore[arg-type]
+    state = distload.load(c.root, c.placement, out=c.dests, staging_bytes=c.staging_bytes)  # type: ignore[arg-type]
+    c.phases.update(state.report.ranks[c.rank].seconds)
 
 
 METHODS: dict[str, Callable[[Context], None]] = {

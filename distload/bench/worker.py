@@ -219,6 +219,7 @@ def main() -> None:
         "storage_read": read,
         "job_storage_read": sum(float(t[1]) for t in everyone),
         "bit_exact": bool(ok),
+        "phases": ctx.phases,  # distload only: seconds per phase on this rank
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"{args.tag}-{args.method}-{rank}.json").write_text(json.dumps(row))
