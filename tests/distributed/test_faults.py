@@ -168,7 +168,19 @@ def test_rank_read_error_mid_load(mixed_ckpt: Path) -> None:
 UNCHECKED = {"DISTLOAD_CHECK_EVERY": "1000"}
 
 
-def test_read_error_between_status_checks_is_shared(mixed_ckpt: Path) -> None:
+@pytest.mark.parametrize(
+    ("sabotage", "victim", "message"),
+    [
+        # rank 1's 12th read is past the first shared bucket (the one check before the end)
+        ({"kind": "read_error", "rank": 1, "after": 12}, 1, "Input/output error (injected)"),
+        # bucket 28 is a p2p bucket rank 2 reads, after the first shared bucket's check
+        ({"kind": "raise", "rank": 2, "at": 29}, 2, "injected failure in the transfer loop"),
+    ],
+    ids=["read-error", "exception"],
+)
+def test_failure_between_status_checks_is_shared(
+    mixed_ckpt: Path, sabotage: dict[str, Any], victim: int, message: str
+) -> None:
     cfg = {
         "source": str(mixed_ckpt),
         "rules": MIXED_RULES,
@@ -176,36 +188,15 @@ def test_read_error_between_status_checks_is_shared(mixed_ckpt: Path) -> None:
         "timeout": 30,
         "shm": False,
     }
-    # rank 1's 12th read is past the first shared bucket (the one status check before the end)
-    args = {
-        "cfg": cfg,
-        "sabotage": {"kind": "read_error", "rank": 1, "after": 12},
-        "then_load": cfg,
-    }
+    args = {"cfg": cfg, "sabotage": sabotage, "then_load": cfg}
     errors = _failures(run_group(WORLD, "expect_failure", args, timeout=90, extra_env=UNCHECKED))
     for err in errors:
-        assert err["ranks"] == [1], err
-        assert "Input/output error (injected)" in err["message"]
-        assert err["phase"] == "read" and err["type"] == "CheckpointError", err
+        assert err["ranks"] == [victim], err
+        assert message in err["message"]
+        if sabotage["kind"] == "read_error":
+            assert err["phase"] == "read" and err["type"] == "CheckpointError", err
         assert err["seconds"] < 20
-        assert sum(err["after"]["bytes_read"]) == err["after"]["total_bytes"]
-
-
-def test_exception_between_status_checks_is_shared(mixed_ckpt: Path) -> None:
-    cfg = {
-        "source": str(mixed_ckpt),
-        "rules": MIXED_RULES,
-        "bucket_bytes": 4000,
-        "timeout": 30,
-        "shm": False,
-    }
-    # bucket 28 is a p2p bucket rank 2 reads, after the first shared bucket's status check
-    args = {"cfg": cfg, "sabotage": {"kind": "raise", "rank": 2, "at": 29}, "then_load": cfg}
-    errors = _failures(run_group(WORLD, "expect_failure", args, timeout=90, extra_env=UNCHECKED))
-    for err in errors:
-        assert err["ranks"] == [2], err
-        assert "injected failure in the transfer loop" in err["message"]
-        assert err["seconds"] < 20
+        # the next load in the same process group succeeds
         assert sum(err["after"]["bytes_read"]) == err["after"]["total_bytes"]
 
 
