@@ -150,6 +150,19 @@ class _Prefetcher:
                     log.debug("read-ahead hint failed", exc_info=True)
             arena = None
             slot = self.shm.slot_of.get(number) if self.shm is not None else None
+            try:
+                targets = self.direct_targets(bucket) if bucket.kind == "local" else {}
+            except Exception as exc:  # delivered to the main thread, which decides
+                self.ready.put(_Ready(bucket, error=exc))
+                continue
+            if len(targets) == len(bucket.items):
+                # read straight into the destinations: no staging, so no need to wait for a
+                # free arena; the reader runs ahead through such buckets and keeps the
+                # storage busy while the main thread waits on peers' shared buckets
+                if self._stop.is_set():
+                    return
+                self.ready.put(self._read(bucket, None, targets))
+                continue
             while arena is None:
                 if self._stop.is_set():
                     return
@@ -165,7 +178,7 @@ class _Prefetcher:
                 fence = self.fences.pop(arena, None)
                 if fence is not None:
                     fence.synchronize()
-            self.ready.put(self._read(bucket, arena))
+            self.ready.put(self._read(bucket, arena, targets))
 
     def _advise(self, bucket: Bucket) -> None:
         """Tell the kernel which byte ranges this reader asks for next (read-ahead hint), one
@@ -184,17 +197,19 @@ class _Prefetcher:
         if run is not None:
             self.reader.advise(run[0], run[1], run[2] - run[1])
 
-    def _read(self, bucket: Bucket, arena: str) -> _Ready:
+    def _read(self, bucket: Bucket, arena: str | None, direct: dict[Item, memoryview]) -> _Ready:
+        """Read ``bucket``: pieces in ``direct`` straight into their destination memory, the
+        rest into ``arena`` (None when every piece is direct)."""
         out = _Ready(bucket, arena=arena)
         start = time.perf_counter()
         try:
             slots, _ = read_slots(self.plan, bucket)
-            targets: dict[Item, memoryview] = {}
-            if bucket.kind == "local":
-                targets.update(self.direct_targets(bucket))
+            targets = dict(direct)
             staged = [s for s in slots if s.item not in targets]
             size = max((s.offset + s.nbytes for s in staged), default=0)
-            if arena in self.shm_free:
+            if arena is None:
+                assert not staged
+            elif arena in self.shm_free:
                 assert self.shm is not None
                 out.buffer = self.shm.own(arena, size)
             else:
