@@ -6,8 +6,10 @@ Pure Python, no torch.distributed, run anywhere (``distload plan --simulate``): 
 
 The model follows how :class:`~distload.execute.Executor` runs a plan:
 
-* every reader reads its buckets in plan order, up to ``prefetch`` buckets ahead of the
-  transfer of its oldest unsent one; readers of one node share that node's storage bandwidth
+* every reader reads its buckets in plan order; a shared bucket needs a staging arena, so it
+  is read at most ``prefetch`` shared buckets ahead of the transfer of its oldest unsent one,
+  while local buckets (read straight into their destinations) need none and are read as soon
+  as the reader gets to them; readers of one node share that node's storage bandwidth
   (and, with shared storage, everyone shares its aggregate bandwidth);
 * a shared bucket's transfer starts once its read is done, every participant (reader and
   receivers) has finished its earlier buckets and the NICs it uses are free; it lasts as long
@@ -141,10 +143,12 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
     storage_clock = [0.0] * nodes
     read_done = [0.0] * len(plan.buckets)
     reader_clock = dict.fromkeys(reading, 0.0)
-    # a reader may start bucket k only once its bucket (k - prefetch) of its own is moved on
+    # a reader may start shared bucket k only once its shared bucket (k - prefetch) of its own
+    # is moved on (the ring of staging arenas); local buckets need no arena
     own: dict[int, list[int]] = {r: [] for r in reading}
     for k, b in enumerate(plan.buckets):
-        own[b.reader].append(k)
+        if b.kind != "local":
+            own[b.reader].append(k)
     position = {k: i for r in reading for i, k in enumerate(own[r])}
     finished = [0.0] * len(plan.buckets)  # when each bucket's transfer (or local copy) ends
     read_bytes_node = [0] * nodes
@@ -157,8 +161,9 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
     for k, b in enumerate(plan.buckets):
         nbytes = sum(piece_bytes(plan.tensors[i.tensor], i) for i in b.items)
         read_bytes_node[node[b.reader]] += nbytes
-        i = position[k]
-        gate = finished[own[b.reader][i - bw.prefetch]] if i >= bw.prefetch else 0.0
+        i = position.get(k, 0)
+        gated = b.kind != "local" and i >= bw.prefetch
+        gate = finished[own[b.reader][i - bw.prefetch]] if gated else 0.0
         start = max(reader_clock[b.reader], gate, storage_clock[node[b.reader]])
         read_done[k] = start + nbytes / rate
         storage_clock[node[b.reader]] = read_done[k]
