@@ -226,7 +226,7 @@ def load(
         transport: ``"auto"``/``"torch"`` (torch.distributed: NCCL for CUDA, gloo for CPU) or
             ``"mpi"`` (mpi4py, CPU only, no torch.distributed process group).
         staging_bytes: bound on this rank's staging memory (read ring, receive and pack
-            buffers). Buckets are ``staging_bytes / 4`` unless ``bucket_bytes`` is given.
+            buffers). Buckets are ``staging_bytes / 5`` unless ``bucket_bytes`` is given.
         readers: ranks allowed to read from storage (default: all).
         timeout: seconds any rank waits for a peer before failing with a clear error.
         read_threads: positioned reads in flight per reader rank.

@@ -58,7 +58,7 @@ from distload.transport.base import Transport
 
 log = logging.getLogger(__name__)
 
-PREFETCH_DEPTH = 2  # staging arenas in the read-ahead ring
+PREFETCH_DEPTH = 3  # staging arenas in the read-ahead ring (buckets needing staging)
 
 
 @dataclass

@@ -47,7 +47,7 @@ class Bandwidths:
     nic: float = 25 * GB  # one node's network, each direction
     intra: float = 100 * GB  # between ranks of one node (NVLink, shared memory)
     latency: float = 50e-6  # fixed cost of one bucket's transfer, seconds
-    prefetch: int = 2  # buckets a reader may read ahead (the executor's ring of arenas)
+    prefetch: int = 3  # shared buckets a reader may read ahead (the executor's ring of arenas)
 
 
 @dataclass
