@@ -51,16 +51,15 @@ def rank_worker(ckpt: str, out: str) -> None:
     slowest = torch.tensor([elapsed], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     plan = state.plan
+    output_of = {o.name: i for i, o in enumerate(plan.outputs)}
     exact = True
     for f in plan.index.files:
         with safe_open(str(Path(ckpt) / f.name), "pt") as fh:
             for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if name not in state:
                     continue
-                out_index = next(i for i, o in enumerate(plan.outputs) if o.name == name)
-                box = distload.placement.local_box(
-                    plan.outputs[out_index].shape, plan.layouts[out_index], rank
-                )
+                out = output_of[name]
+                box = distload.placement.local_box(plan.outputs[out].shape, plan.layouts[out], rank)
                 assert box is not None
                 expected = fh.get_slice(name)[tuple(slice(a, b) for a, b in box)]
                 exact &= torch.equal(expected.view(torch.int16), state[name].view(torch.int16))

@@ -74,6 +74,11 @@ class ExecStats:
     direct_reads: int = 0
 
 
+def _what(number: int, bucket: Bucket) -> str:
+    """How a bucket's transfer is named in errors."""
+    return f"transfer: bucket {number} ({bucket.kind}, reader rank {bucket.reader})"
+
+
 def _region(tensor: torch.Tensor, box: tuple[tuple[int, int], ...]) -> torch.Tensor:
     return tensor[tuple(slice(a, b) for a, b in box)] if box else tensor
 
@@ -148,8 +153,6 @@ class _Prefetcher:
                     self._advise(self.mine[position + 1][1])
                 except Exception:  # a hint only: never let it end the reader thread
                     log.debug("read-ahead hint failed", exc_info=True)
-            arena = None
-            slot = self.shm.slot_of.get(number) if self.shm is not None else None
             try:
                 targets = self.direct_targets(bucket) if bucket.kind == "local" else {}
             except Exception as exc:  # delivered to the main thread, which decides
@@ -163,6 +166,8 @@ class _Prefetcher:
                     return
                 self.ready.put(self._read(bucket, None, targets))
                 continue
+            arena = None
+            slot = self.shm.slot_of.get(number) if self.shm is not None else None
             while arena is None:
                 if self._stop.is_set():
                     return
@@ -330,15 +335,7 @@ class Executor:
         # (id of a bucket of ``plan.buckets``, rank) -> segments_for(...): the plan keeps every
         # bucket alive for the whole run, so ids are stable
         self._segment_cache: dict[tuple[int, int], tuple[list[Segment], int]] = {}
-        # shared buckets with a status check before them (the same set on every rank): all of
-        # them with shared memory, else every broadcast and every ``plan.check_every``-th
-        shared = [n for n, b in enumerate(plan.buckets) if b.kind != "local"]
-        every = max(1, plan.check_every)
-        self.checks = {
-            n
-            for i, n in enumerate(shared)
-            if shm is not None or plan.buckets[n].kind == "broadcast" or i % every == 0
-        }
+        self.checks = plan.status_checks(shm=shm is not None)  # buckets a status check precedes
 
     # -- destinations -------------------------------------------------------------------------
 
@@ -506,7 +503,7 @@ class Executor:
             self.stats.transfer_seconds += time.perf_counter() - start
             self.stats.buckets += 1
             return
-        what = f"transfer: bucket {number} ({bucket.kind}, reader rank {bucket.reader})"
+        what = _what(number, bucket)
         self._moving = True
         try:
             if bucket.kind == "broadcast":
@@ -531,8 +528,7 @@ class Executor:
         try:
             if bucket.kind == "p2p" and self.rank in bucket.participants(self.transport.world_size):
                 self._moving = True
-                what = f"transfer: bucket {number} ({bucket.kind}, reader rank {bucket.reader})"
-                self._p2p(bucket, ready, what)
+                self._p2p(bucket, ready, _what(number, bucket))
         finally:
             if ready is not None:
                 prefetch.release(ready)

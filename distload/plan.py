@@ -67,12 +67,18 @@ class Bucket:
         """Classes served by one broadcast inside the class (two or more ranks)."""
         return tuple(c for c in self.classes if len(c) > 1)
 
-    def participants(self, world_size: int) -> frozenset[int]:
-        """Ranks that take part in this bucket's step: the reader and, for a p2p bucket, every
-        rank of its classes (a broadcast involves every rank; a local bucket only its reader)."""
+    def receivers(self, world_size: int) -> frozenset[int]:
+        """Ranks that get this bucket's bytes: every rank of a broadcast, the classes of a p2p
+        bucket, the reader of a local bucket."""
         if self.kind == "broadcast":
             return frozenset(range(world_size))
-        return frozenset((self.reader, *(r for c in self.classes for r in c)))
+        if self.kind == "local":
+            return frozenset((self.reader,))
+        return frozenset(r for c in self.classes for r in c)
+
+    def participants(self, world_size: int) -> frozenset[int]:
+        """Ranks that take part in this bucket's step: its receivers and its reader."""
+        return self.receivers(world_size) | {self.reader}
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,19 @@ class LoadPlan:
         the sub-groups a transport creates, in this order on every rank, before executing."""
         found = {tuple(sorted(c)) for b in self.buckets for c in b.multicasts()}
         return tuple(sorted(found, key=lambda g: (len(g), g)))
+
+    def status_checks(self, *, shm: bool = False) -> frozenset[int]:
+        """Numbers of the shared buckets before which all ranks agree on a status flag (the
+        same on every rank): every shared bucket when shared buckets go through same-node
+        shared memory; over the transport every broadcast and every ``check_every``-th shared
+        bucket (p2p buckets in between involve only their own ranks)."""
+        shared = [n for n, b in enumerate(self.buckets) if b.kind != "local"]
+        every = max(1, self.check_every)
+        return frozenset(
+            n
+            for i, n in enumerate(shared)
+            if shm or self.buckets[n].kind == "broadcast" or i % every == 0
+        )
 
     def links_of(self, stored: int) -> list[tuple[int, Link]]:
         """(output, link) pairs reading from stored tensor ``stored``."""

@@ -371,18 +371,11 @@ def interleave(buckets: list[Bucket], world_size: int) -> tuple[Bucket, ...]:
     the same time. Plans whose shared buckets all reach the same ranks (tensor parallel over
     the whole group) keep the file order."""
 
-    def receivers(b: Bucket) -> frozenset[int]:
-        if b.kind == "local":
-            return frozenset((b.reader,))
-        if b.kind == "broadcast":
-            return frozenset(range(world_size))
-        return frozenset(r for c in b.classes for r in c)
-
-    if len({receivers(b) for b in buckets if b.kind != "local"}) < 2:
+    if len({b.receivers(world_size) for b in buckets if b.kind != "local"}) < 2:
         return tuple(buckets)
     groups: dict[frozenset[int], list[Bucket]] = {}
     for b in buckets:
-        groups.setdefault(receivers(b), []).append(b)
+        groups.setdefault(b.receivers(world_size), []).append(b)
     # each group spread evenly over the whole order (its i-th of n buckets at (i + 1/2) / n),
     # so long and short groups both run to the end and no reader is left alone at the tail
     keyed = [

@@ -157,7 +157,7 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
     out_clock, in_clock = [0.0] * nodes, [0.0] * nodes  # when each NIC direction is free
     local_sent = [0] * plan.world_size
     steps = [0] * plan.world_size  # transfers and status checks each rank takes part in
-    shared = 0
+    checks = plan.status_checks()
     for k, b in enumerate(plan.buckets):
         nbytes = sum(piece_bytes(plan.tensors[i.tensor], i) for i in b.items)
         read_bytes_node[node[b.reader]] += nbytes
@@ -171,11 +171,10 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
         if b.kind == "local":
             finished[k] = read_done[k]
             continue
-        if b.kind == "broadcast" or shared % max(1, plan.check_every) == 0:
+        if k in checks:
             everyone = max(rank_clock) + bw.latency  # the status check waits for all ranks
             rank_clock = [everyone] * plan.world_size
             steps = [n + 1 for n in steps]
-        shared += 1
         out, inn, intra, local = _transfer_bytes(plan, k, node)
         for n in range(nodes):
             nic_out[n] += out[n]
