@@ -58,8 +58,8 @@ def rank_worker(ckpt: str, out: str) -> None:
             for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if name not in state:
                     continue
-                out = output_of[name]
-                box = distload.placement.local_box(plan.outputs[out].shape, plan.layouts[out], rank)
+                i = output_of[name]
+                box = distload.placement.local_box(plan.outputs[i].shape, plan.layouts[i], rank)
                 assert box is not None
                 expected = fh.get_slice(name)[tuple(slice(a, b) for a, b in box)]
                 exact &= torch.equal(expected.view(torch.int16), state[name].view(torch.int16))
