@@ -148,25 +148,29 @@ def _chunk_table(layout: Layout, world_size: int) -> list[int]:
 
 
 def holder_classes(
-    plan: LoadPlan, stored: int, tables: dict[Layout, list[int]] | None = None
+    plan: LoadPlan, stored: int, cache: dict[tuple[Layout, ...], list[list[int]]] | None = None
 ) -> list[list[int]]:
     """Ranks that hold a part of stored tensor ``stored``, grouped by the chunks they hold of
     every output made of it: ranks of one group hold exactly the same regions (e.g. the
     data-parallel replicas of one tensor-parallel rank), so geometry is computed once per
-    group instead of once per rank. ``tables`` caches chunk tables by layout across calls."""
-    tables = {} if tables is None else tables
-    columns = []
-    for out, _link in plan.links_of(stored):
-        layout = plan.layouts[out]
-        if layout not in tables:
-            tables[layout] = _chunk_table(layout, plan.world_size)
-        columns.append(tables[layout])
+    group instead of once per rank.
+
+    The grouping depends only on the layouts of those outputs, so ``cache`` keeps it per
+    combination of layouts across calls: a checkpoint of tens of thousands of tensors with a
+    handful of distinct layouts walks the ranks a handful of times, not once per tensor. The
+    returned lists are shared with the cache: read them, do not change them."""
+    key = tuple(plan.layouts[out] for out, _link in plan.links_of(stored))
+    if cache is not None and key in cache:
+        return cache[key]
+    columns = [_chunk_table(layout, plan.world_size) for layout in dict.fromkeys(key)]
     groups: dict[tuple[int, ...], list[int]] = {}
-    for rank in range(plan.world_size):
-        key = tuple(column[rank] for column in columns)
-        if any(k >= 0 for k in key):
-            groups.setdefault(key, []).append(rank)
-    return list(groups.values())
+    for rank, chunks in enumerate(zip(*columns, strict=True)):
+        if any(k >= 0 for k in chunks):
+            groups.setdefault(chunks, []).append(rank)
+    found = list(groups.values())
+    if cache is not None:
+        cache[key] = found
+    return found
 
 
 def _whole_copies(plan: LoadPlan, stored: int) -> bool:
@@ -283,7 +287,7 @@ def make_plan(
     # classes (pieces of one bucket split their receivers the same way)
     shared_open: dict[tuple[BucketKind, tuple[int, ...], Classes], _Open] = {}
     position = 0
-    tables: dict[Layout, list[int]] = {}
+    holder_cache: dict[tuple[Layout, ...], list[list[int]]] = {}
 
     def close(
         kind: BucketKind,
@@ -311,7 +315,7 @@ def make_plan(
         meta = index.tensors[t]
         pool = allowed_by_file.get(meta.file, everyone)
         grid = digests[t].rows_per_chunk if digests and t in digests else None
-        holding = holder_classes(skeleton, t, tables)
+        holding = holder_classes(skeleton, t, holder_cache)
         for item in split_pieces(skeleton, t, bucket_bytes, grid):
             position += 1
             nbytes = piece_bytes(meta, item)
@@ -431,16 +435,21 @@ def traffic(plan: LoadPlan, *, multicast: bool = True) -> list[RankTraffic]:
                     continue
                 recv[rank] += nbytes
                 staging[rank] = max(staging[rank], nbytes)
-    held = [0] * world
-    tables: dict[Layout, list[int]] = {}
+    # held: bytes per chunk summed over the outputs of each layout, then spread over the
+    # ranks once per layout (not once per output and rank)
+    per_chunk: dict[Layout, list[int]] = {}
     for out, output in enumerate(plan.outputs):
         layout = plan.layouts[out]
-        if layout not in tables:
-            tables[layout] = _chunk_table(layout, world)
+        sums = per_chunk.setdefault(layout, [0] * layout.chunks)
         itemsize = ITEMSIZE[plan.dtypes[out]]
-        for rank, chunk in enumerate(tables[layout]):
+        ranks = holders(layout, world)
+        for chunk in range(min(len(ranks), layout.chunks if layout.dim is not None else 1)):
+            box = local_box(output.shape, layout, ranks[chunk])
+            assert box is not None
+            sums[chunk] += math.prod(box_shape(box)) * itemsize
+    held = [0] * world
+    for layout, sums in per_chunk.items():
+        for rank, chunk in enumerate(_chunk_table(layout, world)):
             if chunk >= 0:
-                box = local_box(output.shape, layout, rank)
-                assert box is not None
-                held[rank] += math.prod(box_shape(box)) * itemsize
+                held[rank] += sums[chunk]
     return [RankTraffic(r, read[r], sent[r], recv[r], held[r], staging[r]) for r in range(world)]

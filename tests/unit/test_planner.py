@@ -334,3 +334,80 @@ def test_check_interval_travels_with_the_plan() -> None:
     assert plan.check_every == CHECK_EVERY
     again = LoadPlan.from_json(dataclasses.replace(plan, check_every=7).to_json())
     assert again.check_every == 7
+
+
+class _Fixed:
+    """A placement returning the given layouts in order (cycled), for edge cases no built-in
+    placement produces (fewer holders than chunks, holders out of order)."""
+
+    def __init__(self, layouts: Sequence[Layout]) -> None:
+        self.given = list(layouts)
+
+    def layouts(self, tensors: Sequence[TensorMeta], world_size: int) -> list[Layout]:
+        out = []
+        for i, meta in enumerate(tensors):
+            layout = self.given[i % len(self.given)]
+            if layout.dim is not None and layout.dim >= len(meta.shape):  # not shardable so
+                layout = Layout(None, 1, layout.holders)
+            out.append(layout)
+        return out
+
+    def describe(self) -> str:
+        return "fixed"
+
+
+def _held_by_rank(plan: LoadPlan) -> list[int]:
+    """Bytes every rank holds, one local box per output and rank (the definition)."""
+    held = [0] * plan.world_size
+    for out in range(len(plan.outputs)):
+        for rank in range(plan.world_size):
+            shape = plan.local_shape(out, rank)
+            if shape is not None:
+                held[rank] += math.prod(shape) * ITEMSIZE[plan.dtypes[out]]
+    return held
+
+
+@pytest.mark.parametrize(
+    "world,placement",
+    [
+        (4, None),
+        (4, TensorParallel({"t0": "colwise", "t2": "rowwise", "t9": "colwise"})),
+        (8, "mesh"),
+        (
+            6,
+            _Fixed(
+                [
+                    Layout(0, 4, (5, 1)),  # fewer holders than chunks: chunks 2, 3 unheld
+                    Layout(None, 1, (3, 0)),
+                    Layout(1, 3),
+                    Layout(0, 2, (4, 2, 0, 1, 3)),  # three replicas of chunk 0, two of 1
+                ]
+            ),
+        ),
+    ],
+)
+def test_traffic_held_is_each_rank_local_boxes(world: int, placement: object) -> None:
+    """The held bytes per rank (summed per layout and chunk, then spread over the ranks)
+    equal the sum of every rank's local box of every output, in the destination dtype."""
+    from distload.placement import Mesh
+
+    if placement == "mesh":
+        placement = Mesh(dp=2, pp=2, tp=2, tp_rules={"t0": "colwise", "t2": "rowwise"})
+    plan = make_plan(index_of(LLAMAISH), world, placement, dtype="F32", bucket_bytes=256)  # type: ignore[arg-type]
+    assert [s.held for s in traffic(plan)] == _held_by_rank(plan)
+
+
+def test_holder_classes_are_computed_once_per_combination_of_layouts() -> None:
+    """The cache is keyed by the layouts of a stored tensor's outputs: tensors laid out alike
+    share one entry, and the cached answer is the uncached one."""
+    from distload.placement import Mesh
+    from distload.planner import holder_classes
+
+    shapes = [((16, 8), "BF16")] * 6 + [((8,), "F32")] * 6
+    index = index_of(shapes, files=1)
+    rules = {f"t{i}": "colwise" for i in range(6)}
+    plan = make_plan(index, 16, Mesh(dp=4, tp=4, tp_rules=rules), bucket_bytes=10**6)
+    cache: dict[tuple[Layout, ...], list[list[int]]] = {}
+    for t in range(len(plan.tensors)):
+        assert holder_classes(plan, t, cache) == holder_classes(plan, t)
+    assert len(cache) == 2  # colwise over tp 4 x dp 4, and replicated
