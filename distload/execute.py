@@ -208,33 +208,33 @@ class _Prefetcher:
         out = _Ready(bucket, arena=arena)
         start = time.perf_counter()
         try:
-            slots, _ = read_slots(self.plan, bucket)
             targets = dict(direct)
-            staged = [s for s in slots if s.item not in targets]
-            size = max((s.offset + s.nbytes for s in staged), default=0)
-            if arena is None:
-                assert not staged
-            elif arena in self.shm_free:
-                assert self.shm is not None
-                out.buffer = self.shm.own(arena, size)
-            else:
-                out.buffer = self.arenas.get(arena, size)
-            if staged:
+            if arena is not None:  # the staging layout (a shm slot's is the same on all ranks)
+                slots, _ = read_slots(self.plan, bucket)
+                staged = [s for s in slots if s.item not in direct]
+                size = max((s.offset + s.nbytes for s in staged), default=0)
+                if arena in self.shm_free:
+                    assert self.shm is not None
+                    out.buffer = self.shm.own(arena, size)
+                else:
+                    out.buffer = self.arenas.get(arena, size)
                 host = byte_view(out.buffer)
                 for slot in staged:
+                    out.slots[slot.item] = slot
                     targets[slot.item] = host[slot.offset : slot.offset + slot.nbytes]
-            out.direct = {s.item for s in slots} - {s.item for s in staged}
+            out.direct = set(direct)
             requests = []
-            for slot in slots:
-                meta = self.plan.tensors[slot.item.tensor]
-                out.slots[slot.item] = slot
-                target = targets[slot.item]
+            tensors = self.plan.tensors
+            for item in bucket.items:  # file order: back-to-back pieces join into one preadv
+                meta = tensors[item.tensor]
+                target = targets[item]
                 if len(target):
-                    offset = piece_offset(meta, slot.item)
+                    offset = piece_offset(meta, item)
                     requests.append(ReadRequest(meta.file, offset, target, meta.name))
             self.reader.read(requests)
-            for slot in slots:
-                self._check(slot.item, targets[slot.item])
+            if self.digests:
+                for item in bucket.items:
+                    self._check(item, targets[item])
         except BaseException as exc:  # delivered to the main thread, which decides
             out.error = exc
         self.stats.read_seconds += time.perf_counter() - start
@@ -352,23 +352,31 @@ class Executor:
 
     def _direct_targets(self, bucket: Bucket) -> dict[Item, memoryview]:
         """Destination memory each piece of a local bucket can be read into unchanged (pieces
-        whose bytes are one contiguous region of a destination of the stored dtype)."""
-        by_item: dict[Item, list[Segment]] = {}
-        for seg in self._segments(bucket, self.rank)[0]:
-            by_item.setdefault(seg.item, []).append(seg)
+        whose bytes are one contiguous region of a destination of the stored dtype).
+
+        Runs on the reader thread, once per piece: a checkpoint of tens of thousands of tiny
+        tensors spends its time here, so the common case (the piece is the whole destination)
+        takes no tensor slicing."""
+        segs = self._segments(bucket, self.rank)[0]
         targets: dict[Item, memoryview] = {}
-        for item, segs in by_item.items():
-            meta = self.plan.tensors[item.tensor]
-            if (
-                len(segs) != 1
-                or segs[0].part.transposed
-                or segs[0].part.shape != piece_shape(meta, item)
+        tensors = self.plan.tensors
+        for i, seg in enumerate(segs):
+            item, part = seg.item, seg.part
+            # a piece's segments are consecutive: take pieces of exactly one segment
+            if (i > 0 and segs[i - 1].item == item) or (
+                i + 1 < len(segs) and segs[i + 1].item == item
             ):
                 continue
-            dest = self.dests.get(segs[0].part.output)
+            meta = tensors[item.tensor]
+            if part.transposed or part.shape != piece_shape(meta, item):
+                continue
+            dest = self.dests.get(part.output)
             if dest is None or dest.device.type != "cpu" or dest.dtype != to_torch(meta.dtype):
                 continue
-            region = _region(dest, segs[0].part.dst)
+            if part.shape == dest.shape and dest.is_contiguous():
+                targets[item] = byte_view(dest)  # the piece is the whole destination
+                continue
+            region = _region(dest, part.dst)
             if region.is_contiguous():
                 targets[item] = byte_view(region)
         return targets
@@ -382,6 +390,8 @@ class Executor:
 
     def _own_parts(self, ready: _Ready) -> None:
         """Copy the parts this reader holds itself straight from its read slots."""
+        if len(ready.direct) == len(ready.bucket.items):
+            return  # every piece was read straight into its destination
         for seg in self._segments(ready.bucket, self.rank)[0]:
             if seg.item in ready.direct:
                 continue

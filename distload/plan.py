@@ -141,13 +141,41 @@ class LoadPlan:
 
     def links_of(self, stored: int) -> list[tuple[int, Link]]:
         """(output, link) pairs reading from stored tensor ``stored``."""
+        return self._links_table().get(stored, [])
+
+    def _links_table(self) -> dict[int, list[tuple[int, Link]]]:
+        """Stored tensor -> its (output, link) pairs, built once per plan object."""
         table = self.__dict__.get("_by_stored")
         if table is None:
             table = {}
             for out, link in self.links:
                 table.setdefault(link.stored, []).append((out, link))
             object.__setattr__(self, "_by_stored", table)
-        return table.get(stored, [])
+        return table
+
+    def whole_output(self, stored: int) -> int | None:
+        """The output that is stored tensor ``stored`` itself -- its only link, whole and not
+        transposed, laid out as full copies (a replicated tensor without key transforms, the
+        common case) -- or None. Computed for every stored tensor once per plan object."""
+        table = self.__dict__.get("_whole")
+        if table is None:
+            table = {}
+            for stored_index, pairs in self._links_table().items():
+                if len(pairs) != 1:
+                    continue
+                out, link = pairs[0]
+                shape = self.tensors[stored_index].shape
+                full = tuple((0, n) for n in shape)
+                if (
+                    not link.transposed
+                    and link.stored_box == full
+                    and link.view_box == full
+                    and self.outputs[out].shape == shape
+                    and self.layouts[out].dim is None
+                ):
+                    table[stored_index] = out
+            object.__setattr__(self, "_whole", table)
+        return table.get(stored)
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -284,6 +312,22 @@ def _to_view(link: Link, stored: Box) -> Box:
 def parts_of(plan: LoadPlan, rank: int, item: Item) -> list[Part]:
     """Regions of piece ``item`` that ``rank`` holds (one per output region it fills)."""
     meta = plan.tensors[item.tensor]
+    whole = plan.whole_output(item.tensor)
+    if whole is not None:
+        # the stored tensor is the output, whole, in full copies (replicated, untransformed):
+        # a holder's part is the whole piece at the piece's rows (the common case, made cheap)
+        held = plan.layouts[whole].holders
+        if held is not None and rank not in held:
+            return []
+        if not meta.shape:
+            return [Part(whole, (), (), ())]
+        rest = tuple((0, n) for n in meta.shape[1:])
+        rows = item.stop - item.start
+        return [
+            Part(
+                whole, ((0, rows), *rest), ((item.start, item.stop), *rest), (rows, *meta.shape[1:])
+            )
+        ]
     parts = []
     for out, link in plan.links_of(item.tensor):
         box = local_box(plan.outputs[out].shape, plan.layouts[out], rank)
@@ -291,17 +335,6 @@ def parts_of(plan: LoadPlan, rank: int, item: Item) -> list[Part]:
             continue
         if not meta.shape:
             parts.append(Part(out, (), (), ()))
-            continue
-        rest = tuple((0, n) for n in meta.shape[1:])
-        if not link.transposed and box == link.view_box == link.stored_box == (
-            (0, meta.shape[0]),
-            *rest,
-        ):
-            # the whole stored tensor is this rank's whole output (replicated, untransformed):
-            # the part is the whole piece, at the piece's rows (the common case, made cheap)
-            rows = ((item.start, item.stop), *rest)
-            src = ((0, item.stop - item.start), *rest)
-            parts.append(Part(out, src, rows, box_shape(rows), False))
             continue
         view = _intersect(box, link.view_box)
         if view is None:
@@ -360,13 +393,14 @@ def segments_for(plan: LoadPlan, bucket: Bucket, rank: int) -> tuple[list[Segmen
     """
     segs: list[Segment] = []
     cursor = 0
+    tensors, dtypes = plan.tensors, plan.dtypes
     for item in bucket.items:
-        meta = plan.tensors[item.tensor]
+        stored = tensors[item.tensor].dtype
         for part in parts_of(plan, rank, item):
-            dtype = wire_dtype(meta.dtype, plan.dtypes[part.output])
-            nbytes = part.numel * ITEMSIZE[dtype]
+            dtype = wire_dtype(stored, dtypes[part.output])
+            nbytes = math.prod(part.shape) * ITEMSIZE[dtype]
             segs.append(Segment(item, part, dtype, cursor, nbytes))
-            cursor = aligned(cursor + nbytes)
+            cursor = -(-(cursor + nbytes) // ALIGN) * ALIGN  # aligned(), inlined: hot loop
     return segs, cursor
 
 

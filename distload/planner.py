@@ -124,10 +124,12 @@ def split_pieces(
         return []
     if not meta.shape:
         return [Item(stored, 0, 1)]
+    rows = meta.shape[0]
     if grid is not None:
-        rows = meta.shape[0]
         return [Item(stored, s, min(rows, s + grid)) for s in range(0, rows, grid)]
     per_piece = max(1, bucket_bytes // max(1, meta.row_bytes))
+    if plan.whole_output(stored) is not None:  # one owner region: cut by size only
+        return [Item(stored, s, min(rows, s + per_piece)) for s in range(0, rows, per_piece)]
     edges = sorted(_row_cuts(plan, stored))
     items = []
     for lo, hi in itertools.pairwise(edges):
@@ -187,7 +189,9 @@ def _whole_copies(plan: LoadPlan, stored: int) -> bool:
 def piece_classes(plan: LoadPlan, item: Item, holding: list[list[int]]) -> Classes:
     """The ranks holding a part of piece ``item``, partitioned by identical parts (from the
     tensor's :func:`holder_classes`): sorted classes of sorted ranks."""
-    if len(holding) == 1 and _whole_copies(plan, item.tensor):
+    if len(holding) == 1 and (
+        plan.whole_output(item.tensor) is not None or _whole_copies(plan, item.tensor)
+    ):
         return (tuple(holding[0]),)  # every holder holds the whole piece: no geometry needed
     by_parts: dict[tuple[Part, ...], list[int]] = {}
     for ranks in holding:

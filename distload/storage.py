@@ -37,8 +37,11 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     """Writable flat byte memoryview over a contiguous CPU tensor (no copy)."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError("byte_view needs a contiguous CPU tensor")
-    flat = tensor.reshape(-1).view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
+    if tensor.dim() == 0 or tensor.numel() == 0:
+        tensor = tensor.reshape(-1)
+    # a contiguous tensor viewed as bytes (its last dim scaled by the item size), cast to one
+    # flat dim: the cheapest route (called once per tensor read straight into a destination)
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
 
 
 @dataclass(frozen=True)

@@ -52,11 +52,18 @@ class Transform(Protocol):
 
 
 def identity_views(index: CheckpointIndex) -> list[View]:
-    views = []
-    for i, t in enumerate(index.tensors):
-        full = tuple((0, n) for n in t.shape)
-        views.append(View(t.name, t.shape, t.dtype, (Link(i, full, full),)))
-    return views
+    """Every stored tensor as a view of itself (before any transform). Views are immutable,
+    so they are built once per index object (the coordinator asks for them more than once)
+    and each call returns a new list of them."""
+    cached = index.__dict__.get("_identity_views")
+    if cached is None:
+        views = []
+        for i, t in enumerate(index.tensors):
+            full = tuple((0, n) for n in t.shape)
+            views.append(View(t.name, t.shape, t.dtype, (Link(i, full, full),)))
+        cached = tuple(views)
+        object.__setattr__(index, "_identity_views", cached)
+    return list(cached)
 
 
 def apply_transforms(index: CheckpointIndex, transforms: Sequence[Transform]) -> list[View]:
