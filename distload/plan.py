@@ -178,17 +178,34 @@ class LoadPlan:
         return table.get(stored)
 
     def to_json(self) -> bytes:
+        """The plan as compact JSON (what rank 0 broadcasts). Tensors loaded as they are
+        stored -- the usual case -- take one integer for their output and link, and each
+        distinct layout is written once: a checkpoint of tens of thousands of tensors then
+        costs little to encode, send and decode on every rank."""
+        tensors = self.tensors
+        links_by_out: dict[int, list[Link]] = {}
+        for out, link in self.links:
+            links_by_out.setdefault(out, []).append(link)
+        outputs: list[Any] = []
+        links: list[Any] = []
+        for out, o in enumerate(self.outputs):
+            mine = links_by_out.get(out, [])
+            if len(mine) == 1 and _is_identity(mine[0], tensors[mine[0].stored], o):
+                outputs.append(mine[0].stored)  # the stored tensor itself
+                continue
+            outputs.append([o.name, list(o.shape), o.stored_dtype])
+            links.extend([out, ln.stored, ln.stored_box, ln.view_box, ln.transposed] for ln in mine)
+        layout_table: dict[Layout, int] = {}
+        layout_of = [layout_table.setdefault(lay, len(layout_table)) for lay in self.layouts]
         return json.dumps(
             {
                 "world_size": self.world_size,
                 "bucket_bytes": self.bucket_bytes,
                 "index": self.index.to_json(),
-                "outputs": [[o.name, list(o.shape), o.stored_dtype] for o in self.outputs],
-                "links": [
-                    [out, ln.stored, ln.stored_box, ln.view_box, ln.transposed]
-                    for out, ln in self.links
-                ],
-                "layouts": [lay.to_json() for lay in self.layouts],
+                "outputs": outputs,
+                "links": links,
+                "layout_table": [lay.to_json() for lay in layout_table],
+                "layouts": layout_of,
                 "dtypes": list(self.dtypes),
                 "buckets": [
                     [
@@ -217,16 +234,30 @@ class LoadPlan:
         def box(b: list[list[int]]) -> Box:
             return tuple((int(x), int(y)) for x, y in b)
 
+        index = CheckpointIndex.from_json(raw["index"])
+        outputs: list[Output] = []
+        links: list[tuple[int, Link]] = []
+        for out, o in enumerate(raw["outputs"]):
+            if isinstance(o, int):  # a stored tensor as it is (see to_json)
+                meta = index.tensors[o]
+                full = tuple((0, n) for n in meta.shape)
+                outputs.append(Output(meta.name, meta.shape, meta.dtype))
+                links.append((out, Link(o, full, full, False)))
+            else:
+                outputs.append(Output(o[0], tuple(o[1]), o[2]))
+        links.extend(
+            (out, Link(stored, box(sb), box(vb), bool(tr)))
+            for out, stored, sb, vb, tr in raw["links"]
+        )
+        links.sort(key=lambda pair: pair[0])  # stable: each output's links keep their order
+        table = [Layout.from_json(x) for x in raw["layout_table"]]
         return LoadPlan(
             world_size=raw["world_size"],
             bucket_bytes=raw["bucket_bytes"],
-            index=CheckpointIndex.from_json(raw["index"]),
-            outputs=tuple(Output(n, tuple(s), d) for n, s, d in raw["outputs"]),
-            links=tuple(
-                (out, Link(stored, box(sb), box(vb), bool(tr)))
-                for out, stored, sb, vb, tr in raw["links"]
-            ),
-            layouts=tuple(Layout.from_json(x) for x in raw["layouts"]),
+            index=index,
+            outputs=tuple(outputs),
+            links=tuple(links),
+            layouts=tuple(table[i] for i in raw["layouts"]),
             dtypes=tuple(raw["dtypes"]),
             buckets=tuple(
                 Bucket(
@@ -271,6 +302,20 @@ class Part:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+def _is_identity(link: Link, meta: TensorMeta, output: Output) -> bool:
+    """Whether an output is stored tensor ``meta`` as it is: same name, shape and dtype, one
+    link covering all of it, not transposed (how :meth:`LoadPlan.to_json` abbreviates it)."""
+    full = tuple((0, n) for n in meta.shape)
+    return (
+        not link.transposed
+        and link.stored_box == full
+        and link.view_box == full
+        and output.name == meta.name
+        and output.shape == meta.shape
+        and output.stored_dtype == meta.dtype
+    )
 
 
 def piece_shape(meta: TensorMeta, item: Item) -> tuple[int, ...]:

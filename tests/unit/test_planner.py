@@ -411,3 +411,37 @@ def test_holder_classes_are_computed_once_per_combination_of_layouts() -> None:
     for t in range(len(plan.tensors)):
         assert holder_classes(plan, t, cache) == holder_classes(plan, t)
     assert len(cache) == 2  # colwise over tp 4 x dp 4, and replicated
+
+
+def test_plan_json_abbreviates_untransformed_tensors_and_roundtrips_transformed_ones() -> None:
+    """Outputs that are stored tensors as they are travel as one integer; renamed, split,
+    merged and transposed ones in full; every plan decodes to itself, links in order."""
+    import json
+
+    from distload.transforms import Merge, Rename, Split, Transpose
+
+    shapes = [((8, 4), "BF16"), ((8, 4), "BF16"), ((6, 4), "F32"), ((4, 6), "F32"), ((3,), "I64")]
+    index = index_of(shapes, files=1)  # t0..t4
+    transforms = [
+        Merge(["t0", "t1"], "m01", dim=0),  # two links into one output
+        Split("t2", ["s_a", "s_b"], dim=0, sizes=[2, 4]),
+        Transpose("t3"),
+        Rename("^t4$", "renamed"),
+    ]
+    plain = make_plan(index, 2, bucket_bytes=64)
+    raw = json.loads(plain.to_json())
+    assert raw["outputs"] == [0, 1, 2, 3, 4] and raw["links"] == []
+    assert len(raw["layout_table"]) == 1
+    mixed = make_plan(
+        index,
+        4,
+        TensorParallel({"m01": "colwise", "s_b": "rowwise"}),
+        transforms=transforms,
+        bucket_bytes=64,
+    )
+    raw = json.loads(mixed.to_json())
+    assert not any(isinstance(o, int) for o in raw["outputs"])  # nothing is a plain copy
+    for plan in (plain, mixed):
+        again = LoadPlan.from_json(plan.to_json())
+        assert again == plan and again.links == plan.links
+        assert again.to_json() == plan.to_json()
