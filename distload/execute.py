@@ -337,14 +337,12 @@ class Executor:
         self.pending: BaseException | None = None  # a local failure not yet shared
         self._agreed = False  # whether the current bucket's status check has passed
         self._moving = False  # whether the current bucket's sends/receives have started
-        # the current bucket's read: taken from the prefetcher yet, and not yet released
-        self._took = False
-        self._taken: _Ready | None = None
         self.shm = shm  # same-node shared-memory exchange (None: transfers go over transport)
         # whether the transport opened the plan's multicast groups (else classes of several
         # receivers are sent to member by member)
         self.multicast = multicast
         self._held: list[_Ready] = []  # shm slots peers may still read: freed at next check
+        self._prefetch: _Prefetcher | None = None  # this run's reader thread (set by run)
         self._shm_started = False  # whether a shared bucket went through shared memory yet
         # (id of a bucket of ``plan.buckets``, rank) -> segments_for(...): the plan keeps every
         # bucket alive for the whole run, so ids are stable
@@ -464,12 +462,13 @@ class Executor:
             shm=self.shm,
             cuda=self._cuda_device(),
         )
+        self._prefetch = prefetch
         try:
             for number, bucket in enumerate(self.plan.buckets):
-                self._agreed = self._moving = self._took = False
-                self._taken = None
+                self._agreed = self._moving = False
+                ready = prefetch.next(bucket) if bucket.reader == self.rank else None
                 try:
-                    self._step(number, bucket, prefetch)
+                    self._step(number, bucket, ready)
                 except DistLoadError:
                     raise
                 except Exception as exc:
@@ -486,7 +485,12 @@ class Executor:
                         raise
                     # no check before this bucket: keep to the schedule, share at the next one
                     self._fail_pending(exc, "transfer")
-                    self._keep_schedule(number, bucket, prefetch)
+                    self._keep_schedule(number, bucket, ready)
+                finally:
+                    # this rank's read of the bucket is done with, unless peers still copy
+                    # from it (a shared-memory slot, freed at the next check)
+                    if ready is not None and not any(h is ready for h in self._held):
+                        prefetch.release(ready)
                 if self.on_bucket is not None:
                     self.on_bucket(number)
         finally:
@@ -499,10 +503,9 @@ class Executor:
             torch.cuda.synchronize(self.comm_arenas.device)
         return self.stats
 
-    def _step(self, number: int, bucket: Bucket, prefetch: _Prefetcher) -> None:
-        mine = bucket.reader == self.rank
-        ready = prefetch.next(bucket) if mine else None
-        self._took, self._taken = True, ready
+    def _step(self, number: int, bucket: Bucket, ready: _Ready | None) -> None:
+        """Take part in one bucket (``ready``: this rank's read of it, when it is the reader).
+        The caller releases ``ready`` afterwards (see :meth:`run`)."""
         if ready is not None and ready.error is not None and self.pending is None:
             if getattr(ready.error, "phase", None) is None:
                 ready.error.phase = "read"  # type: ignore[attr-defined]
@@ -510,9 +513,6 @@ class Executor:
         if bucket.kind == "local":
             if ready is not None and self.pending is None:
                 self._guard(lambda: self._own_parts(ready))
-            if ready is not None:
-                prefetch.release(ready)
-            self._taken = None
             return
         if number in self.checks:
             # with shared memory this check also closes the previous shared bucket's copies,
@@ -523,8 +523,9 @@ class Executor:
             return  # a p2p bucket between other ranks: they move it meanwhile
         self._shm_started = self.shm is not None
         # every rank has finished the earlier shared buckets: their shm slots are free again
+        assert self._prefetch is not None
         for held in self._held:
-            prefetch.release(held)
+            self._prefetch.release(held)
         self._held.clear()
         start = time.perf_counter()
         if self.shm is not None:
@@ -535,40 +536,26 @@ class Executor:
             except Exception as exc:
                 self._fail_pending(exc, "transfer")
             if ready is not None:
-                self._held.append(ready)
-            self._taken = None
+                self._held.append(ready)  # peers copy from this slot until the next check
             self.stats.transfer_seconds += time.perf_counter() - start
             self.stats.buckets += 1
             return
         what = _what(number, bucket)
         self._moving = True
-        try:
-            if bucket.kind == "broadcast":
-                self._broadcast(bucket, ready, what)
-            else:
-                self._p2p(bucket, ready, what)
-        finally:
-            if ready is not None:
-                prefetch.release(ready)
-            self._taken = None
+        if bucket.kind == "broadcast":
+            self._broadcast(bucket, ready, what)
+        else:
+            self._p2p(bucket, ready, what)
         self.stats.transfer_seconds += time.perf_counter() - start
         self.stats.buckets += 1
 
-    def _keep_schedule(self, number: int, bucket: Bucket, prefetch: _Prefetcher) -> None:
+    def _keep_schedule(self, number: int, bucket: Bucket, ready: _Ready | None) -> None:
         """After a local failure in a bucket no status check precedes: take part in its
         transfers anyway (sends unfilled, receives dropped, since ``pending`` is set), so no
         peer waits on this rank before the next check shares the failure."""
-        ready = self._taken
-        if not self._took and bucket.reader == self.rank:
-            ready = prefetch.next(bucket)
-        self._taken = None
-        try:
-            if bucket.kind == "p2p" and self.rank in bucket.participants(self.transport.world_size):
-                self._moving = True
-                self._p2p(bucket, ready, _what(number, bucket))
-        finally:
-            if ready is not None:
-                prefetch.release(ready)
+        if bucket.kind == "p2p" and self.rank in bucket.participants(self.transport.world_size):
+            self._moving = True
+            self._p2p(bucket, ready, _what(number, bucket))
 
     def _guard(self, fn: Callable[[], None]) -> None:
         """Run a local copy; a failure is kept for the next agreement. Once this rank has
