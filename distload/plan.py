@@ -281,6 +281,10 @@ class LoadPlan:
 
     def local_shape(self, output: int, rank: int) -> tuple[int, ...] | None:
         """Shape of the part of output ``output`` held by ``rank`` (None: holds nothing)."""
+        layout = self.layouts[output]
+        if layout.dim is None:  # a full copy on each holder: no box needed
+            held = layout.holders is None or rank in layout.holders
+            return self.outputs[output].shape if held else None
         box = local_box(self.outputs[output].shape, self.layouts[output], rank)
         return None if box is None else box_shape(box)
 
