@@ -98,12 +98,19 @@ def _source(ready: _Ready, seg: Segment) -> torch.Tensor:
     return region.t() if seg.part.transposed else region
 
 
-def _fills(part: Part, dest: torch.Tensor, dtype: str) -> bool:
-    """Whether ``part`` is all of ``dest``, a contiguous host tensor of ``dtype``: its bytes
-    are then copied as plain memory (no tensor views: the per-piece cost that dominates a
-    checkpoint of tens of thousands of small tensors)."""
+# parts up to this size that fill a whole host destination are copied as plain memory: no
+# tensor views (the per-piece cost that dominates a checkpoint of tens of thousands of small
+# tensors). Larger ones go through torch, whose copies release the GIL that the reader
+# thread needs to keep its reads going.
+SMALL_COPY_BYTES = 256 * 1024
+
+
+def _fills(part: Part, dest: torch.Tensor, dtype: str, nbytes: int) -> bool:
+    """Whether ``part`` (``nbytes`` of ``dtype``) is small and all of ``dest``, a contiguous
+    host tensor of that dtype (so a plain memory copy fills it)."""
     return (
-        not part.transposed
+        nbytes <= SMALL_COPY_BYTES
+        and not part.transposed
         and dest.device.type == "cpu"
         and part.shape == dest.shape
         and dest.dtype == to_torch(dtype)
@@ -400,7 +407,7 @@ class Executor:
             dest = self.dests.get(seg.part.output)
             if dest is None:
                 continue
-            if host is not None and _fills(seg.part, dest, seg.dtype):
+            if host is not None and _fills(seg.part, dest, seg.dtype, seg.nbytes):
                 byte_view(dest)[:] = host[seg.offset : seg.offset + seg.nbytes]
                 continue
             _region(dest, seg.part.dst).copy_(_view(buf, seg), non_blocking=True)
@@ -421,7 +428,7 @@ class Executor:
             if (
                 host is not None
                 and seg.part.shape == slot.part.shape  # the whole piece
-                and _fills(seg.part, dest, slot.dtype)
+                and _fills(seg.part, dest, slot.dtype, slot.nbytes)
             ):
                 byte_view(dest)[:] = host[slot.offset : slot.offset + slot.nbytes]
                 continue
