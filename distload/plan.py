@@ -153,11 +153,12 @@ class LoadPlan:
             object.__setattr__(self, "_by_stored", table)
         return table
 
-    def whole_output(self, stored: int) -> int | None:
-        """The output that is stored tensor ``stored`` itself -- its only link, whole and not
-        transposed, laid out as full copies (a replicated tensor without key transforms, the
-        common case) -- or None. Computed for every stored tensor once per plan object."""
-        table = self.__dict__.get("_whole")
+    def identity_output(self, stored: int) -> int | None:
+        """The output that is stored tensor ``stored`` itself -- its only link, covering all
+        of both and not transposed (no key transform touches it: the common case) -- under
+        any layout, or None. Its geometry needs no box arithmetic (see :func:`parts_of`).
+        Computed for every stored tensor once per plan object."""
+        table = self.__dict__.get("_identity")
         if table is None:
             table = {}
             for stored_index, pairs in self._links_table().items():
@@ -171,11 +172,16 @@ class LoadPlan:
                     and link.stored_box == full
                     and link.view_box == full
                     and self.outputs[out].shape == shape
-                    and self.layouts[out].dim is None
                 ):
                     table[stored_index] = out
-            object.__setattr__(self, "_whole", table)
+            object.__setattr__(self, "_identity", table)
         return table.get(stored)
+
+    def whole_output(self, stored: int) -> int | None:
+        """:meth:`identity_output`, when laid out as full copies (a replicated tensor without
+        key transforms): each holder's part of a piece is the whole piece."""
+        out = self.identity_output(stored)
+        return out if out is not None and self.layouts[out].dim is None else None
 
     def to_json(self) -> bytes:
         """The plan as compact JSON (what rank 0 broadcasts). Tensors loaded as they are
@@ -377,6 +383,20 @@ def parts_of(plan: LoadPlan, rank: int, item: Item) -> list[Part]:
                 whole, ((0, rows), *rest), ((item.start, item.stop), *rest), (rows, *meta.shape[1:])
             )
         ]
+    same = plan.identity_output(item.tensor)
+    if same is not None and meta.shape:
+        # the stored tensor is the output (sharded): stored and view coordinates agree, so
+        # the part is the rank's box cut to the piece's rows
+        box = local_box(meta.shape, plan.layouts[same], rank)
+        if box is None:
+            return []
+        (lo, hi), rest = box[0], box[1:]
+        lo, hi = max(lo, item.start), min(hi, item.stop)
+        if lo >= hi or any(a >= b for a, b in rest):
+            return []
+        dst = ((lo - box[0][0], hi - box[0][0]), *((0, b - a) for a, b in rest))
+        shape = (hi - lo, *(b - a for a, b in rest))
+        return [Part(same, ((lo - item.start, hi - item.start), *rest), dst, shape)]
     parts = []
     for out, link in plan.links_of(item.tensor):
         box = local_box(plan.outputs[out].shape, plan.layouts[out], rank)

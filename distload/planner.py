@@ -38,6 +38,7 @@ from distload.placement.base import (
     Placement,
     ReplicateAll,
     box_shape,
+    chunk_range,
     holders,
     local_box,
 )
@@ -193,6 +194,24 @@ def piece_classes(plan: LoadPlan, item: Item, holding: list[list[int]]) -> Class
         plan.whole_output(item.tensor) is not None or _whole_copies(plan, item.tensor)
     ):
         return (tuple(holding[0]),)  # every holder holds the whole piece: no geometry needed
+    same = plan.identity_output(item.tensor)
+    if same is not None and plan.layouts[same].dim is not None:
+        # sharded as stored: each holder class holds one chunk along the sharded dim, and
+        # distinct non-empty chunks are distinct parts; a class takes part when its chunk is
+        # not empty and, sharded along rows, meets the piece's rows (no boxes needed)
+        layout = plan.layouts[same]
+        assert layout.dim is not None
+        size = plan.tensors[item.tensor].shape[layout.dim]
+        found = []
+        for ranks in holding:
+            position = layout.position(ranks[0])
+            assert position is not None
+            lo, hi = chunk_range(size, layout.chunks, position % layout.chunks)
+            if layout.dim == 0:
+                lo, hi = max(lo, item.start), min(hi, item.stop)
+            if lo < hi:
+                found.append(tuple(ranks))
+        return tuple(sorted(found))
     by_parts: dict[tuple[Part, ...], list[int]] = {}
     for ranks in holding:
         parts = tuple(parts_of(plan, ranks[0], item))

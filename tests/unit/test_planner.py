@@ -445,3 +445,64 @@ def test_plan_json_abbreviates_untransformed_tensors_and_roundtrips_transformed_
         again = LoadPlan.from_json(plan.to_json())
         assert again == plan and again.links == plan.links
         assert again.to_json() == plan.to_json()
+
+
+def _parts_by_definition(plan: LoadPlan, rank: int, item: object) -> list[tuple[object, ...]]:
+    """A rank's part of a piece of an untransformed tensor, from the boxes alone: its local
+    box cut to the piece's rows -> (src, dst, shape)."""
+    meta = plan.tensors[item.tensor]  # type: ignore[attr-defined]
+    box = local_box(meta.shape, plan.layouts[item.tensor], rank)  # type: ignore[attr-defined]
+    if box is None:
+        return []
+    if not meta.shape:
+        return [((), (), ())]
+    lo = max(box[0][0], item.start)  # type: ignore[attr-defined]
+    hi = min(box[0][1], item.stop)  # type: ignore[attr-defined]
+    if lo >= hi or any(a >= b for a, b in box[1:]):
+        return []
+    src = ((lo - item.start, hi - item.start), *box[1:])  # type: ignore[attr-defined]
+    dst = ((lo - box[0][0], hi - box[0][0]), *((0, b - a) for a, b in box[1:]))
+    return [(src, dst, (hi - lo, *(b - a for a, b in box[1:])))]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(1, 9), min_size=0, max_size=3), min_size=1, max_size=5),
+    world=st.integers(1, 6),
+    picks=st.lists(
+        st.tuples(
+            st.integers(-1, 2), st.integers(1, 7), st.permutations(range(6)), st.integers(1, 6)
+        ),
+        min_size=5,
+        max_size=5,
+    ),
+    bucket=st.integers(1, 300),
+)
+def test_untransformed_geometry_matches_the_boxes(
+    shapes: list[list[int]],
+    world: int,
+    picks: list[tuple[int, int, list[int], int]],
+    bucket: int,
+) -> None:
+    """Tensors loaded as stored take shortcuts (no box arithmetic) in the planner's receiver
+    classes and in every rank's parts: both agree with the definition from the boxes, under
+    random layouts (any dim, more chunks than rows, holder subsets in any order, replicas)."""
+    index = index_of([(tuple(s), "BF16") for s in shapes], files=1)
+    layouts = []
+    for shape, (dim, chunks, order, count) in zip(shapes, picks, strict=False):
+        held = tuple(r for r in order if r < world)[:count]
+        layouts.append(Layout(dim if 0 <= dim < len(shape) else None, chunks, held))
+    plan = make_plan(index, world, _Fixed(layouts), bucket_bytes=bucket)
+    assert all(plan.identity_output(t) == t for t in range(len(plan.tensors)))
+    for b in plan.buckets:
+        for rank in range(world):
+            got = [(s.part.src, s.part.dst, s.part.shape) for s in segments_for(plan, b, rank)[0]]
+            want = [p for item in b.items for p in _parts_by_definition(plan, rank, item)]
+            assert got == want
+        if b.kind == "p2p":
+            by_parts: dict[tuple[object, ...], list[int]] = {}
+            for rank in range(world):
+                key = tuple(tuple(_parts_by_definition(plan, rank, i)) for i in b.items)
+                if any(key):
+                    by_parts.setdefault(key, []).append(rank)
+            assert sorted(sorted(c) for c in b.classes) == sorted(by_parts.values())
