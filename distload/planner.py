@@ -77,13 +77,16 @@ def evaluate_layouts(
         raise PlacementError(
             f"placement returned {len(layouts)} layouts for {len(tensors)} tensors"
         )
+    valid: set[Layout] = set()  # holders checked once per distinct layout
     for meta, layout in zip(tensors, layouts, strict=True):
-        if layout.holders is not None and not all(0 <= r < world_size for r in layout.holders):
-            raise PlacementError(
-                f"placement put tensor {meta.name!r} on ranks {list(layout.holders)}, outside "
-                f"the group of {world_size}",
-                tensor=meta.name,
-            )
+        if layout.holders is not None and layout not in valid:
+            if not all(0 <= r < world_size for r in layout.holders):
+                raise PlacementError(
+                    f"placement put tensor {meta.name!r} on ranks {list(layout.holders)}, "
+                    f"outside the group of {world_size}",
+                    tensor=meta.name,
+                )
+            valid.add(layout)
         if layout.dim is not None and not (0 <= layout.dim < len(meta.shape)):
             raise PlacementError(
                 f"placement shards dim {layout.dim} of tensor {meta.name!r} with shape "
@@ -187,31 +190,45 @@ def _whole_copies(plan: LoadPlan, stored: int) -> bool:
     )
 
 
-def piece_classes(plan: LoadPlan, item: Item, holding: list[list[int]]) -> Classes:
+ChunkRanges = list[tuple[tuple[int, ...], int, int]]  # (holder class, chunk start, stop)
+
+
+def piece_classes(
+    plan: LoadPlan,
+    item: Item,
+    holding: list[list[int]],
+    chunks: dict[tuple[Layout, int], ChunkRanges] | None = None,
+) -> Classes:
     """The ranks holding a part of piece ``item``, partitioned by identical parts (from the
-    tensor's :func:`holder_classes`): sorted classes of sorted ranks."""
+    tensor's :func:`holder_classes`): sorted classes of sorted ranks. ``chunks`` keeps the
+    chunk each holder class holds per (layout, size) across calls."""
     if len(holding) == 1 and (
         plan.whole_output(item.tensor) is not None or _whole_copies(plan, item.tensor)
     ):
         return (tuple(holding[0]),)  # every holder holds the whole piece: no geometry needed
     same = plan.identity_output(item.tensor)
-    if same is not None and plan.layouts[same].dim is not None:
+    layout = plan.layouts[same] if same is not None else None
+    if layout is not None and layout.dim is not None:
         # sharded as stored: each holder class holds one chunk along the sharded dim, and
         # distinct non-empty chunks are distinct parts; a class takes part when its chunk is
         # not empty and, sharded along rows, meets the piece's rows (no boxes needed)
-        layout = plan.layouts[same]
-        assert layout.dim is not None
         size = plan.tensors[item.tensor].shape[layout.dim]
-        found = []
-        for ranks in holding:
-            position = layout.position(ranks[0])
-            assert position is not None
-            lo, hi = chunk_range(size, layout.chunks, position % layout.chunks)
-            if layout.dim == 0:
-                lo, hi = max(lo, item.start), min(hi, item.stop)
-            if lo < hi:
-                found.append(tuple(ranks))
-        return tuple(sorted(found))
+        key = (layout, size)
+        ranges = chunks.get(key) if chunks is not None else None
+        if ranges is None:
+            ranges = []
+            for ranks in holding:
+                position = layout.position(ranks[0])
+                assert position is not None
+                lo, hi = chunk_range(size, layout.chunks, position % layout.chunks)
+                ranges.append((tuple(ranks), lo, hi))
+            ranges.sort()
+            if chunks is not None:
+                chunks[key] = ranges
+        if layout.dim == 0:
+            start, stop = item.start, item.stop
+            return tuple(r for r, lo, hi in ranges if max(lo, start) < min(hi, stop))
+        return tuple(r for r, lo, hi in ranges if lo < hi)
     by_parts: dict[tuple[Part, ...], list[int]] = {}
     for ranks in holding:
         parts = tuple(parts_of(plan, ranks[0], item))
@@ -311,6 +328,7 @@ def make_plan(
     shared_open: dict[tuple[BucketKind, tuple[int, ...], Classes], _Open] = {}
     position = 0
     holder_cache: dict[tuple[Layout, ...], list[list[int]]] = {}
+    chunk_cache: dict[tuple[Layout, int], ChunkRanges] = {}
 
     def close(
         kind: BucketKind,
@@ -342,7 +360,7 @@ def make_plan(
         for item in split_pieces(skeleton, t, bucket_bytes, grid):
             position += 1
             nbytes = piece_bytes(meta, item)
-            classes = piece_classes(skeleton, item, holding)
+            classes = piece_classes(skeleton, item, holding, chunk_cache)
             if not classes:
                 continue
             key: tuple[BucketKind, tuple[int, ...], Classes]

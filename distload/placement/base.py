@@ -11,6 +11,7 @@ chunks may be smaller or empty.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -39,10 +40,16 @@ class Layout:
         """Position of ``rank`` among the holders, or None if it holds nothing."""
         if self.holders is None:
             return rank
-        try:
-            return self.holders.index(rank)
-        except ValueError:
-            return None
+        return self._positions.get(rank)
+
+    @functools.cached_property
+    def _positions(self) -> dict[int, int]:
+        """Rank -> its first position among the holders (built once per layout object: a
+        mesh over hundreds of ranks asks for every piece of every tensor)."""
+        found: dict[int, int] = {}
+        for pos, rank in enumerate(self.holders or ()):
+            found.setdefault(rank, pos)
+        return found
 
     def to_json(self) -> list[object]:
         holders = list(self.holders) if self.holders is not None else None

@@ -64,11 +64,18 @@ class Mesh:
                 f"world_size({world_size})"
             )
         stages = self.pipeline.assign(tensors)
+        by_stages: dict[tuple[int, ...], tuple[int, ...]] = {}  # stages -> their ranks
+        interned: dict[Layout, Layout] = {}  # one object per distinct layout
         out = []
         for meta, owners in zip(tensors, stages, strict=True):
             tp_layout = self.tensor_parallel.layout(meta, self.tp * self.dp)
-            holders = tuple(sorted(r for s in owners for r in self.stage_ranks(s)))
-            out.append(Layout(tp_layout.dim, tp_layout.chunks, holders))
+            key = tuple(owners)
+            holders = by_stages.get(key)
+            if holders is None:
+                holders = tuple(sorted(r for s in key for r in self.stage_ranks(s)))
+                by_stages[key] = holders
+            layout = Layout(tp_layout.dim, tp_layout.chunks, holders)
+            out.append(interned.setdefault(layout, layout))
         return out
 
     def describe(self) -> str:
