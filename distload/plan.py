@@ -454,6 +454,16 @@ def read_slots(plan: LoadPlan, bucket: Bucket) -> tuple[list[Segment], int]:
     return slots, cursor
 
 
+def read_bytes(plan: LoadPlan, bucket: Bucket) -> int:
+    """Size of a bucket's read layout (:func:`read_slots`'s second value, without building
+    the slots: what sizing staging buffers needs)."""
+    cursor = 0
+    tensors = plan.tensors
+    for item in bucket.items:
+        cursor = -(-(cursor + piece_bytes(tensors[item.tensor], item)) // ALIGN) * ALIGN
+    return cursor
+
+
 def segments_for(plan: LoadPlan, bucket: Bucket, rank: int) -> tuple[list[Segment], int]:
     """What ``rank`` receives from ``bucket`` (its parts, packed, in wire dtypes), and the size.
 

@@ -51,7 +51,7 @@ from distload.plan import (
     Part,
     parts_of,
     piece_bytes,
-    read_slots,
+    read_bytes,
     receiving_classes,
 )
 from distload.transforms import Transform, apply_transforms
@@ -460,7 +460,7 @@ def traffic(plan: LoadPlan, *, multicast: bool = True) -> list[RankTraffic]:
     world = plan.world_size
     read, sent, recv, staging = [0] * world, [0] * world, [0] * world, [0] * world
     for bucket in plan.buckets:
-        _, size = read_slots(plan, bucket)
+        size = read_bytes(plan, bucket)
         read[bucket.reader] += sum(piece_bytes(plan.tensors[i.tensor], i) for i in bucket.items)
         staging[bucket.reader] = max(staging[bucket.reader], size)
         for members, nbytes in receiving_classes(plan, bucket):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from distload.plan import LoadPlan, read_slots
+from distload.plan import LoadPlan, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def slot_sizes(plan: LoadPlan) -> dict[int, int]:
     sizes: dict[int, int] = {}
     for bucket in plan.buckets:
         if bucket.kind != "local":
-            size = read_slots(plan, bucket)[1]
+            size = read_bytes(plan, bucket)
             sizes[bucket.reader] = max(size, sizes.get(bucket.reader, 0))
     return sizes
 

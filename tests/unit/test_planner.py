@@ -16,7 +16,7 @@ from distload.checkpoint import CheckpointIndex, FileMeta, TensorMeta
 from distload.dtypes import ITEMSIZE
 from distload.errors import PlacementError
 from distload.placement import Layout, ReplicateAll, TensorParallel, local_box
-from distload.plan import Bucket, LoadPlan, piece_bytes, segments_for
+from distload.plan import Bucket, LoadPlan, piece_bytes, read_bytes, read_slots, segments_for
 from distload.planner import make_plan, traffic
 
 
@@ -238,6 +238,7 @@ def test_random_plans_cover_exactly(
     plan = make_plan(index, world, TensorParallel(rules), bucket_bytes=bucket)
     reads = file_ranges(plan)
     assert set(reads.values()) <= {1}
+    assert all(read_bytes(plan, b) == read_slots(plan, b)[1] for b in plan.buckets)
     simulate(plan)
 
 
