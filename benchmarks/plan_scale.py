@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from distload.checkpoint import CheckpointIndex, FileMeta, TensorMeta
+from distload.geometry import segments_for
 from distload.placement import Mesh, TensorParallel
-from distload.plan import LoadPlan, segments_for
+from distload.plan import LoadPlan
 from distload.planner import make_plan
 
 HERE = Path(__file__).resolve().parent

@@ -41,10 +41,7 @@ import torch
 from distload.coordination import agree
 from distload.dtypes import to_torch
 from distload.errors import CheckpointError, DistLoadError, failure_from_exception
-from distload.plan import (
-    Bucket,
-    Item,
-    LoadPlan,
+from distload.geometry import (
     Part,
     Segment,
     piece_bytes,
@@ -53,6 +50,7 @@ from distload.plan import (
     read_slots,
     segments_for,
 )
+from distload.plan import Bucket, Item, LoadPlan
 from distload.shm import SLOTS, ShmExchange
 from distload.storage import Arenas, FileReader, ReadRequest, byte_view
 from distload.transport.base import Transport

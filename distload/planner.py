@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from distload.checkpoint import CheckpointIndex, TensorMeta
 from distload.dtypes import FLOATING, ITEMSIZE
 from distload.errors import PlacementError
+from distload.geometry import Part, parts_of, piece_bytes, read_bytes, receiving_classes
 from distload.manifest import Digests
 from distload.placement.base import (
     Layout,
@@ -42,18 +43,7 @@ from distload.placement.base import (
     holders,
     local_box,
 )
-from distload.plan import (
-    Bucket,
-    BucketKind,
-    Item,
-    LoadPlan,
-    Output,
-    Part,
-    parts_of,
-    piece_bytes,
-    read_bytes,
-    receiving_classes,
-)
+from distload.plan import Bucket, BucketKind, Item, LoadPlan, Output
 from distload.transforms import Transform, apply_transforms
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024

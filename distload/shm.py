@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from distload.plan import LoadPlan, read_bytes
+from distload.geometry import read_bytes
+from distload.plan import LoadPlan
 
 log = logging.getLogger(__name__)
 

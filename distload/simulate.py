@@ -32,7 +32,8 @@ import math
 from dataclasses import dataclass, field
 
 from distload.checkpoint import CheckpointIndex, FileMeta, TensorMeta
-from distload.plan import LoadPlan, piece_bytes, receiving_classes
+from distload.geometry import piece_bytes, receiving_classes
+from distload.plan import LoadPlan
 from distload.planner import traffic
 
 GB = 1e9

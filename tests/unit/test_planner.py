@@ -15,8 +15,9 @@ from torch.distributed.tensor import Shard
 from distload.checkpoint import CheckpointIndex, FileMeta, TensorMeta
 from distload.dtypes import ITEMSIZE
 from distload.errors import PlacementError
+from distload.geometry import piece_bytes, read_bytes, read_slots, segments_for
 from distload.placement import Layout, ReplicateAll, TensorParallel, local_box
-from distload.plan import Bucket, LoadPlan, piece_bytes, read_bytes, read_slots, segments_for
+from distload.plan import Bucket, LoadPlan
 from distload.planner import make_plan, traffic
 
 

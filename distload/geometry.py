@@ -1,0 +1,208 @@
+"""Plan geometry: which bytes of each piece every rank holds, and the buffer layouts of a bucket.
+
+Pure functions of a :class:`~distload.plan.LoadPlan` (no torch, no process group): the reader
+of a bucket and every receiver derive from the same plan exactly which regions it reads, packs,
+sends and receives, so nothing but bytes crosses the wire. Used by the planner (receiver
+classes, accounting), the executor and the simulator.
+
+* :func:`parts_of`: the regions of one piece that one rank holds (:class:`Part`);
+* :func:`read_slots` / :func:`read_bytes`: the reader's staging layout of a bucket (whole
+  pieces, stored dtype, ``ALIGN``-aligned);
+* :func:`segments_for`: what one rank receives from a bucket, packed, in wire dtypes;
+* :func:`receiving_classes`: who receives how many bytes of a shared bucket.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from distload.checkpoint import TensorMeta
+from distload.dtypes import ITEMSIZE
+from distload.placement.base import Box, box_shape, local_box
+from distload.plan import ALIGN, Bucket, Item, LoadPlan
+from distload.transforms import Link
+
+
+@dataclass(frozen=True)
+class Part:
+    """A region of one piece that one rank holds, and where it goes."""
+
+    output: int  # output tensor it fills
+    src: Box  # region inside the piece (stored orientation, rows relative to item.start)
+    dst: Box  # region inside the rank's local output tensor
+    shape: tuple[int, ...]  # shape of the region in output orientation
+    transposed: bool = False  # dst = src transposed
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def piece_shape(meta: TensorMeta, item: Item) -> tuple[int, ...]:
+    if not meta.shape:
+        return ()
+    return (item.stop - item.start, *meta.shape[1:])
+
+
+def piece_bytes(meta: TensorMeta, item: Item) -> int:
+    return (item.stop - item.start) * meta.row_bytes if meta.shape else meta.nbytes
+
+
+def piece_offset(meta: TensorMeta, item: Item) -> int:
+    """Absolute file offset of a piece's first byte."""
+    return meta.offset + item.start * meta.row_bytes
+
+
+def _intersect(a: Box, b: Box) -> Box | None:
+    out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b, strict=True))
+    return None if any(lo >= hi for lo, hi in out) else out
+
+
+def _to_stored(link: Link, view: Box) -> Box:
+    """Stored region of a view region inside ``link``."""
+    rel = [(a - o, b - o) for (a, b), (o, _) in zip(view, link.view_box, strict=True)]
+    if link.transposed:
+        rel = [rel[1], rel[0]]
+    return tuple((a + o, b + o) for (a, b), (o, _) in zip(rel, link.stored_box, strict=True))
+
+
+def _to_view(link: Link, stored: Box) -> Box:
+    """View region of a stored region inside ``link``."""
+    rel = [(a - o, b - o) for (a, b), (o, _) in zip(stored, link.stored_box, strict=True)]
+    if link.transposed:
+        rel = [rel[1], rel[0]]
+    return tuple((a + o, b + o) for (a, b), (o, _) in zip(rel, link.view_box, strict=True))
+
+
+def parts_of(plan: LoadPlan, rank: int, item: Item) -> list[Part]:
+    """Regions of piece ``item`` that ``rank`` holds (one per output region it fills)."""
+    meta = plan.tensors[item.tensor]
+    whole = plan.whole_output(item.tensor)
+    if whole is not None:
+        # the stored tensor is the output, whole, in full copies (replicated, untransformed):
+        # a holder's part is the whole piece at the piece's rows (the common case, made cheap)
+        held = plan.layouts[whole].holders
+        if held is not None and rank not in held:
+            return []
+        if not meta.shape:
+            return [Part(whole, (), (), ())]
+        rest = tuple((0, n) for n in meta.shape[1:])
+        rows = item.stop - item.start
+        return [
+            Part(
+                whole, ((0, rows), *rest), ((item.start, item.stop), *rest), (rows, *meta.shape[1:])
+            )
+        ]
+    same = plan.identity_output(item.tensor)
+    if same is not None and meta.shape:
+        # the stored tensor is the output (sharded): stored and view coordinates agree, so
+        # the part is the rank's box cut to the piece's rows
+        box = local_box(meta.shape, plan.layouts[same], rank)
+        if box is None:
+            return []
+        (lo, hi), rest = box[0], box[1:]
+        lo, hi = max(lo, item.start), min(hi, item.stop)
+        if lo >= hi or any(a >= b for a, b in rest):
+            return []
+        dst = ((lo - box[0][0], hi - box[0][0]), *((0, b - a) for a, b in rest))
+        shape = (hi - lo, *(b - a for a, b in rest))
+        return [Part(same, ((lo - item.start, hi - item.start), *rest), dst, shape)]
+    parts = []
+    for out, link in plan.links_of(item.tensor):
+        box = local_box(plan.outputs[out].shape, plan.layouts[out], rank)
+        if box is None:
+            continue
+        if not meta.shape:
+            parts.append(Part(out, (), (), ()))
+            continue
+        view = _intersect(box, link.view_box)
+        if view is None:
+            continue
+        stored = _to_stored(link, view)
+        rows = ((item.start, item.stop), *((0, n) for n in meta.shape[1:]))
+        stored = _intersect(stored, rows)
+        if stored is None:
+            continue
+        view = _to_view(link, stored)
+        src = ((stored[0][0] - item.start, stored[0][1] - item.start), *stored[1:])
+        dst = tuple((a - o, b - o) for (a, b), (o, _) in zip(view, box, strict=True))
+        parts.append(Part(out, src, dst, box_shape(view), link.transposed))
+    return parts
+
+
+def wire_dtype(stored: str, dest: str) -> str:
+    """Dtype a piece travels in: the narrower of stored and destination (cast where it saves)."""
+    return dest if ITEMSIZE[dest] <= ITEMSIZE[stored] else stored
+
+
+def aligned(offset: int) -> int:
+    return -(-offset // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One part inside a staging buffer: where it lies and where it goes."""
+
+    item: Item
+    part: Part
+    dtype: str  # dtype of the bytes in the buffer
+    offset: int  # byte offset inside the buffer (ALIGN-aligned)
+    nbytes: int
+
+
+def read_slots(plan: LoadPlan, bucket: Bucket) -> tuple[list[Segment], int]:
+    """The reader's layout of a bucket: whole pieces in their stored dtype -> (slots, size)."""
+    slots: list[Segment] = []
+    cursor = 0
+    for item in bucket.items:
+        meta = plan.tensors[item.tensor]
+        shape = piece_shape(meta, item)
+        full = Part(-1, tuple((0, n) for n in shape), (), shape)
+        nbytes = piece_bytes(meta, item)
+        slots.append(Segment(item, full, meta.dtype, cursor, nbytes))
+        cursor = aligned(cursor + nbytes)
+    return slots, cursor
+
+
+def read_bytes(plan: LoadPlan, bucket: Bucket) -> int:
+    """Size of a bucket's read layout (:func:`read_slots`'s second value, without building
+    the slots: what sizing staging buffers needs)."""
+    cursor = 0
+    tensors = plan.tensors
+    for item in bucket.items:
+        cursor = -(-(cursor + piece_bytes(tensors[item.tensor], item)) // ALIGN) * ALIGN
+    return cursor
+
+
+def segments_for(plan: LoadPlan, bucket: Bucket, rank: int) -> tuple[list[Segment], int]:
+    """What ``rank`` receives from ``bucket`` (its parts, packed, in wire dtypes), and the size.
+
+    The reader packs exactly this layout for each destination, so both sides agree without
+    exchanging any metadata. For a broadcast bucket every rank gets the same layout.
+    """
+    segs: list[Segment] = []
+    cursor = 0
+    tensors, dtypes = plan.tensors, plan.dtypes
+    for item in bucket.items:
+        stored = tensors[item.tensor].dtype
+        for part in parts_of(plan, rank, item):
+            dtype = wire_dtype(stored, dtypes[part.output])
+            nbytes = math.prod(part.shape) * ITEMSIZE[dtype]
+            segs.append(Segment(item, part, dtype, cursor, nbytes))
+            cursor = -(-(cursor + nbytes) // ALIGN) * ALIGN  # aligned(), inlined: hot loop
+    return segs, cursor
+
+
+def receiving_classes(plan: LoadPlan, bucket: Bucket) -> list[tuple[tuple[int, ...], int]]:
+    """Who receives what from a shared bucket: (class, bytes each member receives), root first.
+
+    A broadcast is one class of every rank rooted at the reader; a p2p bucket has its own
+    classes. Sizes come from one ``segments_for`` per class (members receive identical bytes).
+    """
+    if bucket.kind == "local":
+        return []
+    if bucket.kind == "broadcast":
+        everyone = (bucket.reader, *(r for r in range(plan.world_size) if r != bucket.reader))
+        return [(everyone, segments_for(plan, bucket, bucket.reader)[1])]
+    return [(c, segments_for(plan, bucket, c[0])[1]) for c in bucket.classes]
