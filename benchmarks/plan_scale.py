@@ -2,9 +2,9 @@
 
 Rank 0 plans while every other rank waits, and every rank then decodes the plan and works out
 its own parts of every bucket, so these costs sit on every load's critical path. This builds
-(in memory, no files) the index of a mixture-of-experts checkpoint shaped like Qwen3-30B-A3B
-(48 layers x 128 experts x 3 projections: about 18.6k tensors, 61 GB in bf16) and times, for
-a few meshes:
+(in memory, no files) the index of Qwen3-30B-A3B (``distload.simulate.MODELS``: 48 layers x
+128 experts x 3 projections, 18.9k tensors, 61 GB in bf16) and times, with the ``qwen3_moe``
+TP preset, for a few meshes:
 
 * ``make_plan`` (rank 0);
 * ``LoadPlan.to_json`` (rank 0) and ``LoadPlan.from_json`` (every other rank), and the size;
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import math
 import os
 import platform
 import time
@@ -28,72 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distload.checkpoint import CheckpointIndex, FileMeta, TensorMeta
 from distload.geometry import segments_for
-from distload.placement import Mesh, TensorParallel
+from distload.placement import Mesh, TensorParallel, preset
 from distload.plan import LoadPlan
 from distload.planner import make_plan
+from distload.simulate import MODELS, model_index
 
 HERE = Path(__file__).resolve().parent
 
-LAYERS, EXPERTS, HIDDEN, EXPERT_FFN, HEADS, KV_HEADS, HEAD_DIM, VOCAB = (
-    48,
-    128,
-    2048,
-    768,
-    32,
-    4,
-    128,
-    151936,
-)
-RULES: dict[str, Any] = {
-    "model.embed_tokens.weight": "colwise",
-    "*.self_attn.q_proj.weight": "colwise",
-    "*.self_attn.k_proj.weight": "colwise",
-    "*.self_attn.v_proj.weight": "colwise",
-    "*.self_attn.o_proj.weight": "rowwise",
-    "*.mlp.experts.*.gate_proj.weight": "colwise",
-    "*.mlp.experts.*.up_proj.weight": "colwise",
-    "*.mlp.experts.*.down_proj.weight": "rowwise",
-    "lm_head.weight": "colwise",
-}
-
-
-def moe_index(shard_bytes: int = 4 * 2**30) -> CheckpointIndex:
-    """The index of the checkpoint described above, in shards of at most ``shard_bytes``."""
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for layer in range(LAYERS):
-        p = f"model.layers.{layer}"
-        shapes[f"{p}.input_layernorm.weight"] = (HIDDEN,)
-        shapes[f"{p}.self_attn.q_proj.weight"] = (HEADS * HEAD_DIM, HIDDEN)
-        shapes[f"{p}.self_attn.k_proj.weight"] = (KV_HEADS * HEAD_DIM, HIDDEN)
-        shapes[f"{p}.self_attn.v_proj.weight"] = (KV_HEADS * HEAD_DIM, HIDDEN)
-        shapes[f"{p}.self_attn.o_proj.weight"] = (HIDDEN, HEADS * HEAD_DIM)
-        shapes[f"{p}.self_attn.q_norm.weight"] = (HEAD_DIM,)
-        shapes[f"{p}.self_attn.k_norm.weight"] = (HEAD_DIM,)
-        shapes[f"{p}.post_attention_layernorm.weight"] = (HIDDEN,)
-        shapes[f"{p}.mlp.gate.weight"] = (EXPERTS, HIDDEN)
-        for e in range(EXPERTS):
-            shapes[f"{p}.mlp.experts.{e}.gate_proj.weight"] = (EXPERT_FFN, HIDDEN)
-            shapes[f"{p}.mlp.experts.{e}.up_proj.weight"] = (EXPERT_FFN, HIDDEN)
-            shapes[f"{p}.mlp.experts.{e}.down_proj.weight"] = (HIDDEN, EXPERT_FFN)
-    shapes["model.norm.weight"] = (HIDDEN,)
-    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
-    files: list[FileMeta] = []
-    tensors: list[TensorMeta] = []
-    header = 8 + 100 * 2048  # a plausible header size; no file is read
-    offset, number = header, 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * 2
-        if offset > header and offset + nbytes > shard_bytes:
-            files.append(FileMeta(f"model-{number:05d}.safetensors", offset, header))
-            offset, number = header, number + 1
-        tensors.append(
-            TensorMeta(name, f"model-{number:05d}.safetensors", "BF16", shape, offset, nbytes)
-        )
-        offset += nbytes
-    files.append(FileMeta(f"model-{number:05d}.safetensors", offset, header))
-    return CheckpointIndex("<qwen3-moe-shaped>", tuple(files), tuple(tensors), {})
+MODEL = "qwen3-30b-a3b"
 
 
 def best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
@@ -116,17 +58,18 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS-plan.md")
     args = parser.parse_args()
-    index = moe_index()
+    index = model_index(MODELS[MODEL])
+    rules = preset("qwen3_moe")
     cases: list[tuple[str, int, Any]] = [
-        ("tp=8 (1 node)", 8, TensorParallel(RULES)),
-        ("dp=8 x tp=8 (8 nodes)", 64, Mesh(dp=8, tp=8, tp_rules=RULES)),
-        ("dp=4 x pp=4 x tp=8 (16 nodes)", 128, Mesh(dp=4, pp=4, tp=8, tp_rules=RULES)),
-        ("dp=64 x tp=8 (64 nodes)", 512, Mesh(dp=64, tp=8, tp_rules=RULES)),
+        ("tp=8 (1 node)", 8, TensorParallel(rules)),
+        ("dp=8 x tp=8 (8 nodes)", 64, Mesh(dp=8, tp=8, tp_rules=rules)),
+        ("dp=4 x pp=4 x tp=8 (16 nodes)", 128, Mesh(dp=4, pp=4, tp=8, tp_rules=rules)),
+        ("dp=64 x tp=8 (64 nodes)", 512, Mesh(dp=64, tp=8, tp_rules=rules)),
     ]
     total = sum(t.nbytes for t in index.tensors)
     lines = [
-        f"# Coordinator cost: {len(index.tensors)} tensors ({total / 1e9:.0f} GB, "
-        "Qwen3-30B-A3B-shaped MoE, bf16)",
+        f"# Coordinator cost: {MODEL} ({len(index.tensors)} tensors, {total / 1e9:.0f} GB bf16, "
+        "qwen3_moe TP preset)",
         "",
         f"{datetime.date.today()}, {platform.node()}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; best of "

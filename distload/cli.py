@@ -392,7 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("plan", help="who reads, sends, receives and holds what (no launch)")
-    p.add_argument("source", help="a checkpoint, a Hub repo, or model:llama-8b|70b|405b (shapes)")
+    p.add_argument(
+        "source",
+        help="a checkpoint, a Hub repo, or model:NAME (shapes only: llama-8b|70b|405b, "
+        "qwen3-30b-a3b, qwen3-235b-a22b)",
+    )
     p.add_argument("--world", type=int, required=True, help="number of ranks")
     p.add_argument("--ranks-per-node", type=int, default=None, help="default: all on one node")
     p.add_argument("--buckets", action="store_true", help="list every bucket")

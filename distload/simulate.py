@@ -248,25 +248,75 @@ class ModelShape:
     vocab: int
 
 
-MODELS: dict[str, ModelShape] = {
+@dataclass(frozen=True)
+class MoeShape:
+    """Dimensions of a Qwen3-MoE-family decoder: grouped-query attention with per-head q/k
+    norms, and in every layer a router plus ``experts`` gated MLP experts (three tensors each:
+    a checkpoint of tens of thousands of tensors)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    experts: int
+    expert_ffn: int
+    vocab: int
+
+
+MODELS: dict[str, ModelShape | MoeShape] = {
     "llama-8b": ModelShape(4096, 14336, 32, 32, 8, 128256),
     "llama-70b": ModelShape(8192, 28672, 80, 64, 8, 128256),
     "llama-405b": ModelShape(16384, 53248, 126, 128, 8, 128256),
+    "qwen3-30b-a3b": MoeShape(2048, 48, 32, 4, 128, 128, 768, 151936),
+    "qwen3-235b-a22b": MoeShape(4096, 94, 64, 4, 128, 128, 1536, 151936),
 }
 
 
+def moe_tensors(shape: MoeShape) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a Qwen3-MoE checkpoint, in the order ``save_pretrained`` writes."""
+    h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape.vocab, h)}
+    for layer in range(shape.layers):
+        p = f"model.layers.{layer}"
+        out[f"{p}.input_layernorm.weight"] = (h,)
+        out[f"{p}.self_attn.q_proj.weight"] = (q, h)
+        out[f"{p}.self_attn.k_proj.weight"] = (kv, h)
+        out[f"{p}.self_attn.v_proj.weight"] = (kv, h)
+        out[f"{p}.self_attn.o_proj.weight"] = (h, q)
+        out[f"{p}.self_attn.q_norm.weight"] = (shape.head_dim,)
+        out[f"{p}.self_attn.k_norm.weight"] = (shape.head_dim,)
+        out[f"{p}.post_attention_layernorm.weight"] = (h,)
+        out[f"{p}.mlp.gate.weight"] = (shape.experts, h)
+        for e in range(shape.experts):
+            out[f"{p}.mlp.experts.{e}.gate_proj.weight"] = (shape.expert_ffn, h)
+            out[f"{p}.mlp.experts.{e}.up_proj.weight"] = (shape.expert_ffn, h)
+            out[f"{p}.mlp.experts.{e}.down_proj.weight"] = (h, shape.expert_ffn)
+    out["model.norm.weight"] = (h,)
+    out["lm_head.weight"] = (shape.vocab, h)
+    return out
+
+
 def model_index(
-    shape: ModelShape, *, dtype: str = "BF16", shard_bytes: int = 5 * 2**30
+    shape: ModelShape | MoeShape, *, dtype: str = "BF16", shard_bytes: int = 5 * 2**30
 ) -> CheckpointIndex:
     """The index a ``save_pretrained`` checkpoint of ``shape`` would have (no file needed)."""
     from distload.dtypes import ITEMSIZE
     from distload.synthetic import LlamaShape, llama_tensors
 
-    names = llama_tensors(
-        LlamaShape(
-            shape.vocab, shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.kv_heads
+    if isinstance(shape, MoeShape):
+        names = moe_tensors(shape)
+    else:
+        names = llama_tensors(
+            LlamaShape(
+                shape.vocab,
+                shape.hidden,
+                shape.intermediate,
+                shape.layers,
+                shape.heads,
+                shape.kv_heads,
+            )
         )
-    )
     item = ITEMSIZE[dtype]
     shards: list[list[tuple[str, tuple[int, ...], int]]] = [[]]
     size = 0

@@ -43,6 +43,15 @@ _MIXTRAL: dict[str, Any] = {
     "*.block_sparse_moe.gate.weight": "replicate",
 }
 
+# Qwen3-MoE (and Qwen2-MoE without its shared expert): each expert sharded like a Llama MLP
+_QWEN3_MOE: dict[str, Any] = {
+    **{k: v for k, v in _LLAMA.items() if ".mlp." not in k},
+    "*.mlp.experts.*.gate_proj.weight": "colwise",
+    "*.mlp.experts.*.up_proj.weight": "colwise",
+    "*.mlp.experts.*.down_proj.weight": "rowwise",
+    "*.mlp.gate.weight": "replicate",
+}
+
 _GPT2_TRANSFORMS: tuple[Transform, ...] = (
     Transpose(".attn.c_attn.weight"),
     Transpose(".attn.c_proj.weight"),
@@ -66,6 +75,7 @@ _REGISTRY: dict[str, Preset] = {
     "mistral": Preset(_LLAMA),
     "qwen2": Preset({**_LLAMA, "*.self_attn.[qkv]_proj.bias": "colwise"}),
     "mixtral": Preset(_MIXTRAL),
+    "qwen3_moe": Preset(_QWEN3_MOE),
     "gpt2": Preset(_GPT2, _GPT2_TRANSFORMS),
 }
 

@@ -13,7 +13,7 @@ import distload
 from distload.cli import main
 from distload.placement import preset
 from distload.planner import make_plan, traffic
-from distload.simulate import MODELS, Bandwidths, ModelShape, model_index, simulate
+from distload.simulate import MODELS, Bandwidths, ModelShape, MoeShape, model_index, simulate
 
 GB = 1e9
 SMALL = ModelShape(hidden=256, intermediate=704, layers=4, heads=8, kv_heads=4, vocab=1000)
@@ -25,9 +25,10 @@ def _params(shape: ModelShape) -> int:
     return 2 * shape.vocab * h + shape.layers * per_layer + h
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", ["llama-8b", "llama-70b", "llama-405b"])
 def test_model_index_has_the_real_parameter_count(name: str) -> None:
     shape = MODELS[name]
+    assert isinstance(shape, ModelShape)
     index = model_index(shape, shard_bytes=5 * 2**30)
     assert index.total_bytes == 2 * _params(shape)
     billions = {"llama-8b": 8.0, "llama-70b": 70.6, "llama-405b": 405.8}[name]
@@ -171,3 +172,35 @@ def test_pipeline_stages_overlap_and_approach_the_storage_bound() -> None:
     one_node = (max(pred.read_bytes_per_node) + max(pred.intra_bytes)) / GB
     assert pred.seconds <= 1.3 * one_node
     assert serial.seconds > 1.3 * pred.seconds
+
+
+@pytest.mark.parametrize(
+    ("name", "billions", "tensors"),
+    [("qwen3-30b-a3b", 30.5, 18867), ("qwen3-235b-a22b", 235.1, 36945)],
+)
+def test_moe_shapes_have_the_real_parameter_count_and_plan_with_their_preset(
+    name: str, billions: float, tensors: int
+) -> None:
+    """Mixture-of-experts families: the published parameter counts, tens of thousands of
+    tensors, and the qwen3_moe preset shards every expert (TP 8: each rank holds an eighth of
+    every expert's bytes) while the router and norms stay whole."""
+    from distload.placement import TensorParallel, preset
+    from distload.planner import traffic
+
+    shape = MODELS[name]
+    assert isinstance(shape, MoeShape)
+    index = model_index(shape)
+    assert len(index.tensors) == tensors
+    assert index.total_bytes / 2 / 1e9 == pytest.approx(billions, rel=0.005)
+    if name != "qwen3-30b-a3b":
+        return
+    plan = make_plan(index, 8, TensorParallel(preset("qwen3_moe")), bucket_bytes=64 * 2**20)
+    by_name = {o.name: plan.layouts[i] for i, o in enumerate(plan.outputs)}
+    assert by_name["model.layers.0.mlp.experts.5.gate_proj.weight"].dim == 0
+    assert by_name["model.layers.0.mlp.experts.5.down_proj.weight"].dim == 1
+    assert by_name["model.layers.0.mlp.gate.weight"].dim is None
+    assert by_name["model.layers.0.self_attn.q_norm.weight"].dim is None
+    expert_bytes = sum(t.nbytes for t in index.tensors if ".experts." in t.name)
+    held = [s.held for s in traffic(plan)]
+    assert min(held) >= expert_bytes // 8 and max(held) - min(held) < 0.01 * max(held)
+    assert sum(s.read for s in traffic(plan)) == index.total_bytes
