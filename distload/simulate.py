@@ -275,23 +275,20 @@ MODELS: dict[str, ModelShape | MoeShape] = {
 
 def moe_tensors(shape: MoeShape) -> dict[str, tuple[int, ...]]:
     """Names and shapes of a Qwen3-MoE checkpoint, in the order ``save_pretrained`` writes."""
+    from distload.synthetic import attention_tensors, mlp_tensors
+
     h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape.vocab, h)}
     for layer in range(shape.layers):
         p = f"model.layers.{layer}"
         out[f"{p}.input_layernorm.weight"] = (h,)
-        out[f"{p}.self_attn.q_proj.weight"] = (q, h)
-        out[f"{p}.self_attn.k_proj.weight"] = (kv, h)
-        out[f"{p}.self_attn.v_proj.weight"] = (kv, h)
-        out[f"{p}.self_attn.o_proj.weight"] = (h, q)
+        out.update(attention_tensors(p, h, q, kv))
         out[f"{p}.self_attn.q_norm.weight"] = (shape.head_dim,)
         out[f"{p}.self_attn.k_norm.weight"] = (shape.head_dim,)
         out[f"{p}.post_attention_layernorm.weight"] = (h,)
         out[f"{p}.mlp.gate.weight"] = (shape.experts, h)
         for e in range(shape.experts):
-            out[f"{p}.mlp.experts.{e}.gate_proj.weight"] = (shape.expert_ffn, h)
-            out[f"{p}.mlp.experts.{e}.up_proj.weight"] = (shape.expert_ffn, h)
-            out[f"{p}.mlp.experts.{e}.down_proj.weight"] = (h, shape.expert_ffn)
+            out.update(mlp_tensors(f"{p}.mlp.experts.{e}", h, shape.expert_ffn))
     out["model.norm.weight"] = (h,)
     out["lm_head.weight"] = (shape.vocab, h)
     return out

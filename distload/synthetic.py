@@ -44,6 +44,27 @@ class LlamaShape:
         return LlamaShape(vocab, hidden, hidden * 11 // 4, layers, 16, 8)
 
 
+def attention_tensors(
+    prefix: str, hidden: int, q_dim: int, kv_dim: int
+) -> dict[str, tuple[int, ...]]:
+    """The attention projections of one decoder layer (Llama / Qwen naming), in file order."""
+    return {
+        f"{prefix}.self_attn.q_proj.weight": (q_dim, hidden),
+        f"{prefix}.self_attn.k_proj.weight": (kv_dim, hidden),
+        f"{prefix}.self_attn.v_proj.weight": (kv_dim, hidden),
+        f"{prefix}.self_attn.o_proj.weight": (hidden, q_dim),
+    }
+
+
+def mlp_tensors(prefix: str, hidden: int, ffn: int) -> dict[str, tuple[int, ...]]:
+    """A gated MLP's projections under ``prefix`` (a layer's ``.mlp`` or one expert)."""
+    return {
+        f"{prefix}.gate_proj.weight": (ffn, hidden),
+        f"{prefix}.up_proj.weight": (ffn, hidden),
+        f"{prefix}.down_proj.weight": (hidden, ffn),
+    }
+
+
 def llama_tensors(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of a Llama-style model."""
     h, kv = shape.hidden, shape.hidden // shape.heads * shape.kv_heads
@@ -51,14 +72,9 @@ def llama_tensors(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
     for i in range(shape.layers):
         p = f"model.layers.{i}"
         out[f"{p}.input_layernorm.weight"] = (h,)
-        out[f"{p}.self_attn.q_proj.weight"] = (h, h)
-        out[f"{p}.self_attn.k_proj.weight"] = (kv, h)
-        out[f"{p}.self_attn.v_proj.weight"] = (kv, h)
-        out[f"{p}.self_attn.o_proj.weight"] = (h, h)
+        out.update(attention_tensors(p, h, h, kv))
         out[f"{p}.post_attention_layernorm.weight"] = (h,)
-        out[f"{p}.mlp.gate_proj.weight"] = (shape.intermediate, h)
-        out[f"{p}.mlp.up_proj.weight"] = (shape.intermediate, h)
-        out[f"{p}.mlp.down_proj.weight"] = (h, shape.intermediate)
+        out.update(mlp_tensors(f"{p}.mlp", h, shape.intermediate))
     out["model.norm.weight"] = (h,)
     out["lm_head.weight"] = (shape.vocab, h)
     return out
