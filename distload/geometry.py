@@ -171,7 +171,7 @@ def read_bytes(plan: LoadPlan, bucket: Bucket) -> int:
     cursor = 0
     tensors = plan.tensors
     for item in bucket.items:
-        cursor = -(-(cursor + piece_bytes(tensors[item.tensor], item)) // ALIGN) * ALIGN
+        cursor = aligned(cursor + piece_bytes(tensors[item.tensor], item))
     return cursor
 
 
@@ -190,7 +190,7 @@ def segments_for(plan: LoadPlan, bucket: Bucket, rank: int) -> tuple[list[Segmen
             dtype = wire_dtype(stored, dtypes[part.output])
             nbytes = math.prod(part.shape) * ITEMSIZE[dtype]
             segs.append(Segment(item, part, dtype, cursor, nbytes))
-            cursor = -(-(cursor + nbytes) // ALIGN) * ALIGN  # aligned(), inlined: hot loop
+            cursor = aligned(cursor + nbytes)
     return segs, cursor
 
 

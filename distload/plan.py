@@ -160,17 +160,8 @@ class LoadPlan:
         if table is None:
             table = {}
             for stored_index, pairs in self._links_table().items():
-                if len(pairs) != 1:
-                    continue
                 out, link = pairs[0]
-                shape = self.tensors[stored_index].shape
-                full = tuple((0, n) for n in shape)
-                if (
-                    not link.transposed
-                    and link.stored_box == full
-                    and link.view_box == full
-                    and self.outputs[out].shape == shape
-                ):
+                if len(pairs) == 1 and _covers(link, self.tensors[stored_index], self.outputs[out]):
                     table[stored_index] = out
             object.__setattr__(self, "_identity", table)
         return table.get(stored)
@@ -194,7 +185,9 @@ class LoadPlan:
         links: list[Any] = []
         for out, o in enumerate(self.outputs):
             mine = links_by_out.get(out, [])
-            if len(mine) == 1 and _is_identity(mine[0], tensors[mine[0].stored], o):
+            meta = tensors[mine[0].stored] if len(mine) == 1 else None
+            same_name = meta is not None and (o.name, o.stored_dtype) == (meta.name, meta.dtype)
+            if meta is not None and same_name and _covers(mine[0], meta, o):
                 outputs.append(mine[0].stored)  # the stored tensor itself
                 continue
             outputs.append([o.name, list(o.shape), o.stored_dtype])
@@ -289,19 +282,19 @@ class LoadPlan:
         if layout.dim is None:  # a full copy on each holder: no box needed
             held = layout.holders is None or rank in layout.holders
             return self.outputs[output].shape if held else None
-        box = local_box(self.outputs[output].shape, self.layouts[output], rank)
+        box = local_box(self.outputs[output].shape, layout, rank)
         return None if box is None else box_shape(box)
 
 
-def _is_identity(link: Link, meta: TensorMeta, output: Output) -> bool:
-    """Whether an output is stored tensor ``meta`` as it is: same name, shape and dtype, one
-    link covering all of it, not transposed (how :meth:`LoadPlan.to_json` abbreviates it)."""
+def _covers(link: Link, meta: TensorMeta, output: Output) -> bool:
+    """Whether ``link`` maps all of stored tensor ``meta`` onto all of ``output``, of the same
+    shape, not transposed (an output that is the stored tensor, whatever its name: see
+    :meth:`LoadPlan.identity_output`; :meth:`LoadPlan.to_json` abbreviates those that also
+    keep its name and dtype)."""
     full = tuple((0, n) for n in meta.shape)
     return (
         not link.transposed
+        and output.shape == meta.shape
         and link.stored_box == full
         and link.view_box == full
-        and output.name == meta.name
-        and output.shape == meta.shape
-        and output.stored_dtype == meta.dtype
     )

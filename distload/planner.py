@@ -173,6 +173,8 @@ def _whole_copies(plan: LoadPlan, stored: int) -> bool:
     """Whether every output made of stored tensor ``stored`` is the whole tensor, held in full
     by its holders (the common case of a replicated tensor without key transforms)."""
     meta = plan.tensors[stored]
+    if meta.nbytes > 0 and plan.whole_output(stored) is not None:
+        return True  # the common case, known per plan without building boxes
     full = tuple((0, n) for n in meta.shape)
     return meta.nbytes > 0 and all(
         plan.layouts[out].dim is None and link.stored_box == full and not link.transposed
@@ -192,9 +194,7 @@ def piece_classes(
     """The ranks holding a part of piece ``item``, partitioned by identical parts (from the
     tensor's :func:`holder_classes`): sorted classes of sorted ranks. ``chunks`` keeps the
     chunk each holder class holds per (layout, size) across calls."""
-    if len(holding) == 1 and (
-        plan.whole_output(item.tensor) is not None or _whole_copies(plan, item.tensor)
-    ):
+    if len(holding) == 1 and _whole_copies(plan, item.tensor):
         return (tuple(holding[0]),)  # every holder holds the whole piece: no geometry needed
     same = plan.identity_output(item.tensor)
     layout = plan.layouts[same] if same is not None else None
@@ -206,11 +206,10 @@ def piece_classes(
         key = (layout, size)
         ranges = chunks.get(key) if chunks is not None else None
         if ranges is None:
+            chunk_of = _chunk_table(layout, plan.world_size)
             ranges = []
             for ranks in holding:
-                position = layout.position(ranks[0])
-                assert position is not None
-                lo, hi = chunk_range(size, layout.chunks, position % layout.chunks)
+                lo, hi = chunk_range(size, layout.chunks, chunk_of[ranks[0]])
                 ranges.append((tuple(ranks), lo, hi))
             ranges.sort()
             if chunks is not None:
