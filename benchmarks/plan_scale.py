@@ -31,7 +31,7 @@ from distload.geometry import segments_for
 from distload.placement import Mesh, TensorParallel, preset
 from distload.plan import LoadPlan
 from distload.planner import make_plan
-from distload.simulate import MODELS, model_index
+from distload.shapes import MODELS, model_index
 
 HERE = Path(__file__).resolve().parent
 

@@ -11,6 +11,7 @@ from distload.api import LoadedState, LoadIntoResult, load, load_into
 from distload.errors import CheckpointError, DistLoadError, PeerError, PlacementError
 from distload.placement import (
     DeviceMap,
+    ExpertParallel,
     Layout,
     Mesh,
     PipelineParallel,
@@ -27,6 +28,7 @@ __all__ = [
     "CheckpointError",
     "DeviceMap",
     "DistLoadError",
+    "ExpertParallel",
     "Layout",
     "LoadIntoResult",
     "LoadReport",

@@ -20,6 +20,7 @@ from distload.errors import DistLoadError
 from distload.gcpause import gc_paused
 from distload.placement import (
     DeviceMap,
+    ExpertParallel,
     Mesh,
     TensorParallel,
     preset,
@@ -82,6 +83,18 @@ def _placement(args: argparse.Namespace) -> Placement | None:
         rules[pattern] = spec
     if args.preset:
         rules.update(preset(args.preset))
+    if args.ep is not None or args.expert_tp is not None:
+        if args.pp is None and args.dp is None and args.tp is None:
+            # over the whole group: the group size is known only when the load runs
+            return ExpertParallel(args.ep, tp_rules=rules, expert_tp=args.expert_tp or 1)
+        return Mesh(
+            dp=args.dp or 1,
+            pp=args.pp or 1,
+            tp=args.tp or 1,
+            tp_rules=rules,
+            ep=args.ep or (args.dp or 1) * (args.tp or 1) // (args.expert_tp or 1),
+            expert_tp=args.expert_tp or 1,
+        )
     if args.pp is not None or args.dp is not None:
         if not rules and args.tp:
             rules = preset("llama")
@@ -97,6 +110,17 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: group)")
     p.add_argument("--pp", type=int, default=None, help="pipeline stages (balanced by bytes)")
     p.add_argument("--dp", type=int, default=None, help="data-parallel replicas (with --pp/--tp)")
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=None,
+        help="expert-parallel groups for routed experts, over the mesh given by --dp/--pp/--tp "
+        "(all of it: dp*pp*tp = world) or, without those, over the whole group (default with "
+        "--expert-tp: the ranks of a stage / expert-tp)",
+    )
+    p.add_argument(
+        "--expert-tp", type=int, default=None, help="ranks each routed expert is cut over (1)"
+    )
     p.add_argument(
         "--device-map",
         type=_device_map,
@@ -127,7 +151,7 @@ def _read_index(args: argparse.Namespace) -> CheckpointIndex:
     from distload.hub.remote import read_hub_index
 
     if args.source.startswith("model:"):  # shapes of a real model family, no file (planning)
-        from distload.simulate import MODELS, model_index
+        from distload.shapes import MODELS, model_index
 
         name = args.source.removeprefix("model:")
         if name not in MODELS:
@@ -395,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "source",
         help="a checkpoint, a Hub repo, or model:NAME (shapes only: llama-8b|70b|405b, "
-        "qwen3-30b-a3b, qwen3-235b-a22b)",
+        "qwen3-30b-a3b, qwen3-235b-a22b, deepseek-v3)",
     )
     p.add_argument("--world", type=int, required=True, help="number of ranks")
     p.add_argument("--ranks-per-node", type=int, default=None, help="default: all on one node")

@@ -2,7 +2,8 @@
 
 Pure Python, no torch.distributed, run anywhere (``distload plan --simulate``): a plan for
 512 ranks and a 405B checkpoint is built and simulated on a laptop, from shapes alone
-(:func:`model_index` makes the index of a real model family without any file).
+(:func:`distload.shapes.model_index` makes the index of a real model family without any
+file).
 
 The model follows how :class:`~distload.execute.Executor` runs a plan:
 
@@ -28,10 +29,8 @@ The result is compared with the physical lower bound
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from distload.checkpoint import CheckpointIndex, FileMeta, TensorMeta
 from distload.geometry import piece_bytes, receiving_classes
 from distload.plan import LoadPlan
 from distload.planner import traffic
@@ -230,107 +229,3 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
         bottleneck=bottleneck,
         busy=busy,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# real shapes without files
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """Dimensions of a Llama-family decoder (enough to know every tensor's shape)."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-
-
-@dataclass(frozen=True)
-class MoeShape:
-    """Dimensions of a Qwen3-MoE-family decoder: grouped-query attention with per-head q/k
-    norms, and in every layer a router plus ``experts`` gated MLP experts (three tensors each:
-    a checkpoint of tens of thousands of tensors)."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    experts: int
-    expert_ffn: int
-    vocab: int
-
-
-MODELS: dict[str, ModelShape | MoeShape] = {
-    "llama-8b": ModelShape(4096, 14336, 32, 32, 8, 128256),
-    "llama-70b": ModelShape(8192, 28672, 80, 64, 8, 128256),
-    "llama-405b": ModelShape(16384, 53248, 126, 128, 8, 128256),
-    "qwen3-30b-a3b": MoeShape(2048, 48, 32, 4, 128, 128, 768, 151936),
-    "qwen3-235b-a22b": MoeShape(4096, 94, 64, 4, 128, 128, 1536, 151936),
-}
-
-
-def moe_tensors(shape: MoeShape) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of a Qwen3-MoE checkpoint, in the order ``save_pretrained`` writes."""
-    from distload.synthetic import attention_tensors, mlp_tensors
-
-    h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape.vocab, h)}
-    for layer in range(shape.layers):
-        p = f"model.layers.{layer}"
-        out[f"{p}.input_layernorm.weight"] = (h,)
-        out.update(attention_tensors(p, h, q, kv))
-        out[f"{p}.self_attn.q_norm.weight"] = (shape.head_dim,)
-        out[f"{p}.self_attn.k_norm.weight"] = (shape.head_dim,)
-        out[f"{p}.post_attention_layernorm.weight"] = (h,)
-        out[f"{p}.mlp.gate.weight"] = (shape.experts, h)
-        for e in range(shape.experts):
-            out.update(mlp_tensors(f"{p}.mlp.experts.{e}", h, shape.expert_ffn))
-    out["model.norm.weight"] = (h,)
-    out["lm_head.weight"] = (shape.vocab, h)
-    return out
-
-
-def model_index(
-    shape: ModelShape | MoeShape, *, dtype: str = "BF16", shard_bytes: int = 5 * 2**30
-) -> CheckpointIndex:
-    """The index a ``save_pretrained`` checkpoint of ``shape`` would have (no file needed)."""
-    from distload.dtypes import ITEMSIZE
-    from distload.synthetic import LlamaShape, llama_tensors
-
-    if isinstance(shape, MoeShape):
-        names = moe_tensors(shape)
-    else:
-        names = llama_tensors(
-            LlamaShape(
-                shape.vocab,
-                shape.hidden,
-                shape.intermediate,
-                shape.layers,
-                shape.heads,
-                shape.kv_heads,
-            )
-        )
-    item = ITEMSIZE[dtype]
-    shards: list[list[tuple[str, tuple[int, ...], int]]] = [[]]
-    size = 0
-    for name, dims in names.items():
-        nbytes = math.prod(dims) * item
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, dims, nbytes))
-        size += nbytes
-    files, tensors = [], []
-    for n, shard in enumerate(shards):
-        fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        header = 8 + 128 * len(shard)
-        offset = header
-        for name, dims, nbytes in shard:
-            tensors.append(TensorMeta(name, fname, dtype, dims, offset, nbytes))
-            offset += nbytes
-        files.append(FileMeta(fname, offset, header))
-    return CheckpointIndex(f"<{shape}>", tuple(files), tuple(tensors), {"format": "pt"})

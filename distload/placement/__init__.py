@@ -2,7 +2,7 @@
 
 from distload.placement.base import REPLICATED, Layout, Placement, ReplicateAll, local_box
 from distload.placement.device_map import DeviceMap
-from distload.placement.mesh import Mesh
+from distload.placement.mesh import ExpertParallel, Mesh
 from distload.placement.pipeline import PipelineParallel
 from distload.placement.presets import preset, preset_transforms, presets, register_preset
 from distload.placement.tensor_parallel import TensorParallel
@@ -10,6 +10,7 @@ from distload.placement.tensor_parallel import TensorParallel
 __all__ = [
     "REPLICATED",
     "DeviceMap",
+    "ExpertParallel",
     "Layout",
     "Mesh",
     "PipelineParallel",

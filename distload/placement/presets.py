@@ -52,6 +52,23 @@ _QWEN3_MOE: dict[str, Any] = {
     "*.mlp.gate.weight": "replicate",
 }
 
+# DeepSeek-V3 (multi-head latent attention): the low-rank down projections (q_a, kv_a) stay
+# whole, the per-head up projections are cut by heads, o_proj by its input; dense MLPs, routed
+# and shared experts like a Llama MLP. Each fp8 weight's block scales (``weight_scale_inv``,
+# one per 128 x 128 block) are cut on the same dim, so a rank's scales match its weight rows
+# wherever a TP rank's share is a whole number of blocks (TP 8 and 16 for V3's shapes).
+_DEEPSEEK_V3: dict[str, Any] = {
+    "model.embed_tokens.weight": "colwise",
+    "*.self_attn.q_b_proj.*": "colwise",
+    "*.self_attn.kv_b_proj.*": "colwise",
+    "*.self_attn.o_proj.*": "rowwise",
+    "*.mlp.gate.*": "replicate",
+    "*.gate_proj.*": "colwise",
+    "*.up_proj.*": "colwise",
+    "*.down_proj.*": "rowwise",
+    "lm_head.weight": "colwise",
+}
+
 _GPT2_TRANSFORMS: tuple[Transform, ...] = (
     Transpose(".attn.c_attn.weight"),
     Transpose(".attn.c_proj.weight"),
@@ -76,6 +93,7 @@ _REGISTRY: dict[str, Preset] = {
     "qwen2": Preset({**_LLAMA, "*.self_attn.[qkv]_proj.bias": "colwise"}),
     "mixtral": Preset(_MIXTRAL),
     "qwen3_moe": Preset(_QWEN3_MOE),
+    "deepseek_v3": Preset(_DEEPSEEK_V3),
     "gpt2": Preset(_GPT2, _GPT2_TRANSFORMS),
 }
 

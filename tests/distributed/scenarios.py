@@ -666,3 +666,40 @@ def failure_case(args: dict[str, Any]) -> dict[str, Any]:
             "seconds": time.monotonic() - start,
         }
     return {"ok": True, "tensors": len(state), "seconds": time.monotonic() - start}
+
+
+def load_experts(args: dict[str, Any]) -> dict[str, Any]:
+    """Load a mixture-of-experts checkpoint with expert parallelism; every rank checks it holds
+    exactly ``expect[rank]`` (name -> [dim, chunks, index] or None for the whole tensor), bit
+    for bit against a single-process read."""
+    from tests.reference import chunk
+
+    rank = _rank()
+    spec = args["placement"]
+    if spec["kind"] == "mesh":
+        placement: Any = distload.Mesh(
+            dp=spec["dp"],
+            pp=spec["pp"],
+            tp=spec["tp"],
+            ep=spec["ep"],
+            expert_tp=spec["expert_tp"],
+            tp_rules=distload.preset("qwen3_moe"),
+        )
+    else:
+        placement = distload.ExpertParallel(
+            tp_rules=distload.preset("qwen3_moe"), expert_tp=spec["expert_tp"]
+        )
+    state = distload.load(args["source"], placement, device="cpu", timeout=60, shm=args.get("shm"))
+    reference = read_all(args["source"])
+    expect = args["expect"][rank]
+    if set(state) != set(expect):
+        raise AssertionError(f"rank {rank}: holds {sorted(set(state) ^ set(expect))[:6]} wrongly")
+    for name, where in expect.items():
+        want = reference[name] if where is None else chunk(reference[name], *where)
+        if not same_bits(state[name], want):
+            raise AssertionError(f"rank {rank}: {name} differs")
+    return {
+        **read_figures(state.report),
+        "held_bytes": [r.bytes_held for r in state.report.ranks],
+        "placement": state.report.placement,
+    }

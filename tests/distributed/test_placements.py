@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import distload
 from tests.distributed.launch import check_all_ok, run_group
 from tests.distributed.test_load import LLAMA_RULES
-from tests.reference import read_all
+from tests.reference import chunk, read_all
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -151,3 +154,97 @@ def test_pipeline_stages_move_their_buckets_concurrently_over_the_transport(
     assert first["bytes_sent"] == first["planned_sent"], first
     assert first["shared_buckets"] == first["planned_shared_buckets"], first
     assert all(n < first["plan_shared_buckets"] for n in first["shared_buckets"]), first
+
+
+ROUTED = re.compile(r"\.experts\.(\d+)\.")  # a routed expert's tensor (not shared_experts)
+
+
+@pytest.fixture(scope="module")
+def moe_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small Qwen3-MoE-shaped checkpoint: 2 layers of 8 routed experts, plus a shared
+    expert per layer (named as DeepSeek names it), in several shards."""
+    import torch
+
+    from distload.shapes import MoeShape, moe_tensors
+    from distload.synthetic import write_checkpoint
+
+    shape = MoeShape(hidden=16, layers=2, heads=4, kv_heads=2, head_dim=4, experts=8,
+                     expert_ffn=12, vocab=40)  # fmt: skip
+    spec = {name: (dims, torch.bfloat16) for name, dims in moe_tensors(shape).items()}
+    for layer in range(shape.layers):
+        p = f"model.layers.{layer}.mlp.shared_experts"
+        spec[f"{p}.gate_proj.weight"] = ((12, 16), torch.float32)
+        spec[f"{p}.down_proj.weight"] = ((16, 12), torch.float32)
+    return write_checkpoint(tmp_path_factory.mktemp("moe"), spec, max_shard_bytes=6000)
+
+
+def _dense_dim(name: str, ndim: int) -> int | None:
+    """The shard dim the qwen3_moe preset gives a tensor outside the routed experts."""
+    for pattern, spec in distload.preset("qwen3_moe").items():
+        if fnmatch.fnmatchcase(name, pattern):
+            if spec == "colwise":
+                return 0
+            return ndim - 1 if spec == "rowwise" and ndim >= 2 else None
+    return None
+
+
+def _expert_expectation(
+    names: dict[str, int], world: int, tp: int, ep: int, etp: int
+) -> list[dict[str, Any]]:
+    """rank -> name -> [dim, chunks, index] (None: whole), stated independently of the library:
+    rank r (one stage) is expert-TP rank r % etp of expert group (r // etp) % ep; expert e of
+    8 lives in group e // (8 // ep); other tensors are TP-sliced over ``tp`` consecutive ranks."""
+    out: list[dict[str, Any]] = [{} for _ in range(world)]
+    for name, ndim in names.items():
+        match = ROUTED.search(name)
+        for rank in range(world):
+            if match is None:
+                dim = _dense_dim(name, ndim)
+                out[rank][name] = None if dim is None or tp == 1 else [dim, tp, rank % tp]
+                continue
+            if (rank // etp) % ep != int(match.group(1)) // (8 // ep):
+                continue
+            dim = 0 if name.endswith(("gate_proj.weight", "up_proj.weight")) else 1
+            out[rank][name] = None if etp == 1 else [dim, etp, rank % etp]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("spec", "shm"),
+    [
+        ({"kind": "mesh", "dp": 2, "pp": 1, "tp": 2, "ep": 2, "expert_tp": 1}, None),
+        ({"kind": "mesh", "dp": 2, "pp": 1, "tp": 2, "ep": 2, "expert_tp": 1}, False),
+        ({"kind": "expert_parallel", "expert_tp": 2}, None),
+    ],
+    ids=["mesh-dp2-tp2-ep2-shm", "mesh-dp2-tp2-ep2-transport", "expert-parallel-etp2"],
+)
+def test_expert_parallel_on_four_processes(
+    moe_ckpt: Path, spec: dict[str, Any], shm: bool | None
+) -> None:
+    """Routed experts spread over expert groups (replicated across expert-data-parallel copies
+    or cut over expert_tp ranks), attention TP-sliced, every byte read once, bit for bit."""
+    reference = read_all(moe_ckpt)
+    names = {n: t.dim() for n, t in reference.items()}
+    tp = spec.get("tp", 4)
+    ep = spec.get("ep", 4 // spec["expert_tp"])
+    expect = _expert_expectation(names, 4, tp, ep, spec["expert_tp"])
+    args = {"source": str(moe_ckpt), "placement": spec, "expect": expect, "shm": shm}
+    results = check_all_ok(run_group(4, "load_experts", args, timeout=200))
+    first = results[0]
+    assert sum(first["read"]) == first["total"]
+    expert_bytes = sum(
+        t.numel() * t.element_size() for n, t in reference.items() if ROUTED.search(n)
+    )
+    # each rank ends with 1/ep of the routed experts' bytes when they are whole, 1/(ep*etp)
+    # when cut: no rank holds more than its share
+    dense = [
+        sum(
+            (reference[n] if w is None else chunk(reference[n], *w)).numel()
+            * reference[n].element_size()
+            for n, w in mine.items()
+            if not ROUTED.search(n)
+        )
+        for mine in expect
+    ]
+    share = expert_bytes // (ep * spec["expert_tp"])
+    assert [h - d for h, d in zip(first["held_bytes"], dense, strict=True)] == [share] * 4

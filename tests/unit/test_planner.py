@@ -298,7 +298,7 @@ def test_buckets_of_disjoint_stages_are_interleaved_and_read_inside_their_stage(
     buckets all reach every rank (TP over the whole group) keeps the file order."""
     from distload.placement import Mesh, preset
     from distload.planner import interleave
-    from distload.simulate import ModelShape, model_index
+    from distload.shapes import ModelShape, model_index
 
     shape = ModelShape(hidden=256, intermediate=704, layers=4, heads=8, kv_heads=4, vocab=1000)
     index = model_index(shape, shard_bytes=2**21)

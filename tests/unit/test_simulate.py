@@ -13,7 +13,8 @@ import distload
 from distload.cli import main
 from distload.placement import preset
 from distload.planner import make_plan, traffic
-from distload.simulate import MODELS, Bandwidths, ModelShape, MoeShape, model_index, simulate
+from distload.shapes import MODELS, ModelShape, MoeShape, model_index
+from distload.simulate import Bandwidths, simulate
 
 GB = 1e9
 SMALL = ModelShape(hidden=256, intermediate=704, layers=4, heads=8, kv_heads=4, vocab=1000)
@@ -204,3 +205,82 @@ def test_moe_shapes_have_the_real_parameter_count_and_plan_with_their_preset(
     held = [s.held for s in traffic(plan)]
     assert min(held) >= expert_bytes // 8 and max(held) - min(held) < 0.01 * max(held)
     assert sum(s.read for s in traffic(plan)) == index.total_bytes
+
+
+def test_deepseek_v3_shape_matches_the_published_checkpoint() -> None:
+    """91,991 tensors (the published index), 671B parameters plus the 14B multi-token-prediction
+    layer, fp8 projections each with float32 128x128 block scales, the rest bf16."""
+    from distload.shapes import DeepseekShape
+
+    shape = MODELS["deepseek-v3"]
+    assert isinstance(shape, DeepseekShape)
+    index = model_index(shape)
+    assert len(index.tensors) == 91_991
+    size = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
+    params = [
+        (t.name, t.nbytes // size[t.dtype])
+        for t in index.tensors
+        if not t.name.endswith("weight_scale_inv")
+    ]
+    main = sum(n for name, n in params if not name.startswith("model.layers.61."))
+    assert main / 1e9 == pytest.approx(671.0, rel=0.001)
+    assert sum(n for _, n in params) / 1e9 == pytest.approx(684.5, rel=0.001)
+    assert index.total_bytes / 1e9 == pytest.approx(688.6, rel=0.001)
+    by = {t.name: t for t in index.tensors}
+    w = by["model.layers.3.mlp.experts.255.down_proj.weight"]
+    s = by["model.layers.3.mlp.experts.255.down_proj.weight_scale_inv"]
+    assert (w.dtype, w.shape, s.dtype, s.shape) == ("F8_E4M3", (7168, 2048), "F32", (56, 16))
+    assert by["model.layers.2.mlp.gate_proj.weight"].shape == (18432, 7168)  # dense layer
+    assert "model.layers.2.mlp.gate.weight" not in by
+    assert by["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (5, 56)
+    assert by["model.layers.61.shared_head.head.weight"].dtype == "BF16"
+    assert sum(1 for t in index.tensors if ".mlp.experts." in t.name) == 59 * 256 * 6
+
+
+@pytest.mark.parametrize("tp", [8, 16])
+def test_deepseek_v3_preset_cuts_block_scales_with_their_weights(tp: int) -> None:
+    """Every fp8 weight's scales are cut on the weight's dim into the same number of chunks, and
+    each chunk of the weight is a whole number of 128-row/column blocks (so a rank's scales
+    are exactly those of its rows)."""
+    from distload.placement import TensorParallel
+
+    index = model_index(MODELS["deepseek-v3"])
+    layouts = TensorParallel(preset("deepseek_v3")).layouts(index.tensors, tp)
+    by = {t.name: (t, lay) for t, lay in zip(index.tensors, layouts, strict=True)}
+    sharded = 0
+    for name, (scale, lay) in by.items():
+        if not name.endswith(".weight_scale_inv"):
+            continue
+        weight, wlay = by[name.removesuffix("_scale_inv")]
+        assert (lay.dim, lay.chunks) == (wlay.dim, wlay.chunks), name
+        if lay.dim is not None:
+            sharded += 1
+            assert weight.shape[lay.dim] % (128 * tp) == 0, name
+            assert scale.shape[lay.dim] % tp == 0, name
+    # q_b, kv_b, o_proj, and the gate/up/down of every MLP are cut; q_a and kv_a stay whole
+    assert sharded == 61 * 3 + 3 * 3 + 59 * 257 * 3 + 3
+    assert by["model.layers.9.self_attn.q_a_proj.weight"][1].dim is None
+    assert by["model.layers.9.mlp.gate.e_score_correction_bias"][1].dim is None
+
+
+def test_expert_parallel_deepseek_v3_reads_experts_where_they_are_held() -> None:
+    """DeepSeek-V3 on 4 nodes x 8 with attention TP 8 and experts over EP 32: each rank holds
+    8 routed experts per layer, read by itself (local buckets, no transfer), and only the
+    attention and dense tensors cross the network."""
+    index = model_index(MODELS["deepseek-v3"])
+    mesh = distload.Mesh(dp=4, tp=8, ep=32, tp_rules=preset("deepseek_v3"))
+    plan = make_plan(index, 32, mesh, nodes=[r // 8 for r in range(32)])
+    routed = {i for i, t in enumerate(index.tensors) if ".mlp.experts." in t.name}
+    routed_bytes = sum(index.tensors[i].nbytes for i in routed)
+    for bucket in plan.buckets:
+        if any(item.tensor in routed for item in bucket.items):
+            assert bucket.kind == "local"
+    flows = traffic(plan)
+    assert sum(f.read for f in flows) == index.total_bytes
+    dense = distload.Mesh(dp=4, tp=8, tp_rules=preset("deepseek_v3"))
+    dense_held = traffic(make_plan(index, 32, dense, nodes=[r // 8 for r in range(32)]))
+    for f, d in zip(flows, dense_held, strict=True):
+        # whole experts over 32 groups instead of every expert cut in 8
+        assert f.held - d.held == routed_bytes // 32 - routed_bytes // 8
+    sim = simulate(plan, Bandwidths(node_storage=2 * GB))
+    assert sim.seconds == pytest.approx(sim.lower_bound, rel=0.05)
