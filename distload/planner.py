@@ -182,14 +182,29 @@ def _whole_copies(plan: LoadPlan, stored: int) -> bool:
     )
 
 
-ChunkRanges = list[tuple[tuple[int, ...], int, int]]  # (holder class, chunk start, stop)
+@dataclass
+class ChunkClasses:
+    """The holder classes of a tensor sharded as stored, with the chunk each holds along the
+    sharded dim (kept per (layout, size): tensors of one shape share it)."""
+
+    ranges: list[tuple[tuple[int, ...], int, int]]  # (holder class, chunk start, stop), sorted
+    by_rows: dict[tuple[int, int], Classes] = field(default_factory=dict)  # dim 0: per rows
+    nonempty: Classes | None = None  # other dims: every class with a non-empty chunk
+
+    def of_rows(self, start: int, stop: int) -> Classes:
+        """Classes whose chunk of rows meets ``[start, stop)`` (sharded along dim 0)."""
+        got = self.by_rows.get((start, stop))
+        if got is None:
+            got = tuple(r for r, lo, hi in self.ranges if max(lo, start) < min(hi, stop))
+            self.by_rows[(start, stop)] = got
+        return got
 
 
 def piece_classes(
     plan: LoadPlan,
     item: Item,
     holding: list[list[int]],
-    chunks: dict[tuple[Layout, int], ChunkRanges] | None = None,
+    chunks: dict[tuple[Layout, int], ChunkClasses] | None = None,
 ) -> Classes:
     """The ranks holding a part of piece ``item``, partitioned by identical parts (from the
     tensor's :func:`holder_classes`): sorted classes of sorted ranks. ``chunks`` keeps the
@@ -204,20 +219,22 @@ def piece_classes(
         # not empty and, sharded along rows, meets the piece's rows (no boxes needed)
         size = plan.tensors[item.tensor].shape[layout.dim]
         key = (layout, size)
-        ranges = chunks.get(key) if chunks is not None else None
-        if ranges is None:
+        known = chunks.get(key) if chunks is not None else None
+        if known is None:
             chunk_of = _chunk_table(layout, plan.world_size)
             ranges = []
             for ranks in holding:
                 lo, hi = chunk_range(size, layout.chunks, chunk_of[ranks[0]])
                 ranges.append((tuple(ranks), lo, hi))
             ranges.sort()
+            known = ChunkClasses(ranges)
             if chunks is not None:
-                chunks[key] = ranges
+                chunks[key] = known
         if layout.dim == 0:
-            start, stop = item.start, item.stop
-            return tuple(r for r, lo, hi in ranges if max(lo, start) < min(hi, stop))
-        return tuple(r for r, lo, hi in ranges if lo < hi)
+            return known.of_rows(item.start, item.stop)
+        if known.nonempty is None:
+            known.nonempty = tuple(r for r, lo, hi in known.ranges if lo < hi)
+        return known.nonempty
     by_parts: dict[tuple[Part, ...], list[int]] = {}
     for ranks in holding:
         parts = tuple(parts_of(plan, ranks[0], item))
@@ -317,7 +334,10 @@ def make_plan(
     shared_open: dict[tuple[BucketKind, tuple[int, ...], Classes], _Open] = {}
     position = 0
     holder_cache: dict[tuple[Layout, ...], list[list[int]]] = {}
-    chunk_cache: dict[tuple[Layout, int], ChunkRanges] = {}
+    chunk_cache: dict[tuple[Layout, int], ChunkClasses] = {}
+    # (kind, pool, classes) -> ranks that may read such a bucket (the same for every bucket)
+    near_cache: dict[tuple[BucketKind, tuple[int, ...], Classes], tuple[int, ...]] = {}
+    rooted_cache: dict[tuple[Classes, int], Classes] = {}  # (classes, reader) -> rooted
 
     def close(
         kind: BucketKind,
@@ -332,11 +352,18 @@ def make_plan(
             # a p2p bucket is read by one of its receivers where one may read it: its bytes
             # then start where they are needed, and buckets of disjoint receivers (pipeline
             # stages) involve disjoint ranks, so they move at the same time
-            holding = {r for c in classes for r in c}
-            near = tuple(r for r in pool if r in holding) if kind == "p2p" else ()
-            reader = min(near or pool, key=lambda r: (load[r], r))
+            candidates = near_cache.get((kind, pool, classes))
+            if candidates is None:
+                holding = {r for c in classes for r in c}
+                near = tuple(r for r in pool if r in holding) if kind == "p2p" else ()
+                candidates = near or pool
+                near_cache[(kind, pool, classes)] = candidates
+            reader = min(candidates, key=lambda r: (load[r], r))
         load[reader] += bucket.nbytes
-        rooted = tuple(_rooted(c, reader, nodes) for c in classes)
+        rooted = rooted_cache.get((classes, reader))
+        if rooted is None:
+            rooted = tuple(_rooted(c, reader, nodes) for c in classes)
+            rooted_cache[(classes, reader)] = rooted
         ordered.append((position, Bucket(kind, reader, tuple(bucket.items), rooted)))
         bucket.items, bucket.nbytes = [], 0
 
