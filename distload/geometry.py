@@ -198,11 +198,19 @@ def receiving_classes(plan: LoadPlan, bucket: Bucket) -> list[tuple[tuple[int, .
     """Who receives what from a shared bucket: (class, bytes each member receives), root first.
 
     A broadcast is one class of every rank rooted at the reader; a p2p bucket has its own
-    classes. Sizes come from one ``segments_for`` per class (members receive identical bytes).
+    classes. Sizes come from one ``segments_for`` per class (members receive identical bytes),
+    worked out once per bucket of a plan object (the list is shared: do not change it).
     """
     if bucket.kind == "local":
         return []
+    memo = plan.memo("receiving_classes")  # by bucket identity: hashing its items costs more
+    known = memo.get(id(bucket))
+    if known is not None and known[0] is bucket:
+        return known[1]  # type: ignore[no-any-return]
     if bucket.kind == "broadcast":
         everyone = (bucket.reader, *(r for r in range(plan.world_size) if r != bucket.reader))
-        return [(everyone, segments_for(plan, bucket, bucket.reader)[1])]
-    return [(c, segments_for(plan, bucket, c[0])[1]) for c in bucket.classes]
+        found = [(everyone, segments_for(plan, bucket, bucket.reader)[1])]
+    else:
+        found = [(c, segments_for(plan, bucket, c[0])[1]) for c in bucket.classes]
+    memo[id(bucket)] = (bucket, found)
+    return found

@@ -151,6 +151,16 @@ class LoadPlan:
             object.__setattr__(self, "_by_stored", table)
         return table
 
+    def memo(self, name: str) -> dict[Any, Any]:
+        """A dict kept on this plan object for data derived from it (the plan is immutable):
+        e.g. the receiving classes of each bucket, asked for by the accounting and by the
+        simulator alike."""
+        table = self.__dict__.get(f"_memo_{name}")
+        if table is None:
+            table = {}
+            object.__setattr__(self, f"_memo_{name}", table)
+        return table  # type: ignore[no-any-return]
+
     def identity_output(self, stored: int) -> int | None:
         """The output that is stored tensor ``stored`` itself -- its only link, covering all
         of both and not transposed (no key transform touches it: the common case) -- under
