@@ -18,11 +18,12 @@ from distload.placement import (
     Placement,
     ReplicateAll,
     TensorParallel,
+    fused_experts,
     preset,
     preset_transforms,
 )
 from distload.report import LoadReport
-from distload.transforms import Merge, Rename, Split, Transpose
+from distload.transforms import Merge, Rename, Split, Stack, Transpose
 
 __all__ = [
     "CheckpointError",
@@ -42,8 +43,10 @@ __all__ = [
     "Rename",
     "ReplicateAll",
     "Split",
+    "Stack",
     "TensorParallel",
     "Transpose",
+    "fused_experts",
     "load",
     "load_into",
     "preset",

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -642,12 +643,25 @@ def load_into(
     if missing and strict:
         raise DistLoadError(
             f"checkpoint {source} lacks {len(missing)} tensor(s) of the model: {missing[:8]}"
-            " (pass strict=False to load the rest)",
+            f" (pass strict=False to load the rest){_fused_hint(missing, state.plan.skipped)}",
             tensor=missing[0],
         )
     if missing:
         log.warning("checkpoint lacks %d model tensor(s): %s", len(missing), missing[:8])
     return LoadIntoResult(sorted(missing), sorted(state.plan.skipped), state.report)
+
+
+def _fused_hint(missing: Sequence[str], skipped: Sequence[str]) -> str:
+    """Advice when the model holds fused expert parameters and the checkpoint has one tensor
+    per expert (transformers' MoE models and the Hub's checkpoints of them)."""
+    fused = any(n.endswith((".experts.gate_up_proj", ".experts.down_proj")) for n in missing)
+    if fused and any(re.search(r"\.experts\.\d+\.", n) for n in skipped):
+        return (
+            "; the model holds fused expert parameters (experts.gate_up_proj / down_proj) and "
+            "the checkpoint one tensor per expert: pass transforms=distload.fused_experts() "
+            "(Mixtral: distload.preset_transforms('mixtral_fused'))"
+        )
+    return ""
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

@@ -60,19 +60,22 @@ def _intersect(a: Box, b: Box) -> Box | None:
 
 
 def _to_stored(link: Link, view: Box) -> Box:
-    """Stored region of a view region inside ``link``."""
-    rel = [(a - o, b - o) for (a, b), (o, _) in zip(view, link.view_box, strict=True)]
+    """Stored region of a view region inside ``link`` (stacking dims dropped)."""
+    lead = link.lead
+    rel = [(a - o, b - o) for (a, b), (o, _) in zip(view[lead:], link.view_box[lead:], strict=True)]
     if link.transposed:
         rel = [rel[1], rel[0]]
     return tuple((a + o, b + o) for (a, b), (o, _) in zip(rel, link.stored_box, strict=True))
 
 
 def _to_view(link: Link, stored: Box) -> Box:
-    """View region of a stored region inside ``link``."""
+    """View region of a stored region inside ``link`` (with its stacking dims)."""
+    lead = link.lead
     rel = [(a - o, b - o) for (a, b), (o, _) in zip(stored, link.stored_box, strict=True)]
     if link.transposed:
         rel = [rel[1], rel[0]]
-    return tuple((a + o, b + o) for (a, b), (o, _) in zip(rel, link.view_box, strict=True))
+    inner = zip(rel, link.view_box[lead:], strict=True)
+    return (*link.view_box[:lead], *((a + o, b + o) for (a, b), (o, _) in inner))
 
 
 def parts_of(plan: LoadPlan, rank: int, item: Item) -> list[Part]:

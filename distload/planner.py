@@ -95,7 +95,8 @@ def _row_cuts(plan: LoadPlan, stored: int) -> set[int]:
         lo, hi = link.stored_box[0]
         cuts.update((lo, hi))
         layout = plan.layouts[out]
-        vdim = 1 if link.transposed else 0  # the view dim that runs along stored rows
+        # the view dim that runs along stored rows (after any stacking dims)
+        vdim = link.lead + (1 if link.transposed else 0)
         if layout.dim == vdim:
             size = plan.outputs[out].shape[vdim]
             step = -(-size // layout.chunks)

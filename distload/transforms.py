@@ -1,4 +1,4 @@
-"""Key transforms: rename, split fused tensors, merge separate ones, transpose -- as data.
+"""Key transforms: rename, split fused tensors, merge or stack separate ones, transpose -- as data.
 
 The coordinator applies transforms to the checkpoint's metadata before planning; no tensor
 data is touched. The result is a list of :class:`View` s (the tensors the caller receives),
@@ -27,12 +27,21 @@ Box = tuple[tuple[int, int], ...]
 
 @dataclass(frozen=True)
 class Link:
-    """A box of a stored tensor that fills a box of a view (same size, maybe transposed)."""
+    """A box of a stored tensor that fills a box of a view (same size, maybe transposed).
+
+    A view made by :class:`Stack` has more dims than its stored tensors: ``view_box`` then
+    starts with one extra ``(index, index + 1)`` entry per stacking (its *lead*), and the
+    remaining entries correspond to ``stored_box`` (swapped when ``transposed``)."""
 
     stored: int  # index into the checkpoint's tensors
     stored_box: Box  # region of the stored tensor
     view_box: Box  # region of the view it fills
-    transposed: bool = False  # view region = stored region transposed (2-d only)
+    transposed: bool = False  # view region = stored region transposed (its last 2 dims)
+
+    @property
+    def lead(self) -> int:
+        """Number of leading view dims that stacking added (0 for most links)."""
+        return len(self.view_box) - len(self.stored_box)
 
 
 @dataclass(frozen=True)
@@ -91,12 +100,17 @@ def _clip(link: Link, dim: int, lo: int, hi: int) -> Link | None:
     a2, b2 = max(a, lo), min(b, hi)
     if a2 >= b2:
         return None
-    sdim = (1 - dim) if link.transposed else dim
+    view = list(link.view_box)
+    view[dim] = (a2, b2)
+    lead = link.lead
+    if dim < lead:  # a stacking dim (extent 1): the link is kept whole
+        return replace(link, view_box=tuple(view))
+    sdim = dim - lead
+    if link.transposed:
+        sdim = 1 - sdim
     s0 = link.stored_box[sdim][0]
     stored = list(link.stored_box)
     stored[sdim] = (s0 + a2 - a, s0 + b2 - a)
-    view = list(link.view_box)
-    view[dim] = (a2, b2)
     return replace(link, stored_box=tuple(stored), view_box=tuple(view))
 
 
@@ -300,3 +314,71 @@ class Merge:
 
     def __repr__(self) -> str:
         return f"Merge({self.parts!r}, {self.into!r}, dim={self.dim})"
+
+
+class Stack:
+    """Stack numbered tensors into one with a new leading dim indexed by their number.
+
+    Names matching ``pattern`` (searched; group 1 captures the number) with the matched text
+    replaced by ``into`` (an ``re.sub`` template) name the stacked tensor; its tensors must
+    be numbered ``0..n-1``, all with one dtype and shape, and it gets shape ``(n, *shape)``.
+    This is how per-expert weights of a mixture-of-experts checkpoint become the
+    ``(experts, out, in)`` parameters of fused expert modules (transformers' MoE models):
+    ``Stack(r"\\.experts\\.(\\d+)\\.down_proj\\.weight$", ".experts.down_proj")``. Only
+    metadata changes: each rank still reads its experts' bytes once, where they are stored.
+    """
+
+    def __init__(self, pattern: str, into: str) -> None:
+        self.pattern = re.compile(pattern)
+        if self.pattern.groups < 1:
+            raise PlacementError(
+                f"Stack({pattern!r}): the pattern needs a group capturing the index"
+            )
+        self.into = into
+
+    def apply(self, views: list[View]) -> list[View]:
+        groups: dict[str, dict[int, View]] = {}
+        first_pos: dict[str, int] = {}
+        rest: list[tuple[int, View]] = []
+        for pos, v in enumerate(views):
+            match = self.pattern.search(v.name)
+            if match is None:
+                rest.append((pos, v))
+                continue
+            name = v.name[: match.start()] + match.expand(self.into) + v.name[match.end() :]
+            index = int(match.group(1))
+            members = groups.setdefault(name, {})
+            if index in members:
+                raise PlacementError(
+                    f"{self!r}: {members[index].name!r} and {v.name!r} are both number {index} "
+                    f"of {name!r}",
+                    tensor=v.name,
+                )
+            members[index] = v
+            first_pos.setdefault(name, pos)
+        stacked = [(first_pos[name], self._stack(name, found)) for name, found in groups.items()]
+        return [v for _, v in sorted(rest + stacked, key=lambda pv: pv[0])]
+
+    def _stack(self, name: str, found: dict[int, View]) -> View:
+        count = max(found) + 1
+        missing = [i for i in range(count) if i not in found]
+        if missing:
+            raise PlacementError(
+                f"{self!r}: {name!r} has numbers up to {count - 1} but lacks {missing[:8]}",
+                tensor=found[max(found)].name,
+            )
+        first = found[0]
+        links: list[Link] = []
+        for i in range(count):
+            v = found[i]
+            if v.dtype != first.dtype or v.shape != first.shape:
+                raise PlacementError(
+                    f"{self!r}: cannot stack {v.name!r} ({v.dtype} {list(v.shape)}) with "
+                    f"{first.name!r} ({first.dtype} {list(first.shape)}) into {name!r}",
+                    tensor=v.name,
+                )
+            links.extend(replace(ln, view_box=((i, i + 1), *ln.view_box)) for ln in v.links)
+        return View(name, (count, *first.shape), first.dtype, tuple(links))
+
+    def __repr__(self) -> str:
+        return f"Stack({self.pattern.pattern!r}, {self.into!r})"

@@ -4,7 +4,13 @@ from distload.placement.base import REPLICATED, Layout, Placement, ReplicateAll,
 from distload.placement.device_map import DeviceMap
 from distload.placement.mesh import ExpertParallel, Mesh
 from distload.placement.pipeline import PipelineParallel
-from distload.placement.presets import preset, preset_transforms, presets, register_preset
+from distload.placement.presets import (
+    fused_experts,
+    preset,
+    preset_transforms,
+    presets,
+    register_preset,
+)
 from distload.placement.tensor_parallel import TensorParallel
 
 __all__ = [
@@ -17,6 +23,7 @@ __all__ = [
     "Placement",
     "ReplicateAll",
     "TensorParallel",
+    "fused_experts",
     "local_box",
     "preset",
     "preset_transforms",

@@ -7,12 +7,13 @@ orientation and splits ``c_attn`` into ``q``/``k``/``v`` so each can be sharded 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from distload.errors import PlacementError
-from distload.transforms import Split, Transform, Transpose
+from distload.transforms import Merge, Rename, Split, Stack, Transform, Transpose
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,53 @@ _DEEPSEEK_V3: dict[str, Any] = {
     "lm_head.weight": "colwise",
 }
 
+
+def fused_experts(
+    container: str = ".mlp.experts",
+    *,
+    gate: str = "gate_proj",
+    up: str = "up_proj",
+    down: str = "down_proj",
+    suffix: str = ".weight",
+) -> list[Transform]:
+    """Key transforms from a mixture-of-experts checkpoint's per-expert weights to the fused
+    expert parameters of transformers' MoE models (Qwen2/3-MoE, DeepSeek-V3, OLMoE, ...):
+
+    * ``<container>.<e>.<gate>.weight`` and ``...<up>.weight`` (``ffn x hidden`` each) ->
+      ``<container>.gate_up_proj`` (``experts x 2*ffn x hidden``: each expert's gate rows,
+      then its up rows);
+    * ``<container>.<e>.<down>.weight`` -> ``<container>.down_proj`` (``experts x hidden x
+      ffn``).
+
+    Metadata only: every rank reads the bytes of the experts it holds once, straight from
+    their per-expert tensors. Mixtral's checkpoints name them ``block_sparse_moe.experts.<e>
+    .w1/w3/w2``: ``[Rename(r"\\.block_sparse_moe\\.", ".mlp."), *fused_experts(gate="w1",
+    up="w3", down="w2")]`` (the ``mixtral_fused`` preset).
+    """
+    where = re.escape(container)
+
+    def stack(name: str) -> Stack:
+        return Stack(rf"{where}\.(\d+)\.{re.escape(name + suffix)}$", f"{container}.{name}")
+
+    return [
+        stack(gate),
+        stack(up),
+        Merge([f"{container}.{gate}", f"{container}.{up}"], f"{container}.gate_up_proj", dim=1),
+        Stack(rf"{where}\.(\d+)\.{re.escape(down + suffix)}$", f"{container}.down_proj"),
+    ]
+
+
+# fused experts (transformers' MoE models) under a TP group: attention as Llama's, the
+# stacked experts cut on their expert dim (dim 0: contiguous blocks of whole experts per
+# rank, i.e. expert parallel over the group), the router whole. Their gate_up_proj cannot be
+# cut by rows: each half holds one projection, so chunks of it would not pair gate with up.
+_FUSED_MOE: dict[str, Any] = {
+    **{k: v for k, v in _LLAMA.items() if ".mlp." not in k},
+    "*.mlp.experts.gate_up_proj": "colwise",
+    "*.mlp.experts.down_proj": "colwise",
+    "*.mlp.gate.weight": "replicate",
+}
+
 _GPT2_TRANSFORMS: tuple[Transform, ...] = (
     Transpose(".attn.c_attn.weight"),
     Transpose(".attn.c_proj.weight"),
@@ -94,6 +142,11 @@ _REGISTRY: dict[str, Preset] = {
     "mixtral": Preset(_MIXTRAL),
     "qwen3_moe": Preset(_QWEN3_MOE),
     "deepseek_v3": Preset(_DEEPSEEK_V3),
+    "qwen3_moe_fused": Preset(_FUSED_MOE, tuple(fused_experts())),
+    "mixtral_fused": Preset(
+        _FUSED_MOE,
+        (Rename(r"\.block_sparse_moe\.", ".mlp."), *fused_experts(gate="w1", up="w3", down="w2")),
+    ),
     "gpt2": Preset(_GPT2, _GPT2_TRANSFORMS),
 }
 

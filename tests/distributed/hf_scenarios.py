@@ -233,3 +233,67 @@ def hf_llama_pipeline(args: dict[str, Any]) -> dict[str, Any]:
     if not torch.equal(logits, want):
         raise AssertionError(f"pipeline logits differ by {err} (relative)")
     return {"stage": 1, "err": err, "read": result.report.bytes_read}
+
+
+def _fused_reference(ref: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """The model's parameter names -> full values, built with torch ops from a single-process
+    read of a checkpoint with one tensor per expert (what transformers' own loader does)."""
+    if kind == "mixtral":
+        moe, gate, up, down = "block_sparse_moe", "w1", "w3", "w2"
+    else:
+        moe, gate, up, down = "mlp", "gate_proj", "up_proj", "down_proj"
+    out: dict[str, torch.Tensor] = {}
+    layers = sorted({int(n.split(".")[2]) for n in ref if n.startswith("model.layers.")})
+    for layer in layers:
+        p = f"model.layers.{layer}.{moe}.experts"
+        count = 1 + max(int(n.split(".")[5]) for n in ref if n.startswith(p + "."))
+        q = f"model.layers.{layer}.mlp.experts"
+        out[f"{q}.gate_up_proj"] = torch.stack(
+            [
+                torch.cat([ref[f"{p}.{e}.{gate}.weight"], ref[f"{p}.{e}.{up}.weight"]])
+                for e in range(count)
+            ]
+        )
+        out[f"{q}.down_proj"] = torch.stack([ref[f"{p}.{e}.{down}.weight"] for e in range(count)])
+    for name, value in ref.items():
+        if ".experts." not in name:
+            out[name.replace(".block_sparse_moe.", ".mlp.")] = value
+    return out
+
+
+def hf_fused_moe(args: dict[str, Any]) -> dict[str, Any]:
+    """A transformers MoE model with fused expert parameters (``experts.gate_up_proj`` /
+    ``down_proj``) loaded from its Hub-format checkpoint (one tensor per expert) through the
+    preset's transforms. Every parameter equals, bit for bit, torch.stack / cat of
+    single-process reads (under the preset's TP rules, this rank's chunk of it: a block of
+    whole experts); replicated, the logits equal from_pretrained's."""
+    from tests.reference import expected_local
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    name = args["preset"]
+    model = _build(args["kind"], args["config"])
+    placement = distload.TensorParallel(distload.preset(name)) if args["tp"] else None
+    result = distload.load_into(
+        model,
+        args["source"],
+        placement,
+        transforms=distload.preset_transforms(name),
+        device="cpu",
+    )
+    full = _fused_reference(read_all(args["source"]), args["kind"])
+    rules = [[k, v] for k, v in distload.preset(name).items()] if args["tp"] else []
+    for pname, param in model.named_parameters():
+        want = expected_local(full[pname], pname, rules, world, rank, None)
+        if not same_bits(param.data, want):
+            raise AssertionError(f"{pname} differs after load_into")
+    err = 0.0
+    if not args["tp"]:
+        ids = _ids(args["config"]["vocab_size"])
+        with torch.no_grad():
+            logits = model(ids).logits
+        want_logits = _reference_logits(args, ids)
+        err = float((logits - want_logits).abs().max() / want_logits.abs().max())
+        if err > 1e-5:
+            raise AssertionError(f"logits differ from from_pretrained by {err} (relative)")
+    experts = [n for n, _ in model.named_parameters() if ".experts." in n]
+    return {"err": err, "experts": experts, **read_figures(result.report)}

@@ -102,3 +102,63 @@ def test_gpt2_fused_attention_under_tp(world: int, ckpts: dict[str, Path]) -> No
         run_group(world, "hf_gpt2_tp", args, scenarios="tests.distributed.hf_scenarios")
     )
     assert sum(results[0]["read"]) == results[0]["total"]
+
+
+QWEN3_MOE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=8,
+    num_experts=8,
+    num_experts_per_tok=2,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    tie_word_embeddings=False,
+    max_position_embeddings=64,
+)
+MIXTRAL = dict(LLAMA, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
+
+
+@pytest.fixture(scope="module")
+def moe_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """transformers models with fused expert parameters, saved in the Hub's per-expert format."""
+    out = {
+        "qwen3_moe": _save("qwen3_moe", QWEN3_MOE, tmp_path_factory.mktemp("qwen3moe")),
+        "mixtral": _save("mixtral", MIXTRAL, tmp_path_factory.mktemp("mixtral")),
+    }
+    import json
+
+    for kind, expert in (("qwen3_moe", ".mlp.experts.7."), ("mixtral", ".experts.3.w1")):
+        names = json.loads((out[kind] / "model.safetensors.index.json").read_text())["weight_map"]
+        assert any(expert in n for n in names), kind  # one tensor per expert on disk
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "tp", "world"),
+    [("qwen3_moe", False, 2), ("qwen3_moe", True, 2), ("mixtral", False, 2), ("mixtral", True, 4)],
+)
+def test_fused_experts_load_into_transformers_moe(
+    kind: str, tp: bool, world: int, moe_ckpts: dict[str, Path]
+) -> None:
+    """Per-expert checkpoints into fused expert parameters (transformers' MoE modules) with
+    the `<family>_fused` preset: bit for bit, every byte read once, logits equal
+    from_pretrained's; under TP each rank holds a block of whole experts."""
+    cfg = QWEN3_MOE if kind == "qwen3_moe" else MIXTRAL
+    args = {
+        "kind": kind,
+        "config": cfg,
+        "source": str(moe_ckpts[kind]),
+        "preset": f"{kind}_fused",
+        "tp": tp,
+    }
+    results = check_all_ok(
+        run_group(world, "hf_fused_moe", args, scenarios="tests.distributed.hf_scenarios")
+    )
+    assert sum(results[0]["read"]) == results[0]["total"]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in results[0]["experts"]
+    assert max(r["err"] for r in results) <= 1e-5

@@ -155,3 +155,57 @@ def test_load_pauses_the_garbage_collector_and_restores_it(ckpt: Path, enabled: 
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+class _Experts(torch.nn.Module):
+    """Fused expert parameters as transformers' MoE modules hold them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(torch.empty(3, 8, 4))
+        self.down_proj = torch.nn.Parameter(torch.empty(3, 4, 4))
+
+
+class _Moe(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Module()
+        self.layer.mlp = torch.nn.Module()
+        self.layer.mlp.experts = _Experts()
+        self.layer.mlp.gate = torch.nn.Linear(4, 3, bias=False)
+
+
+def test_fused_experts_from_per_expert_checkpoint(tmp_path: Path) -> None:
+    """Without transforms the error says what to pass; with fused_experts() every fused
+    parameter is torch.stack / cat of the per-expert tensors, bit for bit."""
+    spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+        "layer.mlp.gate.weight": ((3, 4), torch.float32)
+    }
+    for e in range(3):
+        for proj, shape in (("gate_proj", (4, 4)), ("up_proj", (4, 4)), ("down_proj", (4, 4))):
+            spec[f"layer.mlp.experts.{e}.{proj}.weight"] = (shape, torch.float32)
+    ckpt = write_checkpoint(tmp_path / "moe", spec, max_shard_bytes=200)
+    with torch.device("meta"):
+        model = _Moe()
+    with pytest.raises(distload.DistLoadError, match=r"transforms=distload\.fused_experts\(\)"):
+        distload.load_into(model, ckpt, device="cpu")
+    result = distload.load_into(model, ckpt, device="cpu", transforms=distload.fused_experts())
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    ref = read_all(ckpt)
+    want = torch.stack(
+        [
+            torch.cat([ref[f"layer.mlp.experts.{e}.{p}.weight"] for p in ("gate_proj", "up_proj")])
+            for e in range(3)
+        ]
+    )
+    assert same_bits(model.layer.mlp.experts.gate_up_proj.data, want)
+    down = torch.stack([ref[f"layer.mlp.experts.{e}.down_proj.weight"] for e in range(3)])
+    assert same_bits(model.layer.mlp.experts.down_proj.data, down)
+    assert same_bits(model.layer.mlp.gate.weight.data, ref["layer.mlp.gate.weight"])
+    # the CLI's --verify check understands stacked links too
+    from distload.verify import verify_against_safetensors
+
+    state = distload.load(ckpt, transforms=distload.fused_experts(), device="cpu")
+    assert verify_against_safetensors(state.plan, state, 0) == []
+    state["layer.mlp.experts.down_proj"][1, 2, 3] += 1
+    assert verify_against_safetensors(state.plan, state, 0) == ["layer.mlp.experts.down_proj"]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import Replicate, Shard
 
+from distload.checkpoint import CheckpointIndex
 from distload.errors import PlacementError
-from distload.placement import TensorParallel
+from distload.geometry import segments_for
+from distload.placement import TensorParallel, local_box
+from distload.plan import LoadPlan
 from distload.planner import make_plan, traffic
-from distload.transforms import Link, Merge, Rename, Split, Transpose, apply_transforms
+from distload.transforms import Link, Merge, Rename, Split, Stack, Transpose, apply_transforms
+from tests.reference import chunk
 from tests.unit.test_planner import file_ranges, index_of, simulate
 
 
@@ -150,3 +154,190 @@ def test_transformed_values_match_torch_reference() -> None:
     assert torch.equal(got["attn.k.weight"], k)
     assert torch.equal(got["attn.k.bias"], stored[by_name["t1"]][16:32])
     assert torch.equal(got["k2"], stored[by_name["t3"]][8:10])
+
+
+# --------------------------------------------------------------------------------------------
+# Stack: numbered tensors into one with a new leading dim (fused expert parameters)
+
+EXPERTS = 5
+FUSED = [
+    Stack(r"\.experts\.(\d+)\.gate\.weight$", ".experts.gate"),
+    Stack(r"\.experts\.(\d+)\.up\.weight$", ".experts.up"),
+    Merge([".experts.gate", ".experts.up"], ".experts.gate_up", dim=1),
+    Stack(r"\.experts\.(\d+)\.down\.weight$", ".experts.down"),
+]
+
+
+def _expert_index(extra: list[tuple[tuple[int, ...], str]] = ()) -> tuple[CheckpointIndex, list]:
+    """Per-expert gate/up (3 x 4) and down (4 x 3) weights of 5 experts, named as HF writes
+    them, plus ``extra`` tensors; returns the index and the renames giving those names."""
+    shapes = []
+    names = []
+    for e in range(EXPERTS):
+        for proj, shape in (("gate", (3, 4)), ("up", (3, 4)), ("down", (4, 3))):
+            shapes.append((shape, "F32"))
+            names.append(f"layer.experts.{e}.{proj}.weight")
+    shapes.extend(extra)
+    index = index_of(shapes, files=2)
+    renames = [Rename(f"^t{i}$", name) for i, name in enumerate(names)]
+    return index, renames
+
+
+def _numbers(index: CheckpointIndex) -> dict[int, torch.Tensor]:
+    start = 0
+    out = {}
+    for i, t in enumerate(index.tensors):
+        out[i] = torch.arange(start, start + t.nbytes // 4, dtype=torch.float32).reshape(t.shape)
+        start += t.nbytes // 4
+    return out
+
+
+def _received(
+    plan: LoadPlan, stored: dict[int, torch.Tensor], rank: int
+) -> dict[str, torch.Tensor]:
+    """What ``rank`` ends with, built from the plan's segments alone (as the executor copies:
+    the part's source region of the read piece into its destination region). Checks first
+    that every link's stored and view boxes have the same extents (the view's last dims,
+    swapped when transposed; its stacking dims of extent 1)."""
+    for _, link in plan.links:
+        inner = [b - a for a, b in link.view_box[link.lead :]]
+        assert all(b - a == 1 for a, b in link.view_box[: link.lead]), link
+        extents = [b - a for a, b in link.stored_box]
+        assert (extents[::-1] if link.transposed else extents) == inner, link
+    local: dict[int, torch.Tensor] = {}
+    for t, out in enumerate(plan.outputs):
+        box = local_box(out.shape, plan.layouts[t], rank)
+        if box is not None:
+            local[t] = torch.full(tuple(b - a for a, b in box), float("nan"))
+    for bucket in plan.buckets:
+        if bucket.kind == "local" and bucket.reader != rank:
+            continue
+        for seg in segments_for(plan, bucket, rank)[0]:
+            item, part = seg.item, seg.part
+            piece = stored[item.tensor][item.start : item.stop]
+            region = piece[tuple(slice(a, b) for a, b in part.src)]
+            dest = local[part.output][tuple(slice(a, b) for a, b in part.dst)]
+            dest.copy_(region.t() if part.transposed else region)
+    return {plan.outputs[t].name: v for t, v in local.items()}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("bucket", [24, 10**6])
+@pytest.mark.parametrize("dim", [None, 0, 1, 2])
+def test_stacked_experts_load_like_torch_stack(world: int, bucket: int, dim: int | None) -> None:
+    """Per-expert weights stacked and gate/up concatenated (transformers' fused experts),
+    sharded on the expert dim (expert parallel), the output rows, the input columns or not
+    at all, with pieces cut inside tensors: every rank's values equal torch.stack / cat /
+    chunk of the stored tensors, and every stored byte is read once."""
+    index, renames = _expert_index()
+    rule = Replicate() if dim is None else Shard(dim)
+    plan = make_plan(
+        index, world, TensorParallel({"*": rule}), bucket_bytes=bucket, transforms=renames + FUSED
+    )
+    assert [o.name for o in plan.outputs] == ["layer.experts.gate_up", "layer.experts.down"]
+    assert [o.shape for o in plan.outputs] == [(EXPERTS, 6, 4), (EXPERTS, 4, 3)]
+    assert set(file_ranges(plan).values()) == {1}
+    assert LoadPlan.from_json(plan.to_json()) == plan  # stacked links travel in the plan
+    stored = _numbers(index)
+    by_name = {t.name: stored[i] for i, t in enumerate(index.tensors)}
+
+    def weight(e: int, proj: str) -> torch.Tensor:
+        return by_name[f"t{3 * e + ('gate', 'up', 'down').index(proj)}"]
+
+    full = {
+        "layer.experts.gate_up": torch.stack(
+            [torch.cat([weight(e, "gate"), weight(e, "up")], dim=0) for e in range(EXPERTS)]
+        ),
+        "layer.experts.down": torch.stack([weight(e, "down") for e in range(EXPERTS)]),
+    }
+    for rank in range(world):
+        got = _received(plan, stored, rank)
+        for name, tensor in full.items():
+            want = tensor if dim is None else chunk(tensor, dim, world, rank)
+            if want.numel() == 0:
+                continue
+            assert torch.equal(got[name], want), (rank, name)
+    simulate(plan)
+
+
+def test_stack_of_transposed_views_and_twice_stacked() -> None:
+    """Stacking composes with Transpose (the stored tensors' transposes are stacked) and with
+    itself (a second leading dim)."""
+    index = index_of([((3, 4), "F32")] * 4, files=1)
+    names = [Rename(f"^t{i}$", f"b.{i // 2}.e.{i % 2}.w") for i in range(4)]
+    transforms = [
+        *names,
+        Transpose(".w"),
+        Stack(r"\.e\.(\d+)\.w$", ".w"),
+        Stack(r"^b\.(\d+)\.w$", "blocks"),
+    ]
+    for world, rule in ((1, Replicate()), (2, Shard(1)), (3, Shard(3)), (2, Shard(0))):
+        plan = make_plan(index, world, TensorParallel({"*": rule}), transforms=transforms)
+        (out,) = plan.outputs
+        assert (out.name, out.shape) == ("blocks", (2, 2, 4, 3))
+        stored = _numbers(index)
+        ts = [stored[i] for i in range(4)]
+        full = torch.stack([torch.stack([ts[2 * b].t(), ts[2 * b + 1].t()]) for b in range(2)])
+        for rank in range(world):
+            dim = rule.dim if isinstance(rule, Shard) else None
+            want = full if dim is None else chunk(full, dim, world, rank)
+            if want.numel():
+                assert torch.equal(_received(plan, stored, rank)["blocks"], want), (world, rank)
+
+
+@pytest.mark.parametrize(
+    ("transforms", "message"),
+    [
+        ([Rename("^t1$", "e.3.w"), Rename("^t0$", "e.0.w"), Stack(r"^e\.(\d+)\.w$", "w")],
+         r"has numbers up to 3 but lacks \[1, 2\]"),
+        ([Rename("^t0$", "e.0.w"), Rename("^t2$", "e.1.w"), Stack(r"^e\.(\d+)\.w$", "w")],
+         "cannot stack"),
+        ([Rename("^t0$", "e.0.w"), Rename("^t1$", "e.00.w"), Stack(r"^e\.(\d+)\.w$", "w")],
+         "are both number 0"),
+    ],
+)  # fmt: skip
+def test_stack_errors(transforms: list, message: str) -> None:
+    index = index_of([((3, 4), "F32"), ((3, 4), "F32"), ((4, 4), "F32")], files=1)
+    with pytest.raises(PlacementError, match=message):
+        apply_transforms(index, transforms)
+    with pytest.raises(PlacementError, match="needs a group"):
+        Stack(r"experts", "x")
+
+
+def test_split_of_stacked_views_along_the_stack_and_inside_it() -> None:
+    """Splitting a stacked tensor along its stacking dim keeps whole members; splitting it
+    along a member dim cuts every member (gate_up back into gate and up)."""
+    index, renames = _expert_index()
+    transforms = [
+        *renames,
+        *FUSED,
+        Split(".experts.gate_up", [".experts.first", ".experts.rest"], dim=0, sizes=[2, 3]),
+        Split(".experts.down", [".experts.down_a", ".experts.down_b"], dim=2, sizes=[1, 2]),
+    ]
+    plan = make_plan(index, 2, TensorParallel({"*": Shard(1)}), transforms=transforms)
+    stored = _numbers(index)
+    by_name = {t.name: stored[i] for i, t in enumerate(index.tensors)}
+    ts = [by_name[f"t{i}"] for i in range(3 * EXPERTS)]
+    gate_up = torch.stack([torch.cat([ts[3 * e], ts[3 * e + 1]]) for e in range(EXPERTS)])
+    down = torch.stack([ts[3 * e + 2] for e in range(EXPERTS)])
+    full = {
+        "layer.experts.first": gate_up[:2],
+        "layer.experts.rest": gate_up[2:],
+        "layer.experts.down_a": down[:, :, :1],
+        "layer.experts.down_b": down[:, :, 1:],
+    }
+    for rank in range(2):
+        got = _received(plan, stored, rank)
+        for name, tensor in full.items():
+            assert torch.equal(got[name], chunk(tensor, 1, 2, rank)), (rank, name)
+
+
+def test_stacked_members_sharded_along_their_rows_are_read_locally() -> None:
+    """Sharding the stacked tensors on the dim that runs along the stored rows (dim 1) cuts
+    each stored expert at the chunk edge, so every rank reads its own rows: no transfer."""
+    index, renames = _expert_index()
+    plan = make_plan(
+        index, 2, TensorParallel({"*": Shard(1)}), bucket_bytes=10**6, transforms=renames + FUSED
+    )
+    assert {b.kind for b in plan.buckets} == {"local"}
+    assert all(s.sent == 0 for s in traffic(plan))
