@@ -297,3 +297,45 @@ def hf_fused_moe(args: dict[str, Any]) -> dict[str, Any]:
             raise AssertionError(f"logits differ from from_pretrained by {err} (relative)")
     experts = [n for n, _ in model.named_parameters() if ".experts." in n]
     return {"err": err, "experts": experts, **read_figures(result.report)}
+
+
+def hf_fused_moe_dtensor(args: dict[str, Any]) -> dict[str, Any]:
+    """Expert parallelism as a training script sets it up: the fused expert parameters of a
+    meta transformers MoE model made DTensors sharded on their expert dim over the world
+    mesh, then load_into with no placement (read from the model) and the fused transforms.
+    Each rank's local shard is its block of whole experts and the parameters stay DTensors;
+    everything else is replicated; bit for bit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _build(args["kind"], args["config"])
+    mesh = init_device_mesh("cpu", (world,))
+    for module in model.modules():
+        if type(module).__name__.endswith("Experts"):
+            for pname in ("gate_up_proj", "down_proj"):
+                meta = getattr(module, pname)
+                sharded = distribute_tensor(meta, mesh, [Shard(0)])
+                setattr(module, pname, torch.nn.Parameter(sharded, requires_grad=False))
+    result = distload.load_into(
+        model, args["source"], transforms=distload.fused_experts(), device="cpu"
+    )
+    full = _fused_reference(read_all(args["source"]), args["kind"])
+    sharded_names = []
+    for pname, param in model.named_parameters():
+        if isinstance(param, DTensor):
+            sharded_names.append(pname)
+            local = param.to_local()
+            want = full[pname].chunk(world, dim=0)[rank]
+            if not same_bits(local, want) or not same_bits(param.full_tensor(), full[pname]):
+                raise AssertionError(f"{pname}: local shard differs")
+        elif not same_bits(param.data, full[pname]):
+            raise AssertionError(f"{pname} differs")
+    rep = result.report
+    expert_bytes = sum(full[n].numel() * full[n].element_size() for n in sharded_names)
+    return {
+        "sharded": sharded_names,
+        "expert_bytes": expert_bytes,
+        "held": [r.bytes_held for r in rep.ranks],
+        **read_figures(rep),
+    }

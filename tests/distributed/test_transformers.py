@@ -162,3 +162,17 @@ def test_fused_experts_load_into_transformers_moe(
     assert sum(results[0]["read"]) == results[0]["total"]
     assert "model.layers.1.mlp.experts.gate_up_proj" in results[0]["experts"]
     assert max(r["err"] for r in results) <= 1e-5
+
+
+def test_expert_parallel_dtensors_in_a_fused_moe_model(moe_ckpts: dict[str, Path]) -> None:
+    """Fused expert parameters as DTensors sharded on the expert dim (expert parallel over 2
+    ranks): each rank loads only its experts' bytes and keeps DTensors."""
+    args = {"kind": "qwen3_moe", "config": QWEN3_MOE, "source": str(moe_ckpts["qwen3_moe"])}
+    results = check_all_ok(
+        run_group(2, "hf_fused_moe_dtensor", args, scenarios="tests.distributed.hf_scenarios")
+    )
+    first = results[0]
+    assert sum(first["read"]) == first["total"]
+    assert len(first["sharded"]) == 2 * QWEN3_MOE["num_hidden_layers"]
+    # each rank holds everything but the other rank's half of the experts
+    assert first["held"] == [first["total"] - first["expert_bytes"] // 2] * 2

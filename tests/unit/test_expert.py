@@ -165,3 +165,34 @@ def test_mesh_expert_sizes_are_checked() -> None:
     with pytest.raises(PlacementError, match="expert_tp must be a positive integer"):
         distload.ExpertParallel(expert_tp=0)
     assert "experts over ep=2 x expert_tp=1" in distload.Mesh(tp=2, ep=2).describe()
+
+
+def test_cli_expert_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """--ep with a full mesh builds Mesh(ep=...); --ep/--expert-tp alone spread the experts
+    over the whole group; the plan shows them, with the experts read where they are held."""
+    import argparse
+
+    from distload.cli import _placement, main
+
+    def parsed(**flags: object) -> argparse.Namespace:
+        base: dict[str, object] = dict(
+            device_map=None, rule=None, preset="qwen3_moe", tp=None, pp=None, dp=None,
+            ep=None, expert_tp=None,
+        )  # fmt: skip
+        return argparse.Namespace(**{**base, **flags})
+
+    mesh = _placement(parsed(dp=2, tp=4, ep=4, expert_tp=2))
+    assert isinstance(mesh, distload.Mesh) and (mesh.ep, mesh.expert_tp) == (4, 2)
+    assert _placement(parsed(dp=2, tp=4, expert_tp=2)).ep == 4  # type: ignore[union-attr]
+    whole = _placement(parsed(ep=8))
+    assert isinstance(whole, distload.ExpertParallel) and whole.ep == 8
+    code = main(
+        ["plan", "model:qwen3-30b-a3b", "--world", "16", "--ranks-per-node", "8", "--dp", "2",
+         "--tp", "8", "--ep", "16", "--preset", "qwen3_moe"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "experts over ep=16 x expert_tp=1" in out
+    # every routed expert is held by one rank, which reads it itself: only the attention,
+    # embeddings and router move (880 local buckets, 60 point to point, 1 broadcast)
+    assert "(1 broadcast, 880 local, 60 p2p)" in out
