@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -77,30 +76,17 @@ def rank_worker(ckpt: str, out: str) -> None:
 
 
 def run(ckpt: Path, check_every: int) -> dict:
+    from distload.bench.driver import torchrun
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        env = dict(
-            os.environ,
-            OMP_NUM_THREADS="1",
-            GLOO_SOCKET_IFNAME="lo",
-            DISTLOAD_CHECK_EVERY=str(check_every),
-        )
-        from distload.bench.driver import free_port
-
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "4",
-            "--master-port",
-            str(free_port()),
-            str(Path(__file__).resolve()),
-            "--rank-worker",
-            str(ckpt),
-            str(out),
-        ]
-        subprocess.run(cmd, check=True, env=env, timeout=600, capture_output=True)
+        env = {
+            "OMP_NUM_THREADS": "1",
+            "GLOO_SOCKET_IFNAME": "lo",
+            "DISTLOAD_CHECK_EVERY": str(check_every),
+        }
+        argv = [str(Path(__file__).resolve()), "--rank-worker", str(ckpt), str(out)]
+        torchrun(4, argv, env=env, timeout=600, quiet=True)
         return json.loads(out.read_text())
 
 

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,26 +78,12 @@ def rank_worker(ckpt: str, which: str, out: str) -> None:
 
 
 def run(ckpt: Path, which: str) -> dict:
-    from distload.bench.driver import free_port
+    from distload.bench.driver import torchrun
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "4",
-            "--master-port",
-            str(free_port()),
-            str(Path(__file__).resolve()),
-            "--rank-worker",
-            str(ckpt),
-            which,
-            str(out),
-        ]
-        subprocess.run(cmd, check=True, env=env, timeout=600, capture_output=True)
+        argv = [str(Path(__file__).resolve()), "--rank-worker", str(ckpt), which, str(out)]
+        torchrun(4, argv, env={"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}, quiet=True)
         return json.loads(out.read_text())
 
 

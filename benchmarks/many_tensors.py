@@ -23,10 +23,7 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import distload
+from distload.bench.driver import torchrun
 from distload.synthetic import write_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -132,30 +130,11 @@ def worker(folder: Path, repeat: int, out: Path) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def several_processes(folder: Path, repeat: int, ranks: int) -> dict[str, list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "times.json"
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc-per-node={ranks}",
-            f"--master-port={free_port()}",
-            __file__,
-            "--worker",
-            str(folder),
-            "--repeat",
-            str(repeat),
-            "--times",
-            str(out),
-        ]
-        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        argv = [__file__, "--worker", str(folder), "--repeat", str(repeat), "--times", str(out)]
+        torchrun(ranks, argv, env={"OMP_NUM_THREADS": "1"})
         times: dict[str, list[float]] = json.loads(out.read_text())
     return times
 

@@ -43,6 +43,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def torchrun(
+    nproc: int,
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+    quiet: bool = False,
+) -> None:
+    """Run ``argv`` (a script and its arguments) as ``nproc`` local ranks under torchrun on a
+    free port; ``env`` adds to this process's environment; raises if any rank fails."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        *argv,
+    ]
+    environment = {**os.environ, **(env or {})}
+    subprocess.run(cmd, check=True, env=environment, timeout=timeout, capture_output=quiet)
+
+
 def storage_limit(root: Path, threads: int) -> float:
     """Bytes/s reading every shard cold with ``threads`` positioned readers."""
     files = sorted(root.glob("*.safetensors"))
@@ -152,17 +176,7 @@ def _worker_cmd(method: str, ckpt: Path, out: Path, tag: str, staging_mb: float)
 def run_single(
     method: str, nproc: int, ckpt: Path, *, out: Path, tag: str, staging_mb: float
 ) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(free_port()),
-        *_worker_cmd(method, ckpt, out, tag, staging_mb),
-    ]
-    subprocess.run(cmd, check=True, env=_env(), timeout=900)
+    torchrun(nproc, _worker_cmd(method, ckpt, out, tag, staging_mb), env=_env())
 
 
 def run_two_nodes(

@@ -34,6 +34,18 @@ def _reference_logits(args: dict[str, Any], ids: torch.Tensor) -> torch.Tensor:
         return ref(ids).logits
 
 
+def _logits_error(model: Any, args: dict[str, Any]) -> float:
+    """Relative difference of ``model``'s logits from from_pretrained's (raises above 1e-5)."""
+    ids = _ids(args["config"]["vocab_size"])
+    with torch.no_grad():
+        logits = model(ids).logits
+    want = _reference_logits(args, ids)
+    err = float((logits - want).abs().max() / want.abs().max())
+    if err > 1e-5:
+        raise AssertionError(f"logits differ from from_pretrained by {err} (relative)")
+    return err
+
+
 def _ids(vocab: int) -> torch.Tensor:
     return (torch.arange(2 * 16).reshape(2, 16) * 7 + 3) % vocab
 
@@ -70,13 +82,7 @@ def hf_tensor_parallel(args: dict[str, Any]) -> dict[str, Any]:
         full = param.full_tensor() if isinstance(param, DTensor) else param.data
         if not same_bits(full, ref[name]):
             raise AssertionError(f"{name} differs after load_into")
-    ids = _ids(args["config"]["vocab_size"])
-    with torch.no_grad():
-        logits = model(ids).logits
-    want = _reference_logits(args, ids)
-    err = float((logits - want).abs().max() / want.abs().max())
-    if err > 1e-5:
-        raise AssertionError(f"TP logits differ from from_pretrained by {err} (relative)")
+    err = _logits_error(model, args)
     return {
         "err": err,
         **read_figures(result.report),
@@ -286,15 +292,7 @@ def hf_fused_moe(args: dict[str, Any]) -> dict[str, Any]:
         want = expected_local(full[pname], pname, rules, world, rank, None)
         if not same_bits(param.data, want):
             raise AssertionError(f"{pname} differs after load_into")
-    err = 0.0
-    if not args["tp"]:
-        ids = _ids(args["config"]["vocab_size"])
-        with torch.no_grad():
-            logits = model(ids).logits
-        want_logits = _reference_logits(args, ids)
-        err = float((logits - want_logits).abs().max() / want_logits.abs().max())
-        if err > 1e-5:
-            raise AssertionError(f"logits differ from from_pretrained by {err} (relative)")
+    err = 0.0 if args["tp"] else _logits_error(model, args)
     experts = [n for n, _ in model.named_parameters() if ".experts." in n]
     return {"err": err, "experts": experts, **read_figures(result.report)}
 
