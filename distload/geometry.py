@@ -185,6 +185,10 @@ def segments_for(plan: LoadPlan, bucket: Bucket, rank: int) -> tuple[list[Segmen
     exchanging any metadata. For a broadcast bucket every rank gets the same layout.
     """
     segs: list[Segment] = []
+    if bucket.kind == "local" and rank != bucket.reader:
+        return segs, 0  # only its reader holds any of it
+    if bucket.kind == "p2p" and not any(rank in c for c in bucket.classes):
+        return segs, 0  # the classes are every rank holding a part of its pieces
     cursor = 0
     tensors, dtypes = plan.tensors, plan.dtypes
     for item in bucket.items:
