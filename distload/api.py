@@ -46,6 +46,7 @@ from distload.hub.remote import Resolved, read_hub_index
 from distload.manifest import load_digests
 from distload.materialize import prepare_destinations
 from distload.placement.base import Placement
+from distload.placement.expert import EXPERT_PATTERN
 from distload.plan import LoadPlan
 from distload.planner import make_plan
 from distload.report import LoadReport, RankReport
@@ -655,7 +656,7 @@ def _fused_hint(missing: Sequence[str], skipped: Sequence[str]) -> str:
     """Advice when the model holds fused expert parameters and the checkpoint has one tensor
     per expert (transformers' MoE models and the Hub's checkpoints of them)."""
     fused = any(n.endswith((".experts.gate_up_proj", ".experts.down_proj")) for n in missing)
-    if fused and any(re.search(r"\.experts\.\d+\.", n) for n in skipped):
+    if fused and any(re.search(EXPERT_PATTERN, n) for n in skipped):
         return (
             "; the model holds fused expert parameters (experts.gate_up_proj / down_proj) and "
             "the checkpoint one tensor per expert: pass transforms=distload.fused_experts() "

@@ -24,6 +24,7 @@ Steps:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Collection, Mapping, Sequence
@@ -190,7 +191,11 @@ class ChunkClasses:
 
     ranges: list[tuple[tuple[int, ...], int, int]]  # (holder class, chunk start, stop), sorted
     by_rows: dict[tuple[int, int], Classes] = field(default_factory=dict)  # dim 0: per rows
-    nonempty: Classes | None = None  # other dims: every class with a non-empty chunk
+
+    @functools.cached_property
+    def nonempty(self) -> Classes:
+        """Every class with a non-empty chunk (sharded along another dim than 0)."""
+        return tuple(r for r, lo, hi in self.ranges if lo < hi)
 
     def of_rows(self, start: int, stop: int) -> Classes:
         """Classes whose chunk of rows meets ``[start, stop)`` (sharded along dim 0)."""
@@ -233,8 +238,6 @@ def piece_classes(
                 chunks[key] = known
         if layout.dim == 0:
             return known.of_rows(item.start, item.stop)
-        if known.nonempty is None:
-            known.nonempty = tuple(r for r, lo, hi in known.ranges if lo < hi)
         return known.nonempty
     by_parts: dict[tuple[Part, ...], list[int]] = {}
     for ranks in holding:

@@ -15,7 +15,7 @@ Transpose(".attn.c_attn.weight"), Split(".attn.c_attn.weight", [".q.weight", ".k
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -136,6 +136,37 @@ class _Suffix:
 
 # --------------------------------------------------------------------------------------------
 # transforms
+
+
+def _combine(
+    transform: Transform,
+    views: list[View],
+    member: Callable[[View], tuple[str, int] | None],
+    build: Callable[[str, dict[int, View]], View],
+) -> list[View]:
+    """Replace the views ``member`` assigns to a group (group name, number in it) by one view
+    per group, ``build(name, {number: view})``, placed where the group's first member was;
+    other views keep their places. Two views with one number in a group are an error."""
+    groups: dict[str, dict[int, View]] = {}
+    first_pos: dict[str, int] = {}
+    out: list[tuple[int, View]] = []
+    for pos, v in enumerate(views):
+        found = member(v)
+        if found is None:
+            out.append((pos, v))
+            continue
+        name, number = found
+        members = groups.setdefault(name, {})
+        if number in members:
+            raise PlacementError(
+                f"{transform!r}: {members[number].name!r} and {v.name!r} are both number "
+                f"{number} of {name!r}",
+                tensor=v.name,
+            )
+        members[number] = v
+        first_pos.setdefault(name, pos)
+    out.extend((first_pos[name], build(name, found)) for name, found in groups.items())
+    return [v for _, v in sorted(out, key=lambda pv: pv[0])]
 
 
 class Rename:
@@ -268,28 +299,23 @@ class Merge:
         self.matchers = [_Suffix(p) for p in parts]
 
     def apply(self, views: list[View]) -> list[View]:
-        groups: dict[str, dict[int, View]] = {}
-        first_pos: dict[str, int] = {}
-        rest: list[tuple[int, View]] = []
-        for pos, v in enumerate(views):
-            for i, m in enumerate(self.matchers):
-                prefix = m.match(v.name)
-                if prefix is not None:
-                    groups.setdefault(prefix, {})[i] = v
-                    first_pos.setdefault(prefix, pos)
-                    break
-            else:
-                rest.append((pos, v))
-        merged: list[tuple[int, View]] = []
-        for prefix, found in groups.items():
-            if len(found) != len(self.parts):
-                lacking = [self.parts[i] for i in range(len(self.parts)) if i not in found]
-                raise PlacementError(
-                    f"{self!r}: {prefix!r} lacks {lacking}", tensor=prefix + lacking[0]
-                )
-            members = [found[i] for i in range(len(self.parts))]
-            merged.append((first_pos[prefix], self._merge(prefix, members)))
-        return [v for _, v in sorted(rest + merged, key=lambda pv: pv[0])]
+        return _combine(self, views, self._member, self._complete)
+
+    def _member(self, v: View) -> tuple[str, int] | None:
+        """(prefix, part number) of a view ending with one of the parts."""
+        for i, m in enumerate(self.matchers):
+            prefix = m.match(v.name)
+            if prefix is not None:
+                return prefix, i
+        return None
+
+    def _complete(self, prefix: str, found: dict[int, View]) -> View:
+        if len(found) != len(self.parts):
+            lacking = [self.parts[i] for i in range(len(self.parts)) if i not in found]
+            raise PlacementError(
+                f"{self!r}: {prefix!r} lacks {lacking}", tensor=prefix + lacking[0]
+            )
+        return self._merge(prefix, [found[i] for i in range(len(self.parts))])
 
     def _merge(self, prefix: str, members: list[View]) -> View:
         first = members[0]
@@ -337,27 +363,15 @@ class Stack:
         self.into = into
 
     def apply(self, views: list[View]) -> list[View]:
-        groups: dict[str, dict[int, View]] = {}
-        first_pos: dict[str, int] = {}
-        rest: list[tuple[int, View]] = []
-        for pos, v in enumerate(views):
-            match = self.pattern.search(v.name)
-            if match is None:
-                rest.append((pos, v))
-                continue
-            name = v.name[: match.start()] + match.expand(self.into) + v.name[match.end() :]
-            index = int(match.group(1))
-            members = groups.setdefault(name, {})
-            if index in members:
-                raise PlacementError(
-                    f"{self!r}: {members[index].name!r} and {v.name!r} are both number {index} "
-                    f"of {name!r}",
-                    tensor=v.name,
-                )
-            members[index] = v
-            first_pos.setdefault(name, pos)
-        stacked = [(first_pos[name], self._stack(name, found)) for name, found in groups.items()]
-        return [v for _, v in sorted(rest + stacked, key=lambda pv: pv[0])]
+        return _combine(self, views, self._member, self._stack)
+
+    def _member(self, v: View) -> tuple[str, int] | None:
+        """(stacked name, number) of a view matching the pattern."""
+        match = self.pattern.search(v.name)
+        if match is None:
+            return None
+        name = v.name[: match.start()] + match.expand(self.into) + v.name[match.end() :]
+        return name, int(match.group(1))
 
     def _stack(self, name: str, found: dict[int, View]) -> View:
         count = max(found) + 1

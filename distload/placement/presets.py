@@ -95,14 +95,14 @@ def fused_experts(
     """
     where = re.escape(container)
 
-    def stack(name: str) -> Stack:
-        return Stack(rf"{where}\.(\d+)\.{re.escape(name + suffix)}$", f"{container}.{name}")
+    def stack(name: str, into: str) -> Stack:
+        return Stack(rf"{where}\.(\d+)\.{re.escape(name + suffix)}$", f"{container}.{into}")
 
     return [
-        stack(gate),
-        stack(up),
+        stack(gate, gate),
+        stack(up, up),
         Merge([f"{container}.{gate}", f"{container}.{up}"], f"{container}.gate_up_proj", dim=1),
-        Stack(rf"{where}\.(\d+)\.{re.escape(down + suffix)}$", f"{container}.down_proj"),
+        stack(down, "down_proj"),
     ]
 
 
