@@ -21,10 +21,9 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -102,6 +101,7 @@ def main() -> None:
     if args.rank_worker:
         rank_worker(*args.rank_worker)
         return
+    from distload.bench.driver import interleaved, median_best, publish
     from distload.synthetic import LlamaShape, write_llama
 
     ckpt = Path(args.workdir).resolve() / f"llama-{int(args.size_mb)}mb"
@@ -114,11 +114,9 @@ def main() -> None:
     for shard in sorted(ckpt.glob("*.safetensors")):  # warm: transfers are measured
         shard.read_bytes()
     settings = {"check before every shared bucket (stages take turns)": 1, "default (64)": 64}
-    rows: dict[str, list[dict]] = {name: [] for name in settings}
-    for r in range(args.rounds):
-        for name, every in settings.items():
-            rows[name].append(run(ckpt, every))
-            print(f"round {r}: {name}: {rows[name][-1]['seconds']:.2f} s", file=sys.stderr)
+    rows = interleaved(
+        args.rounds, {name: partial(run, ckpt, every) for name, every in settings.items()}
+    )
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     lines = [
         "# Concurrent p2p buckets: dp1 x pp2 x tp2 over gloo",
@@ -135,15 +133,12 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for name, got in rows.items():
-        secs = [g["seconds"] for g in got]
         lines.append(
-            f"| {name} | {statistics.median(secs):.2f} | {min(secs):.2f} | "
+            f"| {name} | {median_best(got)} | "
             f"{got[0]['shared_buckets']} (of {got[0]['plan_shared_buckets']}) | "
             f"{all(g['bit_exact'] for g in got)} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,9 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -116,12 +115,10 @@ def main() -> None:
     if args.rank_worker:
         rank_worker(*args.rank_worker)
         return
+    from distload.bench.driver import interleaved, median_best, publish
+
     ckpt = build(Path(args.workdir).resolve(), args.experts)
-    rows: dict[str, list[dict]] = {name: [] for name in PLACEMENTS}
-    for r in range(args.rounds):
-        for name in PLACEMENTS:
-            rows[name].append(run(ckpt, name))
-            print(f"round {r}: {name}: {rows[name][-1]['seconds']:.2f} s", file=sys.stderr)
+    rows = interleaved(args.rounds, {name: partial(run, ckpt, name) for name in PLACEMENTS})
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     tensors = len(json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"])
     lines = [
@@ -142,17 +139,14 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, got in rows.items():
-        secs = [g["seconds"] for g in got]
         first = got[0]
         lines.append(
-            f"| {name} | {statistics.median(secs):.2f} | {min(secs):.2f} | "
+            f"| {name} | {median_best(got)} | "
             f"{first['sent'] / MiB:.0f} | {first['held'] / MiB:.0f} | "
             f"{first['read'] / size:.2f}x | {first['buckets']} | "
             f"{all(g['bit_exact'] for g in got)} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

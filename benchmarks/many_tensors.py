@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import distload
-from distload.bench.driver import torchrun
+from distload.bench.driver import publish, torchrun
 from distload.synthetic import write_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -176,9 +176,7 @@ def main() -> None:
             "",
             *table(several_processes(folder, args.repeat, args.ranks), args.count),
         ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from distload.bench.driver import publish
 from distload.geometry import segments_for
 from distload.placement import Mesh, TensorParallel, preset
 from distload.plan import LoadPlan
@@ -129,9 +130,7 @@ def main() -> None:
             f"| {encoded:.2f} | {decoded:.2f} | {segments:.2f} |"
         )
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from distload.bench.methods import METHODS, available
@@ -65,6 +66,30 @@ def torchrun(
     ]
     environment = {**os.environ, **(env or {})}
     subprocess.run(cmd, check=True, env=environment, timeout=timeout, capture_output=quiet)
+
+
+def interleaved(rounds: int, settings: dict[str, Callable[[], dict]]) -> dict[str, list[dict]]:
+    """Run every setting once per round, the settings interleaved round by round (so drift of
+    the machine falls on all of them alike); each run returns a dict with ``seconds``."""
+    rows: dict[str, list[dict]] = {name: [] for name in settings}
+    for r in range(rounds):
+        for name, run in settings.items():
+            rows[name].append(run())
+            print(f"round {r}: {name}: {rows[name][-1]['seconds']:.2f} s", file=sys.stderr)
+    return rows
+
+
+def median_best(rows: list[dict]) -> str:
+    """``median | best`` table cells of the runs' seconds."""
+    secs = [row["seconds"] for row in rows]
+    return f"{statistics.median(secs):.2f} | {min(secs):.2f}"
+
+
+def publish(lines: list[str], out: str | Path) -> None:
+    """Print a markdown report and write it to ``out``."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(out).write_text(text)
 
 
 def storage_limit(root: Path, threads: int) -> float:
