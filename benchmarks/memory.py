@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from distload.api import DEFAULT_STAGING_BYTES
 from distload.shm import shm_dir
 
 HERE = Path(__file__).resolve().parent
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--size-mb", type=float, default=1500)
     parser.add_argument("--nproc", type=int, default=4)
     parser.add_argument("--shard-mb", type=float, default=500)
-    parser.add_argument("--staging-mb", type=float, default=256)
+    parser.add_argument("--staging-mb", type=float, default=DEFAULT_STAGING_BYTES / 2**20)
     parser.add_argument("--methods", default="distload,get_slice,load_file")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", default=str(HERE / "out"))

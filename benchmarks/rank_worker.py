@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import distload
+from distload.api import DEFAULT_STAGING_BYTES
 from distload.bench.worker import PeakSampler, evict, held, rss
 from distload.checkpoint import read_checkpoint
 from distload.placement import preset
@@ -39,7 +40,7 @@ def main() -> None:
     parser.add_argument("method")
     parser.add_argument("ckpt")
     parser.add_argument("out")
-    parser.add_argument("--staging-mb", type=float, default=256)
+    parser.add_argument("--staging-mb", type=float, default=DEFAULT_STAGING_BYTES / 2**20)
     parser.add_argument("--round", type=int, default=0)
     args = parser.parse_args()
     dist.init_process_group("gloo")

@@ -48,7 +48,7 @@ from distload.materialize import prepare_destinations
 from distload.placement.base import Placement
 from distload.placement.expert import EXPERT_PATTERN
 from distload.plan import LoadPlan
-from distload.planner import make_plan
+from distload.planner import DEFAULT_BUCKET_BYTES, make_plan
 from distload.report import LoadReport, RankReport
 from distload.shm import ShmExchange
 from distload.storage import DEFAULT_READ_THREADS, Arenas, FileReader
@@ -57,8 +57,9 @@ from distload.transport.base import Transport
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STAGING_BYTES = 256 * 1024 * 1024
 _STAGING_ARENAS = PREFETCH_DEPTH + 2  # read ring + one receive + one pack buffer
+# staging of the default bucket size (80 MiB): buckets are staging_bytes / _STAGING_ARENAS
+DEFAULT_STAGING_BYTES = _STAGING_ARENAS * DEFAULT_BUCKET_BYTES
 
 
 class LoadedState(dict[str, torch.Tensor]):

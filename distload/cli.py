@@ -136,7 +136,12 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
         help="TP rule, e.g. '*.q_proj.weight=colwise' or 'lm_head.weight=shard1' (repeatable)",
     )
     p.add_argument("--dtype", default=None, help="cast floating tensors (e.g. bfloat16)")
-    p.add_argument("--bucket-mb", type=float, default=None, help="bucket size in MiB (default 64)")
+    p.add_argument(
+        "--bucket-mb",
+        type=float,
+        default=None,
+        help=f"bucket size in MiB (default {DEFAULT_BUCKET_BYTES // 2**20}, as distload.load)",
+    )
 
 
 def _add_hub_args(p: argparse.ArgumentParser) -> None:

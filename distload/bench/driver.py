@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from distload.api import DEFAULT_STAGING_BYTES
 from distload.bench.methods import METHODS, available
 from distload.bench.worker import evict
 from distload.shm import shm_dir
@@ -282,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="tp2,tp4,2node")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--staging-mb", type=float, default=256)
+    parser.add_argument(
+        "--staging-mb", type=float, default=DEFAULT_STAGING_BYTES / 2**20, help="per rank"
+    )
     parser.add_argument("--workdir", default="benchmarks/out")
     parser.add_argument("--results", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)

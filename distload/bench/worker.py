@@ -147,6 +147,7 @@ def main() -> None:
     from safetensors import safe_open
 
     import distload
+    from distload import api
     from distload.bench.methods import METHODS, Context
     from distload.checkpoint import read_checkpoint
     from distload.placement import preset
@@ -157,7 +158,9 @@ def main() -> None:
     parser.add_argument("method", choices=sorted(METHODS))
     parser.add_argument("ckpt")
     parser.add_argument("out")
-    parser.add_argument("--staging-mb", type=float, default=256)
+    parser.add_argument(
+        "--staging-mb", type=float, default=api.DEFAULT_STAGING_BYTES / 2**20, help="per rank"
+    )
     parser.add_argument("--tag", default="run")
     args = parser.parse_args()
     dist.init_process_group("gloo")

@@ -188,11 +188,11 @@ def test_cli_expert_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert isinstance(whole, distload.ExpertParallel) and whole.ep == 8
     code = main(
         ["plan", "model:qwen3-30b-a3b", "--world", "16", "--ranks-per-node", "8", "--dp", "2",
-         "--tp", "8", "--ep", "16", "--preset", "qwen3_moe"]
+         "--tp", "8", "--ep", "16", "--preset", "qwen3_moe", "--bucket-mb", "64"]
     )  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
     assert "experts over ep=16 x expert_tp=1" in out
     # every routed expert is held by one rank, which reads it itself: only the attention,
-    # embeddings and router move (880 local buckets, 60 point to point, 1 broadcast)
+    # embeddings and router move (64 MiB buckets: 880 local, 60 point to point, 1 broadcast)
     assert "(1 broadcast, 880 local, 60 p2p)" in out
