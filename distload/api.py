@@ -391,7 +391,7 @@ def load(
             phase = "materialize"
             dests = prepare_destinations(plan, rt.rank, rt.device, out)
             if _use_shm(shm, plan, net.device):
-                exchange = ShmExchange(plan, rt.rank)
+                exchange = ShmExchange(plan, rt.rank, timeout=timeout)
         except Exception as exc:
             error = exc
     try:
@@ -419,6 +419,7 @@ def load(
         plan.tensors[s].nbytes for s in sorted({link.stored for _, link in plan.links})
     )
     reader = FileReader(root, threads=read_threads, contain=contain)
+    failed: BaseException | None = None
     try:
         multicast = _open_multicast(net, plan, exchange is not None)
         executor = Executor(
@@ -444,17 +445,19 @@ def load(
             exchange_mode = f"multicast ({len(plan.multicast_groups())} groups)"
         else:
             exchange_mode = "point to point"
-        failed = False
-    except BaseException:
-        failed = True
+    except BaseException as exc:
+        failed = exc
         raise
     finally:
         reader.close()
         net.close_groups()
         if exchange is not None:
             shared = exchange.nbytes
+            if failed is not None:  # peers waiting on this rank stop waiting, blame the same
+                blamed = failed.ranks if isinstance(failed, DistLoadError) else ()
+                exchange.abort(blamed)
             # after a failure a peer may be dead: survivors also remove its shared-memory files
-            exchange.close(purge=failed)
+            exchange.close(purge=failed is not None)
     staging = host.nbytes + (comm.nbytes if comm is not host else 0)
     if exchange is not None:
         staging += shared

@@ -13,13 +13,15 @@ single global order:
   data-parallel replicas reading their own stage) move at the same time. Every rank still
   takes its buckets in the global order, so the lowest unfinished bucket always has all its
   participants at it: no deadlock;
-* all ranks agree on a status flag (one small ``all_reduce``) before every broadcast bucket
-  and before every ``plan.check_every``-th shared bucket, so a failure ends the load everywhere
-  within a bounded number of buckets instead of leaving peers waiting. A rank that fails
-  between two checks keeps to the schedule (its sends go out unfilled, its receives are
-  dropped) until the next check, where every rank raises the same error;
+* all ranks agree on a status flag (one small ``all_reduce``) before every
+  ``plan.check_every``-th shared bucket (and, over the transport, before every broadcast
+  bucket), so a failure ends the load everywhere within a bounded number of buckets instead of
+  leaving peers waiting. A rank that fails between two checks keeps to the schedule (its sends
+  go out unfilled, its receives are dropped) until the next check, where every rank raises the
+  same error;
 * when all ranks share one node (host memory), shared buckets skip the transport: the reader
-  reads into a shared-memory slot and each rank copies its parts from it (``distload.shm``).
+  thread reads into a shared-memory slot and publishes it, and each rank copies its parts from
+  it as soon as it is there (``distload.shm``): no collective per bucket, readers run ahead.
 
 A background thread reads this rank's upcoming buckets (in plan order) into a ring of staging
 arenas while the main thread transfers the current one, overlapping storage and network.
@@ -51,7 +53,7 @@ from distload.geometry import (
     segments_for,
 )
 from distload.plan import Bucket, Item, LoadPlan
-from distload.shm import SLOTS, ShmExchange
+from distload.shm import ShmExchange
 from distload.storage import Arenas, FileReader, ReadRequest, byte_view
 from distload.transport.base import Transport
 
@@ -126,6 +128,7 @@ class _Ready:
     direct: set[Item] = field(default_factory=set)
     arena: str | None = None
     error: BaseException | None = None
+    fatal: bool = False  # the error is a peer found gone: raise it, there is no one to tell
 
 
 class _Prefetcher:
@@ -152,9 +155,6 @@ class _Prefetcher:
         self.stats = stats
         self.shm = shm
         self.mine = [(n, b) for n, b in enumerate(plan.buckets) if b.reader == rank]
-        self.shm_free = {f"shm{i}": threading.Event() for i in range(SLOTS)}
-        for event in self.shm_free.values():
-            event.set()
         self.digests = {t: (rows, chunks) for t, rows, chunks in plan.digests}
         self.free: queue.Queue[str] = queue.Queue()
         for i in range(PREFETCH_DEPTH):
@@ -187,14 +187,21 @@ class _Prefetcher:
                 continue
             arena = None
             slot = self.shm.slot_of.get(number) if self.shm is not None else None
+            if slot is not None:  # this bucket's shared-memory slot, once every rank is done
+                assert self.shm is not None
+                try:
+                    if not self.shm.acquire(number, self._stop):
+                        return
+                except DistLoadError as exc:  # a peer is gone: the main thread raises it
+                    self.ready.put(_Ready(bucket, error=exc, fatal=True))
+                    return
+                ready = self._read(bucket, slot, targets)
+                self.shm.publish(number, ok=ready.error is None)
+                self.ready.put(ready)
+                continue
             while arena is None:
                 if self._stop.is_set():
                     return
-                if slot is not None:  # this bucket's shared-memory slot, once peers are done
-                    if self.shm_free[slot].wait(timeout=0.1):
-                        self.shm_free[slot].clear()
-                        arena = slot
-                    continue
                 try:
                     arena = self.free.get(timeout=0.1)
                 except queue.Empty:
@@ -232,7 +239,7 @@ class _Prefetcher:
                 slots, _ = read_slots(self.plan, bucket)
                 staged = [s for s in slots if s.item not in direct]
                 size = max((s.offset + s.nbytes for s in staged), default=0)
-                if arena in self.shm_free:
+                if arena.startswith("shm"):
                     assert self.shm is not None
                     out.buffer = self.shm.own(arena, size)
                 else:
@@ -295,9 +302,9 @@ class _Prefetcher:
         return got
 
     def release(self, ready: _Ready) -> None:
-        if ready.arena in self.shm_free:
-            self.shm_free[ready.arena].set()
-        elif ready.arena is not None:
+        """Give a staging arena back to the ring (shared-memory slots go back to the reader
+        once every rank has marked their bucket done, see ``distload.shm``)."""
+        if ready.arena is not None and not ready.arena.startswith("shm"):
             if self.cuda is not None:
                 fence = torch.cuda.Event()
                 fence.record(torch.cuda.current_stream(self.cuda))
@@ -343,12 +350,11 @@ class Executor:
         self._agreed = False  # whether the current bucket's status check has passed
         self._moving = False  # whether the current bucket's sends/receives have started
         self.shm = shm  # same-node shared-memory exchange (None: transfers go over transport)
+        self._shm_started = False  # whether a shared bucket went through shared memory yet
         # whether the transport opened the plan's multicast groups (else classes of several
         # receivers are sent to member by member)
         self.multicast = multicast
-        self._held: list[_Ready] = []  # shm slots peers may still read: freed at next check
         self._prefetch: _Prefetcher | None = None  # this run's reader thread (set by run)
-        self._shm_started = False  # whether a shared bucket went through shared memory yet
         # (id of a bucket of ``plan.buckets``, rank) -> segments_for(...): the plan keeps every
         # bucket alive for the whole run, so ids are stable
         self._segment_cache: dict[tuple[int, int], tuple[list[Segment], int]] = {}
@@ -492,16 +498,11 @@ class Executor:
                     self._fail_pending(exc, "transfer")
                     self._keep_schedule(number, bucket, ready)
                 finally:
-                    # this rank's read of the bucket is done with, unless peers still copy
-                    # from it (a shared-memory slot, freed at the next check)
-                    if ready is not None and not any(h is ready for h in self._held):
+                    if ready is not None:  # this rank's read of the bucket is done with
                         prefetch.release(ready)
                 if self.on_bucket is not None:
                     self.on_bucket(number)
         finally:
-            for held in self._held:
-                prefetch.release(held)
-            self._held.clear()
             prefetch.stop()
         self.stats.bytes_read = self.reader.bytes_read
         if self.comm_arenas.device.type == "cuda":
@@ -511,6 +512,8 @@ class Executor:
     def _step(self, number: int, bucket: Bucket, ready: _Ready | None) -> None:
         """Take part in one bucket (``ready``: this rank's read of it, when it is the reader).
         The caller releases ``ready`` afterwards (see :meth:`run`)."""
+        if ready is not None and ready.fatal and ready.error is not None:
+            raise ready.error  # the reader thread found a peer gone: nothing to share it with
         if ready is not None and ready.error is not None and self.pending is None:
             if getattr(ready.error, "phase", None) is None:
                 ready.error.phase = "read"  # type: ignore[attr-defined]
@@ -520,28 +523,26 @@ class Executor:
                 self._guard(lambda: self._own_parts(ready))
             return
         if number in self.checks:
-            # with shared memory this check also closes the previous shared bucket's copies,
-            # so a peer lost here may have been lost in that transfer
+            # a peer lost here may have been lost in an earlier transfer (shared memory has
+            # no collective of its own) or in its reads
             agree(self.transport, "transfer" if self._shm_started else "read", self.pending)
             self._agreed = True
         if self.shm is None and self.rank not in bucket.participants(self.transport.world_size):
             return  # a p2p bucket between other ranks: they move it meanwhile
         self._shm_started = self.shm is not None
-        # every rank has finished the earlier shared buckets: their shm slots are free again
-        assert self._prefetch is not None
-        for held in self._held:
-            self._prefetch.release(held)
-        self._held.clear()
         start = time.perf_counter()
         if self.shm is not None:
-            # no collective inside a shared-memory bucket: any failure here is shared with all
-            # ranks at the next status check (or the closing agreement) instead of a timeout
+            # no collective inside a shared-memory bucket: a failure here is shared with all
+            # ranks at the next status check (or the closing agreement); a peer found gone
+            # (PeerError) ends the load at once
             try:
                 self._shm_bucket(number, bucket, ready)
+            except DistLoadError:
+                raise
             except Exception as exc:
                 self._fail_pending(exc, "transfer")
-            if ready is not None:
-                self._held.append(ready)  # peers copy from this slot until the next check
+            finally:  # copies or not, this rank is done with the bucket's slot
+                self.shm.mark_done(number, bucket.reader)
             self.stats.transfer_seconds += time.perf_counter() - start
             self.stats.buckets += 1
             return
@@ -592,8 +593,10 @@ class Executor:
                 self.stats.bytes_sent += size * sum(1 for r in members if r != self.rank)
             return
         segs, size = self._segments(bucket, self.rank)
-        if not segs:
-            return
+        if not segs or self.pending is not None:
+            return  # nothing to copy, or this rank failed: its copies are moot
+        if not self.shm.await_bucket(number, bucket.reader):
+            return  # the reader failed to read it: it shares why at the next status check
         slots, total = read_slots(self.plan, bucket)
         view = self.shm.peer(bucket.reader, self.shm.slot_of[number], total)
         peer = _Ready(bucket, buffer=view, slots={s.item: s for s in slots})

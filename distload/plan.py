@@ -126,15 +126,15 @@ class LoadPlan:
 
     def status_checks(self, *, shm: bool = False) -> frozenset[int]:
         """Numbers of the shared buckets before which all ranks agree on a status flag (the
-        same on every rank): every shared bucket when shared buckets go through same-node
-        shared memory; over the transport every broadcast and every ``check_every``-th shared
-        bucket (p2p buckets in between involve only their own ranks)."""
+        same on every rank): every ``check_every``-th shared bucket, and over the transport
+        (not ``shm``) also every broadcast bucket. Buckets in between involve only their own
+        ranks (p2p) or need no collective at all (shared memory)."""
         shared = [n for n, b in enumerate(self.buckets) if b.kind != "local"]
         every = max(1, self.check_every)
         return frozenset(
             n
             for i, n in enumerate(shared)
-            if shm or self.buckets[n].kind == "broadcast" or i % every == 0
+            if i % every == 0 or (not shm and self.buckets[n].kind == "broadcast")
         )
 
     def links_of(self, stored: int) -> list[tuple[int, Link]]:
