@@ -379,7 +379,10 @@ class Executor:
 
         Runs on the reader thread, once per piece: a checkpoint of tens of thousands of tiny
         tensors spends its time here, so the common case (the piece is the whole destination)
-        takes no tensor slicing."""
+        takes no tensor slicing, and a bucket of only such pieces no segment layout."""
+        whole = self._whole_targets(bucket)
+        if whole is not None:
+            return whole
         segs = self._segments(bucket, self.rank)[0]
         targets: dict[Item, memoryview] = {}
         tensors = self.plan.tensors
@@ -402,6 +405,37 @@ class Executor:
             region = _region(dest, part.dst)
             if region.is_contiguous():
                 targets[item] = byte_view(region)
+        return targets
+
+    def _whole_targets(self, bucket: Bucket) -> dict[Item, memoryview] | None:
+        """Destination memory for every piece of a local bucket whose pieces are all rows of
+        stored tensors loaded whole and unchanged (:meth:`LoadPlan.whole_output`) into
+        contiguous host destinations of the stored dtype -- or None, when any piece is not
+        (then :meth:`_direct_targets` works through the bucket's segments)."""
+        plan, dests, rank = self.plan, self.dests, self.rank
+        tensors, layouts = plan.tensors, plan.layouts
+        targets: dict[Item, memoryview] = {}
+        for item in bucket.items:
+            out = plan.whole_output(item.tensor)
+            if out is None:
+                return None
+            holders = layouts[out].holders
+            if holders is not None and rank not in holders:
+                return None
+            dest = dests.get(out)
+            meta = tensors[item.tensor]
+            if (
+                dest is None
+                or dest.device.type != "cpu"
+                or dest.dtype != to_torch(meta.dtype)
+                or dest.shape != meta.shape
+                or not dest.is_contiguous()
+            ):
+                return None
+            view = byte_view(dest)
+            if meta.shape and (item.start or item.stop != meta.shape[0]):
+                view = view[item.start * meta.row_bytes : item.stop * meta.row_bytes]
+            targets[item] = view
         return targets
 
     def _deliver(self, segs: list[Segment], buf: torch.Tensor) -> None:

@@ -244,21 +244,24 @@ class LoadPlan:
         index = CheckpointIndex.from_json(raw["index"])
         outputs: list[Output] = []
         links: list[tuple[int, Link]] = []
+        as_stored: dict[int, int] = {}  # stored tensor -> its output, written as one integer
         for out, o in enumerate(raw["outputs"]):
             if isinstance(o, int):  # a stored tensor as it is (see to_json)
                 meta = index.tensors[o]
                 full = tuple((0, n) for n in meta.shape)
                 outputs.append(Output(meta.name, meta.shape, meta.dtype))
                 links.append((out, Link(o, full, full, False)))
+                as_stored[o] = out
             else:
                 outputs.append(Output(o[0], tuple(o[1]), o[2]))
-        links.extend(
+        spelled = [
             (out, Link(stored, box(sb), box(vb), bool(tr)))
             for out, stored, sb, vb, tr in raw["links"]
-        )
+        ]
+        links.extend(spelled)
         links.sort(key=lambda pair: pair[0])  # stable: each output's links keep their order
         table = [Layout.from_json(x) for x in raw["layout_table"]]
-        return LoadPlan(
+        plan = LoadPlan(
             world_size=raw["world_size"],
             bucket_bytes=raw["bucket_bytes"],
             index=index,
@@ -285,6 +288,20 @@ class LoadPlan:
             token=raw.get("token", ""),
             check_every=int(raw.get("check_every", CHECK_EVERY)),
         )
+        # identity_output's table without walking every tensor again: an output written as
+        # one integer is its stored tensor's identity unless that tensor also feeds another
+        # output; only spelled-out links need checking
+        by_stored: dict[int, list[tuple[int, Link]]] = {}
+        for out, link in spelled:
+            by_stored.setdefault(link.stored, []).append((out, link))
+        identity = {t: out for t, out in as_stored.items() if t not in by_stored}
+        for t, pairs in by_stored.items():
+            out, link = pairs[0]
+            covers = _covers(link, index.tensors[t], plan.outputs[out])
+            if t not in as_stored and len(pairs) == 1 and covers:
+                identity[t] = out
+        object.__setattr__(plan, "_identity", identity)
+        return plan
 
     def local_shape(self, output: int, rank: int) -> tuple[int, ...] | None:
         """Shape of the part of output ``output`` held by ``rank`` (None: holds nothing)."""

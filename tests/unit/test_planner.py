@@ -19,6 +19,7 @@ from distload.geometry import piece_bytes, read_bytes, read_slots, segments_for
 from distload.placement import Layout, ReplicateAll, TensorParallel, local_box
 from distload.plan import Bucket, LoadPlan
 from distload.planner import make_plan, traffic
+from distload.transforms import Merge, Rename, Split
 
 
 def index_of(shapes: list[tuple[tuple[int, ...], str]], files: int = 2) -> CheckpointIndex:
@@ -164,6 +165,29 @@ def test_plan_is_deterministic_and_roundtrips() -> None:
     assert a == b
     assert LoadPlan.from_json(a.to_json()) == a
     assert a.to_json() == LoadPlan.from_json(a.to_json()).to_json()
+
+
+def test_decoded_plan_knows_its_identity_outputs() -> None:
+    """A decoded plan takes identity_output's table from the encoding (outputs written as one
+    integer, spelled-out links checked): the same answers as a plan that works it out, with a
+    renamed tensor (identity under another name), a split one (two links) and a tensor read
+    by two outputs (a split part of it merged back whole)."""
+    index = index_of(LLAMAISH)
+    transforms = [
+        Rename("^t2$", "renamed"),
+        Split("t4", ["t4a", "t4b"], dim=0),
+        Split("t5", ["t5a", "t5b"], dim=1, sizes=[6, 10]),
+        Merge(["t5a", "t5b"], "t5", dim=1),
+    ]
+    plan = make_plan(index, 2, TensorParallel({"t0": "colwise"}), transforms=transforms)
+    decoded = LoadPlan.from_json(plan.to_json())
+    assert "_identity" in decoded.__dict__  # set while decoding, not worked out again
+    got = [decoded.identity_output(t) for t in range(len(index.tensors))]
+    want = [plan.identity_output(t) for t in range(len(index.tensors))]
+    assert got == want
+    names = {index.tensors[t].name: out for t, out in enumerate(want)}
+    assert plan.outputs[names["t2"]].name == "renamed"  # renamed, still the tensor itself
+    assert names["t4"] is None and names["t5"] is None and names["t0"] is not None
 
 
 def test_downcast_travels_narrow_upcast_travels_stored() -> None:
