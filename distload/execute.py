@@ -46,6 +46,7 @@ from distload.errors import CheckpointError, DistLoadError, failure_from_excepti
 from distload.geometry import (
     Part,
     Segment,
+    aligned,
     piece_bytes,
     piece_offset,
     piece_shape,
@@ -116,6 +117,10 @@ def _fills(part: Part, dest: torch.Tensor, dtype: str, nbytes: int) -> bool:
         and dest.dtype == to_torch(dtype)
         and dest.is_contiguous()
     )
+
+
+# (offset in a bucket's read layout, bytes, destination rows) of each piece: see _whole_layout
+_Pieces = list[tuple[int, int, torch.Tensor]]
 
 
 @dataclass
@@ -614,10 +619,54 @@ class Executor:
                 exc.phase = phase  # type: ignore[attr-defined]
         self.pending = self.pending or exc
 
+    def _whole_layout(self, bucket: Bucket) -> tuple[_Pieces, int] | None:
+        """For a bucket whose pieces are all rows of tensors every rank loads whole and
+        unchanged (:meth:`LoadPlan.whole_output`, no holders list) into contiguous host
+        destinations of the stored dtype: (where each piece lies in the read layout, its
+        bytes, its destination rows) and the layout's size -- what every rank receives, so
+        copying needs no segment layout. None for any other bucket."""
+        plan, dests = self.plan, self.dests
+        tensors, layouts, dtypes = plan.tensors, plan.layouts, plan.dtypes
+        pieces: _Pieces = []
+        cursor = 0
+        for item in bucket.items:
+            out = plan.whole_output(item.tensor)
+            if out is None or layouts[out].holders is not None:
+                return None
+            meta = tensors[item.tensor]
+            dest = dests.get(out)
+            if (
+                dest is None
+                or dtypes[out] != meta.dtype
+                or dest.device.type != "cpu"
+                or dest.dtype != to_torch(meta.dtype)
+                or dest.shape != meta.shape
+                or not dest.is_contiguous()
+            ):
+                return None
+            nbytes = piece_bytes(meta, item)
+            if meta.shape and (item.start or item.stop != meta.shape[0]):
+                dest = dest[item.start : item.stop]
+            pieces.append((cursor, nbytes, dest))
+            cursor = aligned(cursor + nbytes)
+        return pieces, cursor
+
+    def _copy_whole(self, pieces: _Pieces, buf: torch.Tensor | None) -> None:
+        """Copy each piece of a :meth:`_whole_layout` out of ``buf`` (plain memory copies)."""
+        assert buf is not None
+        host = byte_view(buf)
+        for offset, nbytes, dest in pieces:
+            byte_view(dest)[:] = host[offset : offset + nbytes]
+
     def _shm_bucket(self, number: int, bucket: Bucket, ready: _Ready | None) -> None:
         """Same-node exchange: every rank copies its parts from the reader's shm slot."""
         assert self.shm is not None
+        whole = self._whole_layout(bucket) if bucket.kind == "broadcast" else None
         if ready is not None:
+            if whole is not None:
+                self._guard(lambda: self._copy_whole(whole[0], ready.buffer))
+                self.stats.bytes_sent += whole[1] * (self.transport.world_size - 1)
+                return
             self._guard(lambda: self._own_parts(ready))
             if bucket.kind == "broadcast":
                 size = self._segments(bucket, self.rank)[1]
@@ -626,15 +675,24 @@ class Executor:
                 size = self._segments(bucket, members[0])[1]
                 self.stats.bytes_sent += size * sum(1 for r in members if r != self.rank)
             return
-        segs, size = self._segments(bucket, self.rank)
-        if not segs or self.pending is not None:
-            return  # nothing to copy, or this rank failed: its copies are moot
+        if whole is not None:
+            size = whole[1]
+        else:
+            segs, size = self._segments(bucket, self.rank)
+            if not segs:
+                return  # nothing to copy
+        if self.pending is not None:
+            return  # this rank failed: its copies are moot
         if not self.shm.await_bucket(number, bucket.reader):
             return  # the reader failed to read it: it shares why at the next status check
-        slots, total = read_slots(self.plan, bucket)
-        view = self.shm.peer(bucket.reader, self.shm.slot_of[number], total)
-        peer = _Ready(bucket, buffer=view, slots={s.item: s for s in slots})
-        self._guard(lambda: self._own_parts(peer))
+        if whole is not None:
+            view = self.shm.peer(bucket.reader, self.shm.slot_of[number], whole[1])
+            self._guard(lambda: self._copy_whole(whole[0], view))
+        else:
+            slots, total = read_slots(self.plan, bucket)
+            view = self.shm.peer(bucket.reader, self.shm.slot_of[number], total)
+            peer = _Ready(bucket, buffer=view, slots={s.item: s for s in slots})
+            self._guard(lambda: self._own_parts(peer))
         self.stats.bytes_received += size
 
     def _broadcast(self, bucket: Bucket, ready: _Ready | None, what: str) -> None:

@@ -44,6 +44,8 @@ def _configs(world: int, mixed: Path, llama: Path, single: Path) -> list[dict[st
     m, lm = str(mixed), str(llama)
     configs: list[dict[str, Any]] = [
         {"name": "replicate", "source": m},
+        # tensors cut into row pieces, each loaded whole and unchanged (the copy fast paths)
+        {"name": "replicate-small-buckets", "source": m, "bucket_bytes": 3000},
         {"name": "tp-mixed", "source": m, "rules": MIXED_RULES},
         {"name": "tp-mixed-out", "source": m, "rules": MIXED_RULES, "out": True},
         {
