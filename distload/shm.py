@@ -329,59 +329,45 @@ class ShmExchange:
         """Poll ``ready`` until it holds (True) or ``stop`` is set (False); PeerError naming
         the ranks ``waiting_on`` returns when one of them died or aborted, or at the timeout
         the ranks at the end of the chain of waits. While waiting, this thread's control
-        ``word`` holds the ranks it waits on."""
+        ``word`` holds the ranks it waits on; it is cleared only when the wait ends well
+        (after a PeerError it keeps naming them until this rank's abort flag does)."""
         if ready():
             _fence()
             return True
-        done = self._poll(ready, waiting_on, what, stop, word)
-        # cleared only when the wait ended well: after a PeerError the word keeps naming whom
-        # this rank waited on until its abort flag names them (see :meth:`abort`)
-        self._ctl[self.rank][word] = 0
-        return done
-
-    def _poll(
-        self,
-        ready: Callable[[], bool],
-        waiting_on: Callable[[], list[int]],
-        what: str,
-        stop: threading.Event | None,
-        word: int,
-    ) -> bool:
         own = self._ctl[self.rank]
         if self.world < 63:
             own[word] = _mask(waiting_on())
         start = time.monotonic()
-        probe = start + PROBE_SECONDS
-        pause = 2e-5
-        while True:
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
-            if ready():
-                _fence()
-                return True
+        probe, pause = start + PROBE_SECONDS, 2e-5
+        while not ready():
             if stop is not None and stop.is_set():
+                own[word] = 0
                 return False
             now = time.monotonic()
-            if now < probe:
-                continue
-            probe = now + PROBE_SECONDS
-            ranks = waiting_on()
-            if self.world < 63:
-                own[word] = _mask(ranks)
-            gone, said = self._gone(ranks)
-            if gone:
-                why, detail = "died or left the load", "; ".join(said)
-            elif now - start > self.timeout:
-                gone, why = self._stalled(ranks), "stopped answering"
-                detail = f"no answer within {self.timeout:g} s; ranks not answering: {gone}"
-            else:
-                continue
-            failures = tuple(Failure(r, "transfer", "PeerError", f"rank {r} {why}") for r in gone)
-            raise PeerError(
-                f"rank {self.rank}: transfer: {what}: {detail}",
-                phase="transfer",
-                failures=failures,
-            )
+            if now >= probe:
+                probe = now + PROBE_SECONDS
+                ranks = waiting_on()
+                if self.world < 63:
+                    own[word] = _mask(ranks)
+                gone, said = self._gone(ranks)
+                if gone:
+                    why, detail = "died or left the load", "; ".join(said)
+                elif now - start > self.timeout:
+                    gone, why = self._stalled(ranks), "stopped answering"
+                    detail = f"no answer within {self.timeout:g} s; ranks not answering: {gone}"
+                if gone:
+                    raise PeerError(
+                        f"rank {self.rank}: transfer: {what}: {detail}",
+                        phase="transfer",
+                        failures=tuple(
+                            Failure(r, "transfer", "PeerError", f"rank {r} {why}") for r in gone
+                        ),
+                    )
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+        _fence()
+        own[word] = 0
+        return True
 
     @property
     def nbytes(self) -> int:
