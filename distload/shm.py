@@ -128,6 +128,7 @@ class ShmExchange:
         self._peers: dict[tuple[int, str], torch.Tensor] = {}
         self._ctl: dict[int, np.ndarray] = {}  # rank -> its control words (own and mapped)
         self._maps: list[torch.Tensor] = []  # keeps the control mappings alive
+        self._pids: dict[int, int] = {}  # peer -> its process id where this rank can see it
         self.slot_of: dict[int, str] = {}  # bucket index -> slot name, for every shared bucket
         self.previous: dict[int, int] = {}  # bucket index -> the bucket its slot held before
         counts: dict[int, int] = {}
@@ -184,6 +185,11 @@ class ShmExchange:
             path = str(self.path(peer, "ctl"))
             raw = torch.from_file(path, shared=True, size=8 * self.ctl_words, dtype=torch.uint8)
             self._ctl[peer] = self._map_ctl(raw)
+            # every peer runs now; one whose process this rank cannot see (another process
+            # namespace) is watched through its abort word and the timeout only
+            pid = int(self._ctl[peer][_PID])
+            if pid > 0 and os.path.exists(f"/proc/{pid}"):
+                self._pids[peer] = pid
         for reader, size in self.slot_bytes.items():
             if reader == self.rank or not size:
                 continue
@@ -296,9 +302,9 @@ class ShmExchange:
             elif flag:
                 blamed.add(r)
                 said.append(f"rank {r} left the load")
-            elif not _alive(int(ctl[_PID])):
+            elif r in self._pids and not _alive(self._pids[r]):
                 blamed.add(r)
-                said.append(f"rank {r} (process {int(ctl[_PID])}) died")
+                said.append(f"rank {r} (process {self._pids[r]}) died")
         return sorted(blamed), said
 
     def _stalled(self, ranks: Sequence[int]) -> list[int]:

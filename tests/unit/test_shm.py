@@ -96,10 +96,13 @@ def test_waiting_on_an_aborted_rank_raises_naming_it(tmp_path: Path) -> None:
 
 
 def test_waiting_on_a_dead_rank_raises_naming_it(tmp_path: Path) -> None:
-    ex0, ex1 = _pair(tmp_path)
-    gone = subprocess.Popen(["true"])
+    plan = _plan()
+    ex0, ex1 = (ShmExchange(plan, r, folder=tmp_path, timeout=5.0) for r in range(2))
+    gone = subprocess.Popen(["sleep", "30"])
+    ex1._ctl[1][0] = gone.pid  # as if rank 1 were that process
+    ex0.attach()
+    gone.kill()
     gone.wait()  # exited and reaped: its process id names no process now
-    ex1._ctl[1][0] = gone.pid  # as if rank 1 had been that process
     with pytest.raises(PeerError, match=rf"rank 1 \(process {gone.pid}\) died"):
         ex0.await_bucket(_of(ex0, 1)[0], 1)
 
@@ -174,3 +177,18 @@ def test_a_rank_that_left_passes_its_blame_on(tmp_path: Path) -> None:
     with pytest.raises(PeerError, match=pattern) as info:
         ex0.await_bucket(_of(ex0, 2)[0], 2)
     assert info.value.ranks == (1,)
+
+
+def test_a_peer_whose_process_cannot_be_seen_is_not_taken_for_dead(tmp_path: Path) -> None:
+    """A process id this rank cannot see at attach time (another process namespace) is not
+    probed: the wait ends at the timeout, not at once with 'died'."""
+    plan = _plan()
+    ex0, ex1 = (ShmExchange(plan, r, folder=tmp_path, timeout=0.5) for r in range(2))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    ex1._ctl[1][0] = gone.pid  # not a process this rank can see
+    ex0.attach()
+    start = time.monotonic()
+    with pytest.raises(PeerError, match=r"no answer within 0\.5 s"):
+        ex0.await_bucket(_of(ex0, 1)[0], 1)
+    assert time.monotonic() - start >= 0.5
