@@ -119,8 +119,8 @@ def _fills(part: Part, dest: torch.Tensor, dtype: str, nbytes: int) -> bool:
     )
 
 
-# (offset in a bucket's read layout, bytes, destination rows) of each piece: see _whole_layout
-_Pieces = list[tuple[int, int, torch.Tensor]]
+# (piece, offset in its bucket's read layout, bytes, destination rows): see _whole_layout
+_Pieces = list[tuple[Item, int, int, torch.Tensor]]
 
 
 @dataclass
@@ -359,7 +359,6 @@ class Executor:
         # whether the transport opened the plan's multicast groups (else classes of several
         # receivers are sent to member by member)
         self.multicast = multicast
-        self._prefetch: _Prefetcher | None = None  # this run's reader thread (set by run)
         # (id of a bucket of ``plan.buckets``, rank) -> segments_for(...): the plan keeps every
         # bucket alive for the whole run, so ids are stable
         self._segment_cache: dict[tuple[int, int], tuple[list[Segment], int]] = {}
@@ -385,9 +384,9 @@ class Executor:
         Runs on the reader thread, once per piece: a checkpoint of tens of thousands of tiny
         tensors spends its time here, so the common case (the piece is the whole destination)
         takes no tensor slicing, and a bucket of only such pieces no segment layout."""
-        whole = self._whole_targets(bucket)
+        whole = self._whole_layout(bucket, everyone=False)
         if whole is not None:
-            return whole
+            return {item: byte_view(rows) for item, _, _, rows in whole[0]}
         segs = self._segments(bucket, self.rank)[0]
         targets: dict[Item, memoryview] = {}
         tensors = self.plan.tensors
@@ -410,37 +409,6 @@ class Executor:
             region = _region(dest, part.dst)
             if region.is_contiguous():
                 targets[item] = byte_view(region)
-        return targets
-
-    def _whole_targets(self, bucket: Bucket) -> dict[Item, memoryview] | None:
-        """Destination memory for every piece of a local bucket whose pieces are all rows of
-        stored tensors loaded whole and unchanged (:meth:`LoadPlan.whole_output`) into
-        contiguous host destinations of the stored dtype -- or None, when any piece is not
-        (then :meth:`_direct_targets` works through the bucket's segments)."""
-        plan, dests, rank = self.plan, self.dests, self.rank
-        tensors, layouts = plan.tensors, plan.layouts
-        targets: dict[Item, memoryview] = {}
-        for item in bucket.items:
-            out = plan.whole_output(item.tensor)
-            if out is None:
-                return None
-            holders = layouts[out].holders
-            if holders is not None and rank not in holders:
-                return None
-            dest = dests.get(out)
-            meta = tensors[item.tensor]
-            if (
-                dest is None
-                or dest.device.type != "cpu"
-                or dest.dtype != to_torch(meta.dtype)
-                or dest.shape != meta.shape
-                or not dest.is_contiguous()
-            ):
-                return None
-            view = byte_view(dest)
-            if meta.shape and (item.start or item.stop != meta.shape[0]):
-                view = view[item.start * meta.row_bytes : item.stop * meta.row_bytes]
-            targets[item] = view
         return targets
 
     def _deliver(self, segs: list[Segment], buf: torch.Tensor) -> None:
@@ -512,7 +480,6 @@ class Executor:
             shm=self.shm,
             cuda=self._cuda_device(),
         )
-        self._prefetch = prefetch
         try:
             for number, bucket in enumerate(self.plan.buckets):
                 self._agreed = self._moving = False
@@ -619,19 +586,23 @@ class Executor:
                 exc.phase = phase  # type: ignore[attr-defined]
         self.pending = self.pending or exc
 
-    def _whole_layout(self, bucket: Bucket) -> tuple[_Pieces, int] | None:
-        """For a bucket whose pieces are all rows of tensors every rank loads whole and
-        unchanged (:meth:`LoadPlan.whole_output`, no holders list) into contiguous host
-        destinations of the stored dtype: (where each piece lies in the read layout, its
-        bytes, its destination rows) and the layout's size -- what every rank receives, so
-        copying needs no segment layout. None for any other bucket."""
-        plan, dests = self.plan, self.dests
+    def _whole_layout(self, bucket: Bucket, *, everyone: bool) -> tuple[_Pieces, int] | None:
+        """For a bucket whose pieces are all rows of stored tensors loaded whole and unchanged
+        (:meth:`LoadPlan.whole_output`) into contiguous host destinations of the stored dtype
+        -- by every rank (``everyone``: no holders list) or at least by this one -- each
+        piece's place in the read layout, its bytes and its destination rows, and the
+        layout's size (what every rank receives): reading and copying then need no segment
+        layout. None for any other bucket."""
+        plan, dests, rank = self.plan, self.dests, self.rank
         tensors, layouts, dtypes = plan.tensors, plan.layouts, plan.dtypes
         pieces: _Pieces = []
         cursor = 0
         for item in bucket.items:
             out = plan.whole_output(item.tensor)
-            if out is None or layouts[out].holders is not None:
+            if out is None:
+                return None
+            holders = layouts[out].holders
+            if holders is not None and (everyone or rank not in holders):
                 return None
             meta = tensors[item.tensor]
             dest = dests.get(out)
@@ -647,7 +618,7 @@ class Executor:
             nbytes = piece_bytes(meta, item)
             if meta.shape and (item.start or item.stop != meta.shape[0]):
                 dest = dest[item.start : item.stop]
-            pieces.append((cursor, nbytes, dest))
+            pieces.append((item, cursor, nbytes, dest))
             cursor = aligned(cursor + nbytes)
         return pieces, cursor
 
@@ -655,13 +626,13 @@ class Executor:
         """Copy each piece of a :meth:`_whole_layout` out of ``buf`` (plain memory copies)."""
         assert buf is not None
         host = byte_view(buf)
-        for offset, nbytes, dest in pieces:
+        for _, offset, nbytes, dest in pieces:
             byte_view(dest)[:] = host[offset : offset + nbytes]
 
     def _shm_bucket(self, number: int, bucket: Bucket, ready: _Ready | None) -> None:
         """Same-node exchange: every rank copies its parts from the reader's shm slot."""
         assert self.shm is not None
-        whole = self._whole_layout(bucket) if bucket.kind == "broadcast" else None
+        whole = self._whole_layout(bucket, everyone=True) if bucket.kind == "broadcast" else None
         if ready is not None:
             if whole is not None:
                 self._guard(lambda: self._copy_whole(whole[0], ready.buffer))
