@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from distload import runtime as runtime_mod
-from distload.checkpoint import DEFAULT_MAX_HEADER_BYTES, CheckpointIndex, read_checkpoint
+from distload.checkpoint import DEFAULT_MAX_HEADER_BYTES, read_checkpoint
 from distload.coordination import agree, from_coordinator, gather_or_fail
 from distload.dtypes import parse_dtype
 from distload.errors import DistLoadError
@@ -43,6 +43,7 @@ from distload.hub.download import DownloadStats
 from distload.hub.options import HubOptions
 from distload.hub.plan import HubPlan
 from distload.hub.remote import Resolved, read_hub_index
+from distload.index import CheckpointIndex
 from distload.manifest import load_digests
 from distload.materialize import prepare_destinations
 from distload.placement.base import Placement

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from distload.checkpoint import CheckpointIndex, read_checkpoint
+from distload.checkpoint import read_checkpoint
 from distload.errors import DistLoadError
 from distload.gcpause import gc_paused
+from distload.index import CheckpointIndex
 from distload.placement import (
     DeviceMap,
     ExpertParallel,

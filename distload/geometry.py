@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from distload.checkpoint import TensorMeta
 from distload.dtypes import ITEMSIZE
+from distload.index import TensorMeta
 from distload.placement.base import Box, box_shape, local_box
-from distload.plan import ALIGN, Bucket, Item, LoadPlan
+from distload.plan import ALIGN, Bucket, Item, LoadPlan, tables
 from distload.transforms import Link
 
 
@@ -201,23 +201,25 @@ def segments_for(plan: LoadPlan, bucket: Bucket, rank: int) -> tuple[list[Segmen
     return segs, cursor
 
 
-def receiving_classes(plan: LoadPlan, bucket: Bucket) -> list[tuple[tuple[int, ...], int]]:
-    """Who receives what from a shared bucket: (class, bytes each member receives), root first.
+def receiving_classes(plan: LoadPlan, number: int) -> list[tuple[tuple[int, ...], int]]:
+    """Who receives what from shared bucket ``number`` of ``plan``: (class, bytes each member
+    receives), root first.
 
     A broadcast is one class of every rank rooted at the reader; a p2p bucket has its own
     classes. Sizes come from one ``segments_for`` per class (members receive identical bytes),
     worked out once per bucket of a plan object (the list is shared: do not change it).
     """
+    bucket = plan.buckets[number]
     if bucket.kind == "local":
         return []
-    memo = plan.memo("receiving_classes")  # by bucket identity: hashing its items costs more
-    known = memo.get(id(bucket))
-    if known is not None and known[0] is bucket:
-        return known[1]  # type: ignore[no-any-return]
+    memo = tables(plan).receiving
+    known = memo.get(number)
+    if known is not None:
+        return known
     if bucket.kind == "broadcast":
         everyone = (bucket.reader, *(r for r in range(plan.world_size) if r != bucket.reader))
         found = [(everyone, segments_for(plan, bucket, bucket.reader)[1])]
     else:
         found = [(c, segments_for(plan, bucket, c[0])[1]) for c in bucket.classes]
-    memo[id(bucket)] = (bucket, found)
+    memo[number] = found
     return found

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distload.checkpoint import CheckpointIndex, TensorMeta, read_checkpoint
+from distload.checkpoint import read_checkpoint
 from distload.errors import CheckpointError
+from distload.index import CheckpointIndex, TensorMeta
 
 MANIFEST_NAME = "distload.manifest.json"
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024

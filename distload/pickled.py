@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distload.checkpoint import FileMeta, TensorMeta
 from distload.dtypes import ITEMSIZE, from_torch
 from distload.errors import CheckpointError
+from distload.index import FileMeta, TensorMeta
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 

@@ -26,10 +26,13 @@ Vocabulary:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import threading
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from distload.checkpoint import CheckpointIndex, TensorMeta
+from distload.hub.plan import HubPlan
+from distload.index import CheckpointIndex, TensorMeta
 from distload.placement.base import Box, Layout, box_shape, local_box
 from distload.transforms import Link
 
@@ -107,11 +110,14 @@ class LoadPlan:
     # then cut exactly on that grid and each is checked as it is read
     digests: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
     # Hub sources: the pinned commit, cache domains and downloads (``distload.hub.plan``)
-    hub: dict[str, Any] | None = None
+    hub: HubPlan | None = None
     token: str = ""  # unique per load (names its shared-memory files)
     # shared buckets between two status checks while p2p buckets run concurrently (see
     # distload.execute); part of the plan so that every rank checks before the same buckets
     check_every: int = CHECK_EVERY
+    # whether classes of several receivers are served through sub-groups of the transport
+    # (decided once, on rank 0, like every choice that changes which collectives run)
+    multicast: bool = True
 
     @property
     def tensors(self) -> tuple[TensorMeta, ...]:
@@ -139,42 +145,14 @@ class LoadPlan:
 
     def links_of(self, stored: int) -> list[tuple[int, Link]]:
         """(output, link) pairs reading from stored tensor ``stored``."""
-        return self._links_table().get(stored, [])
-
-    def _links_table(self) -> dict[int, list[tuple[int, Link]]]:
-        """Stored tensor -> its (output, link) pairs, built once per plan object."""
-        table = self.__dict__.get("_by_stored")
-        if table is None:
-            table = {}
-            for out, link in self.links:
-                table.setdefault(link.stored, []).append((out, link))
-            object.__setattr__(self, "_by_stored", table)
-        return table
-
-    def memo(self, name: str) -> dict[Any, Any]:
-        """A dict kept on this plan object for data derived from it (the plan is immutable):
-        e.g. the receiving classes of each bucket, asked for by the accounting and by the
-        simulator alike."""
-        table = self.__dict__.get(f"_memo_{name}")
-        if table is None:
-            table = {}
-            object.__setattr__(self, f"_memo_{name}", table)
-        return table  # type: ignore[no-any-return]
+        return tables(self).links_by_stored(self).get(stored, [])
 
     def identity_output(self, stored: int) -> int | None:
         """The output that is stored tensor ``stored`` itself -- its only link, covering all
         of both and not transposed (no key transform touches it: the common case) -- under
         any layout, or None. Its geometry needs no box arithmetic (see ``geometry.parts_of``).
-        Computed for every stored tensor once per plan object."""
-        table = self.__dict__.get("_identity")
-        if table is None:
-            table = {}
-            for stored_index, pairs in self._links_table().items():
-                out, link = pairs[0]
-                if len(pairs) == 1 and _covers(link, self.tensors[stored_index], self.outputs[out]):
-                    table[stored_index] = out
-            object.__setattr__(self, "_identity", table)
-        return table.get(stored)
+        Computed for every stored tensor once per plan object (see :class:`PlanTables`)."""
+        return tables(self).identity(self).get(stored)
 
     def whole_output(self, stored: int) -> int | None:
         """:meth:`identity_output`, when laid out as full copies (a replicated tensor without
@@ -227,9 +205,10 @@ class LoadPlan:
                 "skipped": list(self.skipped),
                 "nodes": list(self.nodes),
                 "digests": [[t, rows, list(chunks)] for t, rows, chunks in self.digests],
-                "hub": self.hub,
+                "hub": self.hub.to_json() if self.hub is not None else None,
                 "token": self.token,
                 "check_every": self.check_every,
+                "multicast": self.multicast,
             },
             separators=(",", ":"),
         ).encode()
@@ -284,9 +263,10 @@ class LoadPlan:
             digests=tuple(
                 (int(t), int(rows), tuple(chunks)) for t, rows, chunks in raw.get("digests", ())
             ),
-            hub=raw.get("hub"),
+            hub=HubPlan.from_json(raw["hub"]) if raw.get("hub") is not None else None,
             token=raw.get("token", ""),
             check_every=int(raw.get("check_every", CHECK_EVERY)),
+            multicast=bool(raw.get("multicast", True)),
         )
         # identity_output's table without walking every tensor again: an output written as
         # one integer is its stored tensor's identity unless that tensor also feeds another
@@ -300,7 +280,7 @@ class LoadPlan:
             covers = _covers(link, index.tensors[t], plan.outputs[out])
             if t not in as_stored and len(pairs) == 1 and covers:
                 identity[t] = out
-        object.__setattr__(plan, "_identity", identity)
+        tables(plan).seed_identity(identity)
         return plan
 
     def local_shape(self, output: int, rank: int) -> tuple[int, ...] | None:
@@ -325,3 +305,63 @@ def _covers(link: Link, meta: TensorMeta, output: Output) -> bool:
         and link.stored_box == full
         and link.view_box == full
     )
+
+
+# --------------------------------------------------------------------------------------------
+# tables derived from a plan, kept beside it
+
+
+@dataclass
+class PlanTables:
+    """Lookup tables derived from one plan object, built on first use and kept beside it
+    (the plan itself stays plain frozen data). A plan's tables live as long as the plan.
+
+    Asked for by the reader thread and the main thread alike; building one twice under a race
+    gives the same content, so a lock only guards the registry, not the tables.
+    """
+
+    _by_stored: dict[int, list[tuple[int, Link]]] | None = None
+    _identity: dict[int, int] | None = None
+    # per bucket number: the receiving classes of shared buckets (``geometry``)
+    receiving: dict[int, list[tuple[tuple[int, ...], int]]] = field(default_factory=dict)
+
+    def links_by_stored(self, plan: LoadPlan) -> dict[int, list[tuple[int, Link]]]:
+        """Stored tensor -> its (output, link) pairs."""
+        if self._by_stored is None:
+            table: dict[int, list[tuple[int, Link]]] = {}
+            for out, link in plan.links:
+                table.setdefault(link.stored, []).append((out, link))
+            self._by_stored = table
+        return self._by_stored
+
+    def identity(self, plan: LoadPlan) -> dict[int, int]:
+        """Stored tensor -> the output that is that tensor itself (see identity_output)."""
+        if self._identity is None:
+            table = {}
+            for stored, pairs in self.links_by_stored(plan).items():
+                out, link = pairs[0]
+                if len(pairs) == 1 and _covers(link, plan.tensors[stored], plan.outputs[out]):
+                    table[stored] = out
+            self._identity = table
+        return self._identity
+
+    def seed_identity(self, identity: dict[int, int]) -> None:
+        """Take the identity table a decoder already knows (no walk over every tensor)."""
+        self._identity = identity
+
+
+_TABLES: dict[int, PlanTables] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def tables(plan: LoadPlan) -> PlanTables:
+    """The :class:`PlanTables` of ``plan`` (by object identity; dropped with the plan)."""
+    key = id(plan)
+    got = _TABLES.get(key)
+    if got is None:
+        with _TABLES_LOCK:
+            got = _TABLES.get(key)
+            if got is None:
+                got = _TABLES[key] = PlanTables()
+                weakref.finalize(plan, _TABLES.pop, key, None)
+    return got

@@ -24,28 +24,33 @@ Steps:
 
 from __future__ import annotations
 
-import functools
-import itertools
+import dataclasses
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from distload.checkpoint import CheckpointIndex, TensorMeta
+from distload.accounting import RankTraffic, traffic
 from distload.dtypes import FLOATING, ITEMSIZE
 from distload.errors import PlacementError
-from distload.geometry import Part, parts_of, piece_bytes, read_bytes, receiving_classes
+from distload.geometry import piece_bytes
+from distload.hub.plan import HubPlan
+from distload.index import CheckpointIndex, TensorMeta
 from distload.manifest import Digests
-from distload.placement.base import (
-    Layout,
-    Placement,
-    ReplicateAll,
-    box_shape,
-    chunk_range,
-    holders,
-    local_box,
-)
-from distload.plan import Bucket, BucketKind, Item, LoadPlan, Output
+from distload.pieces import ChunkClasses, Classes, holder_classes, piece_classes, split_pieces
+from distload.placement.base import Layout, Placement, ReplicateAll
+from distload.plan import CHECK_EVERY, Bucket, BucketKind, Item, LoadPlan, Output
 from distload.transforms import Transform, apply_transforms
+
+__all__ = [
+    "DEFAULT_BUCKET_BYTES",
+    "RankTraffic",
+    "destination_dtypes",
+    "evaluate_layouts",
+    "holder_classes",
+    "interleave",
+    "make_plan",
+    "traffic",
+]
 
 # one bucket's bytes. Smaller buckets hold less staging memory (touched afresh by every load:
 # on the 2-core benchmark machine the first touch of a page costs more than copying into it)
@@ -94,166 +99,6 @@ def evaluate_layouts(
     return tuple(layouts)
 
 
-def _row_cuts(plan: LoadPlan, stored: int) -> set[int]:
-    """Rows of a stored tensor where pieces should be cut: link edges and dim-0 chunk edges."""
-    meta = plan.tensors[stored]
-    rows = meta.shape[0]
-    cuts = {0, rows}
-    for out, link in plan.links_of(stored):
-        lo, hi = link.stored_box[0]
-        cuts.update((lo, hi))
-        layout = plan.layouts[out]
-        # the view dim that runs along stored rows (after any stacking dims)
-        vdim = link.lead + (1 if link.transposed else 0)
-        if layout.dim == vdim:
-            size = plan.outputs[out].shape[vdim]
-            step = -(-size // layout.chunks)
-            v0 = link.view_box[vdim][0]
-            for i in range(layout.chunks):
-                edge = lo + min(size, i * step) - v0
-                if lo <= edge <= hi:
-                    cuts.add(edge)
-    return cuts
-
-
-def split_pieces(
-    plan: LoadPlan, stored: int, bucket_bytes: int, grid: int | None = None
-) -> list[Item]:
-    """Cut one stored tensor into pieces along dim 0 (at most ``bucket_bytes`` unless a row is
-    bigger), also at the edges where its rows change owner. With ``grid`` (rows per manifest
-    chunk), pieces are exactly the chunks of that grid, so each can be hashed as it is read."""
-    meta = plan.tensors[stored]
-    if meta.nbytes == 0:
-        return []
-    if not meta.shape:
-        return [Item(stored, 0, 1)]
-    rows = meta.shape[0]
-    if grid is not None:
-        return [Item(stored, s, min(rows, s + grid)) for s in range(0, rows, grid)]
-    per_piece = max(1, bucket_bytes // max(1, meta.row_bytes))
-    if plan.whole_output(stored) is not None:  # one owner region: cut by size only
-        return [Item(stored, s, min(rows, s + per_piece)) for s in range(0, rows, per_piece)]
-    edges = sorted(_row_cuts(plan, stored))
-    items = []
-    for lo, hi in itertools.pairwise(edges):
-        for start in range(lo, hi, per_piece):
-            items.append(Item(stored, start, min(hi, start + per_piece)))
-    return items
-
-
-Classes = tuple[tuple[int, ...], ...]  # ranks partitioned by what they hold (sorted)
-
-
-def _chunk_table(layout: Layout, world_size: int) -> list[int]:
-    """Per rank: the chunk of a tensor with ``layout`` it holds (0 for a full copy, -1: none)."""
-    table = [-1] * world_size
-    for pos, rank in enumerate(holders(layout, world_size)):
-        table[rank] = pos % layout.chunks if layout.dim is not None else 0
-    return table
-
-
-def holder_classes(
-    plan: LoadPlan, stored: int, cache: dict[tuple[Layout, ...], list[list[int]]] | None = None
-) -> list[list[int]]:
-    """Ranks that hold a part of stored tensor ``stored``, grouped by the chunks they hold of
-    every output made of it: ranks of one group hold exactly the same regions (e.g. the
-    data-parallel replicas of one tensor-parallel rank), so geometry is computed once per
-    group instead of once per rank.
-
-    The grouping depends only on the layouts of those outputs, so ``cache`` keeps it per
-    combination of layouts across calls: a checkpoint of tens of thousands of tensors with a
-    handful of distinct layouts walks the ranks a handful of times, not once per tensor. The
-    returned lists are shared with the cache: read them, do not change them."""
-    key = tuple(plan.layouts[out] for out, _link in plan.links_of(stored))
-    if cache is not None and key in cache:
-        return cache[key]
-    columns = [_chunk_table(layout, plan.world_size) for layout in dict.fromkeys(key)]
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for rank, chunks in enumerate(zip(*columns, strict=True)):
-        if any(k >= 0 for k in chunks):
-            groups.setdefault(chunks, []).append(rank)
-    found = list(groups.values())
-    if cache is not None:
-        cache[key] = found
-    return found
-
-
-def _whole_copies(plan: LoadPlan, stored: int) -> bool:
-    """Whether every output made of stored tensor ``stored`` is the whole tensor, held in full
-    by its holders (the common case of a replicated tensor without key transforms)."""
-    meta = plan.tensors[stored]
-    if meta.nbytes > 0 and plan.whole_output(stored) is not None:
-        return True  # the common case, known per plan without building boxes
-    full = tuple((0, n) for n in meta.shape)
-    return meta.nbytes > 0 and all(
-        plan.layouts[out].dim is None and link.stored_box == full and not link.transposed
-        for out, link in plan.links_of(stored)
-    )
-
-
-@dataclass
-class ChunkClasses:
-    """The holder classes of a tensor sharded as stored, with the chunk each holds along the
-    sharded dim (kept per (layout, size): tensors of one shape share it)."""
-
-    ranges: list[tuple[tuple[int, ...], int, int]]  # (holder class, chunk start, stop), sorted
-    by_rows: dict[tuple[int, int], Classes] = field(default_factory=dict)  # dim 0: per rows
-
-    @functools.cached_property
-    def nonempty(self) -> Classes:
-        """Every class with a non-empty chunk (sharded along another dim than 0)."""
-        return tuple(r for r, lo, hi in self.ranges if lo < hi)
-
-    def of_rows(self, start: int, stop: int) -> Classes:
-        """Classes whose chunk of rows meets ``[start, stop)`` (sharded along dim 0)."""
-        got = self.by_rows.get((start, stop))
-        if got is None:
-            got = tuple(r for r, lo, hi in self.ranges if max(lo, start) < min(hi, stop))
-            self.by_rows[(start, stop)] = got
-        return got
-
-
-def piece_classes(
-    plan: LoadPlan,
-    item: Item,
-    holding: list[list[int]],
-    chunks: dict[tuple[Layout, int], ChunkClasses] | None = None,
-) -> Classes:
-    """The ranks holding a part of piece ``item``, partitioned by identical parts (from the
-    tensor's :func:`holder_classes`): sorted classes of sorted ranks. ``chunks`` keeps the
-    chunk each holder class holds per (layout, size) across calls."""
-    if len(holding) == 1 and _whole_copies(plan, item.tensor):
-        return (tuple(holding[0]),)  # every holder holds the whole piece: no geometry needed
-    same = plan.identity_output(item.tensor)
-    layout = plan.layouts[same] if same is not None else None
-    if layout is not None and layout.dim is not None:
-        # sharded as stored: each holder class holds one chunk along the sharded dim, and
-        # distinct non-empty chunks are distinct parts; a class takes part when its chunk is
-        # not empty and, sharded along rows, meets the piece's rows (no boxes needed)
-        size = plan.tensors[item.tensor].shape[layout.dim]
-        key = (layout, size)
-        known = chunks.get(key) if chunks is not None else None
-        if known is None:
-            chunk_of = _chunk_table(layout, plan.world_size)
-            ranges = []
-            for ranks in holding:
-                lo, hi = chunk_range(size, layout.chunks, chunk_of[ranks[0]])
-                ranges.append((tuple(ranks), lo, hi))
-            ranges.sort()
-            known = ChunkClasses(ranges)
-            if chunks is not None:
-                chunks[key] = known
-        if layout.dim == 0:
-            return known.of_rows(item.start, item.stop)
-        return known.nonempty
-    by_parts: dict[tuple[Part, ...], list[int]] = {}
-    for ranks in holding:
-        parts = tuple(parts_of(plan, ranks[0], item))
-        if parts:
-            by_parts.setdefault(parts, []).extend(ranks)
-    return tuple(sorted(tuple(sorted(ranks)) for ranks in by_parts.values()))
-
-
 def _rooted(members: tuple[int, ...], reader: int, nodes: Sequence[int]) -> tuple[int, ...]:
     """A class with its root first: the reader if a member, else the first member on the
     reader's node (the hop from the reader stays inside the node), else the first member."""
@@ -267,8 +112,121 @@ def _rooted(members: tuple[int, ...], reader: int, nodes: Sequence[int]) -> tupl
 
 @dataclass
 class _Open:
+    """A bucket being filled: its pieces and their bytes so far."""
+
     items: list[Item] = field(default_factory=list)
     nbytes: int = 0
+
+
+BucketKey = tuple[BucketKind, tuple[int, ...], Classes]  # (kind, readers allowed, classes)
+
+
+@dataclass
+class _Bucketer:
+    """Groups pieces into buckets and gives each bucket its reader (step 4 of the module
+    docstring). Keeps the balance of bytes per reader and the caches that make a checkpoint
+    of tens of thousands of tensors with a handful of distinct layouts cheap to plan."""
+
+    world_size: int
+    bucket_bytes: int
+    readers: tuple[int, ...]
+    nodes: Sequence[int]
+    load: dict[int, int] = field(init=False)
+    ordered: list[tuple[int, Bucket]] = field(default_factory=list)  # (position, bucket)
+    local_open: dict[int, _Open] = field(default_factory=dict)
+    # shared buckets by kind, by the readers allowed for their files and by their receiver
+    # classes (pieces of one bucket split their receivers the same way)
+    shared_open: dict[BucketKey, _Open] = field(default_factory=dict)
+    position: int = 0
+    near_cache: dict[BucketKey, tuple[int, ...]] = field(default_factory=dict)
+    rooted_cache: dict[tuple[Classes, int], Classes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.load = dict.fromkeys(self.readers, 0)
+
+    def add(self, item: Item, nbytes: int, classes: Classes, pool: tuple[int, ...]) -> None:
+        """Put one piece (held by ``classes``, readable by ``pool``) into its open bucket."""
+        self.position += 1
+        if len(classes) == 1 and len(classes[0]) == 1 and classes[0][0] in pool:
+            kind: BucketKind = "local"
+            key: BucketKey = (kind, pool, ())
+            bucket = self.local_open.setdefault(classes[0][0], _Open())
+        elif len(classes) == 1 and len(classes[0]) == self.world_size:
+            kind = "broadcast"  # every rank holds the same regions: one broadcast serves all
+            key = (kind, pool, ())
+            bucket = self.shared_open.setdefault(key, _Open())
+        else:
+            kind = "p2p"
+            key = (kind, pool, classes)
+            bucket = self.shared_open.setdefault(key, _Open())
+        if bucket.items and bucket.nbytes + nbytes > self.bucket_bytes:
+            reader = classes[0][0] if kind == "local" else None
+            self.close(kind, reader, bucket, pool, key[2])
+        bucket.items.append(item)
+        bucket.nbytes += nbytes
+
+    def close(
+        self,
+        kind: BucketKind,
+        reader: int | None,
+        bucket: _Open,
+        pool: tuple[int, ...],
+        classes: Classes = (),
+    ) -> None:
+        """Turn an open bucket into a :class:`Bucket` of the least loaded allowed reader."""
+        if not bucket.items:
+            return
+        if reader is None:
+            # a p2p bucket is read by one of its receivers where one may read it: its bytes
+            # then start where they are needed, and buckets of disjoint receivers (pipeline
+            # stages) involve disjoint ranks, so they move at the same time
+            candidates = self.near_cache.get((kind, pool, classes))
+            if candidates is None:
+                holding = {r for c in classes for r in c}
+                near = tuple(r for r in pool if r in holding) if kind == "p2p" else ()
+                candidates = near or pool
+                self.near_cache[(kind, pool, classes)] = candidates
+            reader = min(candidates, key=lambda r: (self.load[r], r))
+        self.load[reader] += bucket.nbytes
+        rooted = self.rooted_cache.get((classes, reader))
+        if rooted is None:
+            rooted = tuple(_rooted(c, reader, self.nodes) for c in classes)
+            self.rooted_cache[(classes, reader)] = rooted
+        self.ordered.append((self.position, Bucket(kind, reader, tuple(bucket.items), rooted)))
+        bucket.items, bucket.nbytes = [], 0
+
+    def finish(self) -> tuple[Bucket, ...]:
+        """Close every open bucket; the buckets in the global order (see :func:`interleave`)."""
+        for (kind, pool, classes), bucket in self.shared_open.items():
+            self.close(kind, None, bucket, pool, classes)
+        for rank, bucket in sorted(self.local_open.items()):
+            self.close("local", rank, bucket, self.readers)
+        self.ordered.sort(key=lambda pb: pb[0])
+        return interleave([b for _, b in self.ordered], self.world_size)
+
+
+def _reader_pools(
+    readers: Collection[int] | None,
+    world_size: int,
+    file_readers: Mapping[str, Collection[int]] | None,
+) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
+    """The ranks allowed to read (sorted), and per file named in ``file_readers`` the allowed
+    readers among them."""
+    everyone = tuple(sorted(set(range(world_size) if readers is None else readers)))
+    if not everyone or not all(0 <= r < world_size for r in everyone):
+        raise PlacementError(
+            f"readers {list(everyone)} must be non-empty ranks of 0..{world_size - 1}"
+        )
+    by_file: dict[str, tuple[int, ...]] = {}
+    for file, ranks in (file_readers or {}).items():
+        by_file[file] = tuple(r for r in everyone if r in set(ranks))
+        if not by_file[file]:
+            raise PlacementError(
+                f"file {file!r} may be read by ranks {sorted(ranks)}, none of them a reader "
+                f"({everyone})",
+                file=file,
+            )
+    return everyone, by_file
 
 
 def make_plan(
@@ -284,8 +242,12 @@ def make_plan(
     nodes: Sequence[int] = (),
     digests: Mapping[int, Digests] | None = None,
     file_readers: Mapping[str, Collection[int]] | None = None,
+    hub: HubPlan | None = None,
+    token: str = "",
+    check_every: int = CHECK_EVERY,
+    multicast: bool = True,
 ) -> LoadPlan:
-    """Build the plan for loading ``index`` into a group of ``world_size`` ranks.
+    """Build the finished plan for loading ``index`` into a group of ``world_size`` ranks.
 
     Args:
         placement: layout rule per output tensor (default: replicate everything).
@@ -300,11 +262,17 @@ def make_plan(
             follow the manifest's chunk grid and readers check each one as they read it.
         file_readers: file -> ranks allowed to read it (within ``readers``); e.g. the ranks
             whose Hub cache holds that shard. Files not named may be read by any reader.
+        hub: the Hub section of a Hub source's plan (downloads, cache domains).
+        token: unique name of this load (its shared-memory files).
+        check_every: shared buckets between two status checks (``LoadPlan.status_checks``).
+        multicast: serve classes of several receivers through transport sub-groups.
     """
     if world_size < 1:
         raise PlacementError(f"world_size must be >= 1, got {world_size}")
     if bucket_bytes < 1:
         raise PlacementError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    if check_every < 1:
+        raise PlacementError(f"check_every must be >= 1, got {check_every}")
     placement = placement or ReplicateAll()
     views = apply_transforms(index, transforms)
     skipped: tuple[str, ...] = ()
@@ -312,128 +280,51 @@ def make_plan(
         wanted = set(names)
         skipped = tuple(v.name for v in views if v.name not in wanted)
         views = [v for v in views if v.name in wanted]
-    reader_set = sorted(set(range(world_size) if readers is None else readers))
-    if not reader_set or not all(0 <= r < world_size for r in reader_set):
-        raise PlacementError(f"readers {reader_set} must be non-empty ranks of 0..{world_size - 1}")
+    everyone, allowed_by_file = _reader_pools(readers, world_size, file_readers)
     output_metas = [
         TensorMeta(v.name, "", v.dtype, v.shape, 0, math.prod(v.shape) * ITEMSIZE[v.dtype])
         for v in views
     ]
-    layouts = evaluate_layouts(output_metas, placement, world_size)
-    dtypes = destination_dtypes([v.dtype for v in views], dtype)
-    outputs = tuple(Output(v.name, v.shape, v.dtype) for v in views)
     links = tuple((o, link) for o, v in enumerate(views) for link in v.links)
-    skeleton = LoadPlan(
-        world_size, bucket_bytes, index, outputs, links, layouts, dtypes, (), "", skipped
-    )
-
-    everyone = tuple(reader_set)
-    allowed_by_file: dict[str, tuple[int, ...]] = {}
-    for file, ranks in (file_readers or {}).items():
-        allowed_by_file[file] = tuple(r for r in everyone if r in set(ranks))
-        if not allowed_by_file[file]:
-            raise PlacementError(
-                f"file {file!r} may be read by ranks {sorted(ranks)}, none of them a reader "
-                f"({everyone})",
-                file=file,
-            )
-    load = dict.fromkeys(reader_set, 0)
-    ordered: list[tuple[int, Bucket]] = []  # (position of last piece, bucket)
-    local_open: dict[int, _Open] = {}
-    # shared buckets by kind, by the readers allowed for their files and by their receiver
-    # classes (pieces of one bucket split their receivers the same way)
-    shared_open: dict[tuple[BucketKind, tuple[int, ...], Classes], _Open] = {}
-    position = 0
-    holder_cache: dict[tuple[Layout, ...], list[list[int]]] = {}
-    chunk_cache: dict[tuple[Layout, int], ChunkClasses] = {}
-    # (kind, pool, classes) -> ranks that may read such a bucket (the same for every bucket)
-    near_cache: dict[tuple[BucketKind, tuple[int, ...], Classes], tuple[int, ...]] = {}
-    rooted_cache: dict[tuple[Classes, int], Classes] = {}  # (classes, reader) -> rooted
-
-    def close(
-        kind: BucketKind,
-        reader: int | None,
-        bucket: _Open,
-        pool: tuple[int, ...],
-        classes: Classes = (),
-    ) -> None:
-        if not bucket.items:
-            return
-        if reader is None:
-            # a p2p bucket is read by one of its receivers where one may read it: its bytes
-            # then start where they are needed, and buckets of disjoint receivers (pipeline
-            # stages) involve disjoint ranks, so they move at the same time
-            candidates = near_cache.get((kind, pool, classes))
-            if candidates is None:
-                holding = {r for c in classes for r in c}
-                near = tuple(r for r in pool if r in holding) if kind == "p2p" else ()
-                candidates = near or pool
-                near_cache[(kind, pool, classes)] = candidates
-            reader = min(candidates, key=lambda r: (load[r], r))
-        load[reader] += bucket.nbytes
-        rooted = rooted_cache.get((classes, reader))
-        if rooted is None:
-            rooted = tuple(_rooted(c, reader, nodes) for c in classes)
-            rooted_cache[(classes, reader)] = rooted
-        ordered.append((position, Bucket(kind, reader, tuple(bucket.items), rooted)))
-        bucket.items, bucket.nbytes = [], 0
-
     used = sorted({link.stored for _, link in links})
-    for t in used:
-        meta = index.tensors[t]
-        pool = allowed_by_file.get(meta.file, everyone)
-        grid = digests[t].rows_per_chunk if digests and t in digests else None
-        holding = holder_classes(skeleton, t, holder_cache)
-        for item in split_pieces(skeleton, t, bucket_bytes, grid):
-            position += 1
-            nbytes = piece_bytes(meta, item)
-            classes = piece_classes(skeleton, item, holding, chunk_cache)
-            if not classes:
-                continue
-            key: tuple[BucketKind, tuple[int, ...], Classes]
-            if len(classes) == 1 and len(classes[0]) == 1 and classes[0][0] in pool:
-                kind: BucketKind = "local"
-                bucket = local_open.setdefault(classes[0][0], _Open())
-            elif len(classes) == 1 and len(classes[0]) == world_size:
-                # every rank holds the same regions: one broadcast serves all
-                kind = "broadcast"
-                key = (kind, pool, ())
-                bucket = shared_open.setdefault(key, _Open())
-            else:
-                kind = "p2p"
-                key = (kind, pool, classes)
-                bucket = shared_open.setdefault(key, _Open())
-            if bucket.items and bucket.nbytes + nbytes > bucket_bytes:
-                if kind == "local":
-                    close(kind, classes[0][0], bucket, pool)
-                else:
-                    close(kind, None, bucket, pool, key[2])
-            bucket.items.append(item)
-            bucket.nbytes += nbytes
-    for (kind, pool, classes), bucket in shared_open.items():
-        close(kind, None, bucket, pool, classes)
-    for rank, bucket in sorted(local_open.items()):
-        close("local", rank, bucket, everyone)
-    ordered.sort(key=lambda pb: pb[0])
-    buckets = interleave([b for _, b in ordered], world_size)
-    return LoadPlan(
-        world_size,
-        bucket_bytes,
-        index,
-        outputs,
-        links,
-        layouts,
-        dtypes,
-        buckets,
-        placement.describe(),
-        skipped,
-        tuple(nodes),
-        tuple(
+    # the plan without its buckets: the geometry of pieces needs outputs, links and layouts
+    draft = LoadPlan(
+        world_size=world_size,
+        bucket_bytes=bucket_bytes,
+        index=index,
+        outputs=tuple(Output(v.name, v.shape, v.dtype) for v in views),
+        links=links,
+        layouts=evaluate_layouts(output_metas, placement, world_size),
+        dtypes=destination_dtypes([v.dtype for v in views], dtype),
+        buckets=(),
+        placement=placement.describe(),
+        skipped=skipped,
+        nodes=tuple(nodes),
+        digests=tuple(
             (t, d.rows_per_chunk, d.chunks)
             for t, d in sorted((digests or {}).items())
             if t in set(used)
         ),
+        hub=hub,
+        token=token,
+        check_every=check_every,
+        multicast=multicast,
     )
+    bucketer = _Bucketer(world_size, bucket_bytes, everyone, nodes)
+    holder_cache: dict[tuple[Layout, ...], list[list[int]]] = {}
+    chunk_cache: dict[tuple[Layout, int], ChunkClasses] = {}  # see piece_classes
+    for t in used:
+        meta = index.tensors[t]
+        pool = allowed_by_file.get(meta.file, everyone)
+        grid = digests[t].rows_per_chunk if digests and t in digests else None
+        holding = holder_classes(draft, t, holder_cache)
+        for item in split_pieces(draft, t, bucket_bytes, grid):
+            classes = piece_classes(draft, item, holding, chunk_cache)
+            if classes:
+                bucketer.add(item, piece_bytes(meta, item), classes, pool)
+            else:
+                bucketer.position += 1
+    return dataclasses.replace(draft, buckets=bucketer.finish())
 
 
 def interleave(buckets: list[Bucket], world_size: int) -> tuple[Bucket, ...]:
@@ -457,67 +348,3 @@ def interleave(buckets: list[Bucket], world_size: int) -> tuple[Bucket, ...]:
     ]
     keyed.sort(key=lambda entry: entry[:3])
     return tuple(entry[3] for entry in keyed)
-
-
-# --------------------------------------------------------------------------------------------
-# accounting
-
-
-@dataclass(frozen=True)
-class RankTraffic:
-    """Bytes one rank reads, sends, receives and finally holds under a plan."""
-
-    rank: int
-    read: int
-    sent: int
-    received: int
-    held: int
-    staging: int  # largest staging buffer this rank needs, in bytes
-
-
-def traffic(plan: LoadPlan, *, multicast: bool = True) -> list[RankTraffic]:
-    """Per-rank byte accounting of a plan (what ``distload plan`` prints).
-
-    With ``multicast`` a class of several receivers is served as the executor does when the
-    transport opened its group: the reader sends its bytes once (to the class's root, or
-    within the class when it is a member itself) and the root sends one copy to every other
-    member, as a broadcast inside the class does logically. Without, the reader sends to
-    every member (shared memory, or a transport without sub-groups).
-    """
-    world = plan.world_size
-    read, sent, recv, staging = [0] * world, [0] * world, [0] * world, [0] * world
-    for bucket in plan.buckets:
-        size = read_bytes(plan, bucket)
-        read[bucket.reader] += sum(piece_bytes(plan.tensors[i.tensor], i) for i in bucket.items)
-        staging[bucket.reader] = max(staging[bucket.reader], size)
-        for members, nbytes in receiving_classes(plan, bucket):
-            if multicast or bucket.kind == "broadcast":
-                root = members[0]
-                if root != bucket.reader:
-                    sent[bucket.reader] += nbytes
-                sent[root] += nbytes * (len(members) - 1)
-            else:
-                sent[bucket.reader] += nbytes * sum(1 for r in members if r != bucket.reader)
-            for rank in members:
-                if rank == bucket.reader:
-                    continue
-                recv[rank] += nbytes
-                staging[rank] = max(staging[rank], nbytes)
-    # held: bytes per chunk summed over the outputs of each layout, then spread over the
-    # ranks once per layout (not once per output and rank)
-    per_chunk: dict[Layout, list[int]] = {}
-    for out, output in enumerate(plan.outputs):
-        layout = plan.layouts[out]
-        sums = per_chunk.setdefault(layout, [0] * layout.chunks)
-        itemsize = ITEMSIZE[plan.dtypes[out]]
-        ranks = holders(layout, world)
-        for chunk in range(min(len(ranks), layout.chunks if layout.dim is not None else 1)):
-            box = local_box(output.shape, layout, ranks[chunk])
-            assert box is not None
-            sums[chunk] += math.prod(box_shape(box)) * itemsize
-    held = [0] * world
-    for layout, sums in per_chunk.items():
-        for rank, chunk in enumerate(_chunk_table(layout, world)):
-            if chunk >= 0:
-                held[rank] += sums[chunk]
-    return [RankTraffic(r, read[r], sent[r], recv[r], held[r], staging[r]) for r in range(world)]

@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from distload.checkpoint import CheckpointIndex, FileMeta, TensorMeta
 from distload.dtypes import ITEMSIZE
+from distload.index import CheckpointIndex, FileMeta, TensorMeta
 
 #: name -> (shape, dtype or None for the index's default dtype)
 Shapes = dict[str, tuple[tuple[int, ...], str | None]]

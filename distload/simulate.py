@@ -103,7 +103,7 @@ def _transfer_bytes(
             out[node[src]] += nbytes
             inn[node[dst]] += nbytes
 
-    for members, nbytes in receiving_classes(plan, bucket):
+    for members, nbytes in receiving_classes(plan, number):
         if not nbytes:
             continue
         root = members[0]

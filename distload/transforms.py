@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from distload.checkpoint import CheckpointIndex
 from distload.errors import PlacementError
+from distload.index import CheckpointIndex
 
 Box = tuple[tuple[int, int], ...]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distload.checkpoint import CheckpointIndex
 from distload.dtypes import to_torch
+from distload.index import CheckpointIndex
 from distload.plan import LoadPlan
 
 

@@ -13,12 +13,12 @@ import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from distload.checkpoint import CheckpointIndex
 from distload.errors import CheckpointError, DistLoadError
 from distload.hub.cache import cache_domains
 from distload.hub.plan import HubPlan, assign_files
 from distload.hub.ref import parse_hub_source
 from distload.hub.remote import HubClient, Resolved, default_cache_dir, hub_offline
+from distload.index import CheckpointIndex
 from distload.transport.base import Transport
 
 CACHE_MODES = ("auto", "shared", "node")

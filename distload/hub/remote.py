@@ -21,9 +21,6 @@ from distload.checkpoint import (
     DEFAULT_MAX_HEADER_BYTES,
     INDEX_NAME,
     SINGLE_NAME,
-    CheckpointIndex,
-    FileMeta,
-    TensorMeta,
     assemble_index,
     parse_header,
     parse_index,
@@ -31,6 +28,7 @@ from distload.checkpoint import (
 )
 from distload.errors import CheckpointError
 from distload.hub.ref import HubRef, is_commit
+from distload.index import CheckpointIndex, FileMeta, TensorMeta
 
 log = logging.getLogger(__name__)
 

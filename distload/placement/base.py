@@ -1,6 +1,6 @@
 """Placement basics: :class:`Layout` (how one tensor lies over the ranks) and its box arithmetic.
 
-A placement maps each :class:`~distload.checkpoint.TensorMeta` to a :class:`Layout`. Layouts are
+A placement maps each :class:`~distload.index.TensorMeta` to a :class:`Layout`. Layouts are
 plain data and every function here is pure (no torch, no process group), so the coordinator and
 every rank evaluate them identically, and the planner can be tested with integers alone.
 
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from distload.checkpoint import TensorMeta
+from distload.index import TensorMeta
 
 #: A rectangular region of a tensor: one ``(start, stop)`` per dim.
 Box = tuple[tuple[int, int], ...]

@@ -23,8 +23,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from distload.checkpoint import TensorMeta
 from distload.errors import PlacementError
+from distload.index import TensorMeta
 
 #: A routed expert's name: ``<set>.experts.<index>.<rest>`` (``<set>`` may be empty).
 EXPERT_PATTERN = r"(?:^|\.)experts\.(\d+)\."

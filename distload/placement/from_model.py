@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from distload.checkpoint import TensorMeta
 from distload.errors import PlacementError
+from distload.index import TensorMeta
 from distload.placement.base import REPLICATED, Layout
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from distload.checkpoint import TensorMeta
 from distload.errors import PlacementError
+from distload.index import TensorMeta
 from distload.placement.base import Layout
 from distload.placement.expert import (
     EXPERT_PATTERN,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from distload.checkpoint import TensorMeta
+from distload.index import TensorMeta
 
 _EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from distload.checkpoint import TensorMeta
 from distload.errors import PlacementError
+from distload.index import TensorMeta
 from distload.placement.base import Layout
 from distload.placement.modules import covers, group_blocks, is_embedding, split_contiguous
 

@@ -6,8 +6,8 @@ import fnmatch
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from distload.checkpoint import TensorMeta
 from distload.errors import PlacementError
+from distload.index import TensorMeta
 from distload.placement.base import REPLICATED, Layout
 
 _STRING_RULES = ("colwise", "rowwise", "replicate")
