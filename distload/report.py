@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
+
+# the columns of the report's timing table, in the order the phases run
+PHASE_COLUMNS = (
+    "runtime",
+    "plan",
+    "download",
+    "materialize",
+    "read",
+    "transfer",
+    "execute",
+    "total",
+)
 
 
 def human_bytes(n: float) -> str:
@@ -85,7 +99,8 @@ class LoadReport:
             f"{human_bytes(self.bytes_read)} "
             f"({self.bytes_read / max(1, self.total_bytes):.2f}x the checkpoint)"
         )
-        phases = sorted({p for r in self.ranks for p in r.seconds})
+        seen = {p for r in self.ranks for p in r.seconds}
+        phases = [p for p in PHASE_COLUMNS if p in seen] + sorted(seen - set(PHASE_COLUMNS))
         cols = ["rank", "read", "sent", "received", "held", "staging", *phases]
         rows = [
             [
@@ -103,3 +118,58 @@ class LoadReport:
         lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
         lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
         return head + "\n" + "\n".join("  " + line for line in lines)
+
+
+class PhaseClock:
+    """Seconds per phase of one load on one rank (``lap`` ends the running phase)."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self.mark
+        self.mark = now
+
+    def record(self, phase: str, seconds: float) -> None:
+        """A part of a phase timed elsewhere (e.g. the read-ahead thread's reads)."""
+        self.seconds[phase] = seconds
+
+    def finish(self) -> dict[str, float]:
+        self.seconds["total"] = time.perf_counter() - self.start
+        return self.seconds
+
+
+@dataclass(frozen=True)
+class LoadFacts:
+    """What the report says of the load as a whole (the same on every rank)."""
+
+    source: str
+    world_size: int
+    total_bytes: int
+    tensors: int
+    buckets: int
+    placement: str
+    nodes: Collection[int]
+    exchange: str
+    commit: str | None = None
+    hub_cache: str | None = None
+
+
+def load_report(facts: LoadFacts, ranks: list[RankReport]) -> LoadReport:
+    """The report of one load from every rank's figures (after the closing exchange)."""
+    return LoadReport(
+        source=facts.source,
+        commit=facts.commit,
+        hub_cache=facts.hub_cache,
+        world_size=facts.world_size,
+        total_bytes=facts.total_bytes,
+        tensors=facts.tensors,
+        buckets=facts.buckets,
+        placement=facts.placement,
+        exchange=facts.exchange,
+        nodes=len(set(facts.nodes)) or 1,
+        ranks=ranks,
+        wall_seconds=max(r.seconds.get("total", 0.0) for r in ranks),
+    )

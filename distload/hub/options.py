@@ -1,6 +1,6 @@
 """Hub options of a load and the coordinator steps that use them.
 
-``distload.load`` runs, for a Hub source: :func:`resolve_source` (rank 0: is it a Hub repo,
+``distload.load`` runs, for a Hub source: :func:`pin_hub_source` (rank 0: is it a Hub repo,
 and at which commit), :func:`find_domains` (collective: which ranks share a cache), then
 :func:`make_hub_plan` (rank 0: who downloads and who may read each shard), then the download
 phase (``distload.hub.download``).
@@ -56,7 +56,7 @@ class HubOptions:
         )
 
 
-def resolve_source(source: str | os.PathLike[str], options: HubOptions) -> Resolved | None:
+def pin_hub_source(source: str | os.PathLike[str], options: HubOptions) -> Resolved | None:
     """Coordinator: the pinned Hub source ``source`` names, or None for a local path."""
     ref = parse_hub_source(source, options.revision, options.subfolder)
     if ref is None:

@@ -578,15 +578,15 @@ def many_loads(args: dict[str, Any]) -> dict[str, Any]:
 # (module, attribute) whose call marks the start of a phase on one rank, for the failure matrix
 PHASE_HOOKS: dict[str, tuple[str, str]] = {
     "runtime": ("distload.runtime", "node_identity"),
-    "index": ("distload.api", "from_coordinator"),  # non-coordinators wait for the index here
-    "index@0": ("distload.api", "_build_plan"),  # the coordinator's own index work
+    "index": ("distload.source", "from_coordinator"),  # non-coordinators wait for the index
+    "index@0": ("distload.source.Coordinator", "read_index"),  # the coordinator's index work
     "plan": ("distload.plan.LoadPlan", "from_json"),
-    "plan@0": ("distload.api", "make_plan"),
+    "plan@0": ("distload.source", "make_plan"),
     "materialize": ("distload.api", "prepare_destinations"),
     "read": ("distload.storage.FileReader", "read"),
     "transfer": ("distload.transport.torch_dist.TorchDistTransport", "send"),
     "transfer@recv": ("distload.transport.torch_dist.TorchDistTransport", "recv"),
-    "transfer@shm": ("distload.execute.Executor", "_shm_bucket"),
+    "transfer@shm": ("distload.execute.exchange.ShmBuckets", "bucket"),
     "close": ("distload.report.RankReport", "to_json"),
 }
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from distload.checkpoint import read_checkpoint
-from distload.execute import PREFETCH_DEPTH, Executor, _Prefetcher
+from distload.execute import PREFETCH_DEPTH, Executor, Read, ReadAhead
 from distload.materialize import prepare_destinations
 from distload.planner import make_plan
 from distload.storage import Arenas, FileReader
@@ -35,13 +35,12 @@ def test_direct_buckets_are_read_ahead_without_waiting_for_arenas(ckpt: Path) ->
         executor = Executor(
             plan, LocalTransport(), dests, reader, host_arenas=arenas, comm_arenas=arenas
         )
-        prefetch = _Prefetcher(
+        prefetch = ReadAhead(
             plan,
             0,
             reader=reader,
             arenas=arenas,
-            direct_targets=executor._direct_targets,
-            stats=executor.stats,
+            direct_targets=executor.copier.direct_targets,
         )
         try:
             # nothing is ever released: a bucket needing an arena would block after
@@ -49,7 +48,7 @@ def test_direct_buckets_are_read_ahead_without_waiting_for_arenas(ckpt: Path) ->
             got = [prefetch.next(b) for b in plan.buckets]
         finally:
             prefetch.stop()
-    assert all(r.error is None and r.arena is None and r.buffer is None for r in got)
+    assert all(isinstance(r, Read) and r.arena is None and r.buffer is None for r in got)
     expected: dict[str, torch.Tensor] = {}
     for f in index.files:
         expected.update(load_file(ckpt / f.name))

@@ -1,0 +1,130 @@
+"""Command-line arguments shared by ``distload plan`` and ``distload load``: placements, Hub."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from distload.placement import (
+    DeviceMap,
+    ExpertParallel,
+    Mesh,
+    TensorParallel,
+    preset,
+    preset_transforms,
+    presets,
+)
+from distload.placement.base import Placement
+from distload.planner import DEFAULT_BUCKET_BYTES
+
+
+def parse_rule(text: str) -> tuple[str, Any]:
+    pattern, sep, spec = text.rpartition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"rule {text!r} must be PATTERN=SPEC")
+    if spec.startswith("shard"):
+        from torch.distributed.tensor import Shard
+
+        try:
+            return pattern, Shard(int(spec[len("shard") :].strip("():")))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"bad shard spec {spec!r}; use shard0, shard1 ..."
+            ) from None
+    if spec in ("colwise", "rowwise", "replicate"):
+        return pattern, spec
+    raise argparse.ArgumentTypeError(
+        f"unknown spec {spec!r}; valid: colwise, rowwise, replicate, shardN"
+    )
+
+
+def device_map(text: str) -> DeviceMap:
+    if text in ("auto", "balanced", "sequential"):
+        return DeviceMap(text)
+    try:
+        mapping = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--device-map {text!r}: use auto, balanced, sequential or a JSON object"
+        ) from None
+    return DeviceMap(mapping)
+
+
+def transforms_of(args: argparse.Namespace) -> list[Any]:
+    return preset_transforms(args.preset) if getattr(args, "preset", None) else []
+
+
+def placement_of(args: argparse.Namespace) -> Placement | None:
+    if args.device_map is not None:
+        return args.device_map  # type: ignore[no-any-return]
+    rules: dict[str, Any] = {}
+    for pattern, spec in args.rule or []:
+        rules[pattern] = spec
+    if args.preset:
+        rules.update(preset(args.preset))
+    if args.ep is not None or args.expert_tp is not None:
+        if args.pp is None and args.dp is None and args.tp is None:
+            # over the whole group: the group size is known only when the load runs
+            return ExpertParallel(args.ep, tp_rules=rules, expert_tp=args.expert_tp or 1)
+        return Mesh(
+            dp=args.dp or 1,
+            pp=args.pp or 1,
+            tp=args.tp or 1,
+            tp_rules=rules,
+            ep=args.ep or (args.dp or 1) * (args.tp or 1) // (args.expert_tp or 1),
+            expert_tp=args.expert_tp or 1,
+        )
+    if args.pp is not None or args.dp is not None:
+        if not rules and args.tp:
+            rules = preset("llama")
+        return Mesh(dp=args.dp or 1, pp=args.pp or 1, tp=args.tp or 1, tp_rules=rules)
+    if not rules and args.tp is None:
+        return None
+    if not rules:
+        rules = preset("llama")
+    return TensorParallel(rules, size=args.tp)
+
+
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: group)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages (balanced by bytes)")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel replicas (with --pp/--tp)")
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=None,
+        help="expert-parallel groups for routed experts, over the mesh given by --dp/--pp/--tp "
+        "(all of it: dp*pp*tp = world) or, without those, over the whole group (default with "
+        "--expert-tp: the ranks of a stage / expert-tp)",
+    )
+    p.add_argument(
+        "--expert-tp", type=int, default=None, help="ranks each routed expert is cut over (1)"
+    )
+    p.add_argument(
+        "--device-map",
+        type=device_map,
+        default=None,
+        help='auto | balanced | sequential | JSON {module prefix: rank or "cpu"}',
+    )
+    p.add_argument("--preset", choices=presets(), help="TP rule preset (default with --tp: llama)")
+    p.add_argument(
+        "--rule",
+        action="append",
+        type=parse_rule,
+        metavar="PATTERN=SPEC",
+        help="TP rule, e.g. '*.q_proj.weight=colwise' or 'lm_head.weight=shard1' (repeatable)",
+    )
+    p.add_argument("--dtype", default=None, help="cast floating tensors (e.g. bfloat16)")
+    p.add_argument(
+        "--bucket-mb",
+        type=float,
+        default=None,
+        help=f"bucket size in MiB (default {DEFAULT_BUCKET_BYTES // 2**20}, as distload.load)",
+    )
+
+
+def add_hub_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None, help="Hub sources: branch, tag or commit")
+    p.add_argument("--subfolder", default=None, help="Hub sources: folder holding the weights")
+    p.add_argument("--cache-dir", default=None, help="Hub cache (default: HF_HUB_CACHE)")

@@ -1,0 +1,200 @@
+"""The three ways a shared bucket reaches its ranks: broadcast, point to point, shared memory.
+
+Runs on every rank that takes part in a bucket, on the main thread, in the plan's global
+order. Over the transport (:class:`TransportExchange`), a ``broadcast`` bucket moves one
+packed buffer from the reader to every rank, and a ``p2p`` bucket sends each class of
+receivers only its own parts, packed once per class: point to point to a single rank, a
+multicast (reader -> root -> broadcast inside the class) to several. On one node
+(:class:`ShmBuckets`), the reader thread has already read the bucket into a shared-memory
+slot; each rank copies its parts from it as soon as it is published (no collective).
+
+Once this rank has failed (``status.pending``) it keeps to the schedule: its sends go out
+unfilled and what it receives is dropped, so no peer waits on it before the next check.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distload.execute.copies import Copier, WholeLayout
+from distload.execute.reader import Read
+from distload.execute.status import ExecStats, Status
+from distload.geometry import Segment, read_slots
+from distload.plan import Bucket
+from distload.shm import ShmExchange
+from distload.storage import Arenas
+from distload.transport.base import Transport
+
+
+class TransportExchange:
+    """Shared buckets over the transport (NCCL, gloo, MPI)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        copier: Copier,
+        status: Status,
+        stats: ExecStats,
+        arenas: Arenas,
+        *,
+        multicast: bool,
+    ) -> None:
+        self.net, self.copier, self.status, self.stats = transport, copier, status, stats
+        self.arenas = arenas  # on the transport's device: "pack" and "recv" buffers
+        self.rank = transport.rank
+        # whether the transport opened the plan's multicast groups (else classes of several
+        # receivers are sent to member by member)
+        self.multicast = multicast
+
+    def _pack(self, read: Read | None, segs: list[Segment], size: int) -> torch.Tensor:
+        """The send buffer of ``segs``, packed from ``read`` -- unfilled once this rank has
+        failed or its read did (the load ends at the next status check and the bytes are
+        never used)."""
+        buf = self.arenas.get("pack", size)
+        if read is not None and not self.status.failed:
+            try:
+                self.copier.pack(read, segs, buf)
+            except Exception as exc:
+                self.status.keep(exc, "transfer")
+        return buf
+
+    def broadcast(self, number: int, bucket: Bucket, read: Read | None, what: str) -> None:
+        segs, size = self.copier.segments(number, self.rank)
+        if bucket.reader == self.rank:
+            if read is None:  # the read failed: keep to the schedule, the bytes are moot
+                buf = self._pack(None, segs, size)
+                self.net.broadcast(buf, bucket.reader, what)
+                return
+            buffer = read.staged()
+            same = all(
+                s.dtype == read.slots[s.item].dtype
+                and not s.part.transposed
+                and s.part.src == read.slots[s.item].part.src
+                for s in segs
+            ) and len(segs) == len(read.slots)
+            if same and buffer.device == self.net.device:
+                buf = buffer  # the read layout is the wire layout: no copy
+            elif same:
+                buf = self.arenas.get("pack", size)
+                buf.copy_(buffer, non_blocking=True)
+            else:
+                buf = self._pack(read, segs, size)
+            self.net.broadcast(buf, bucket.reader, what)
+            self.stats.bytes_sent += size * (self.net.world_size - 1)
+        else:
+            buf = self.arenas.get("recv", size)
+            self.net.broadcast(buf, bucket.reader, what)
+            self.stats.bytes_received += size
+        self.status.guard(lambda: self.copier.deliver(segs, buf))
+
+    def p2p(self, number: int, bucket: Bucket, read: Read | None, what: str) -> None:
+        """Each class of receivers gets its packed parts once. A class of several ranks is a
+        multicast when the transport opened its group: the reader sends to the class's root
+        (or is the root), which broadcasts inside the class; otherwise every member is sent
+        the same packed buffer point to point. The reader sends to other classes first and
+        broadcasts within its own class last, so no rank waits on a rank that waits on it."""
+        if bucket.reader == self.rank:
+            self._send_classes(number, bucket, read, what)
+            if read is not None:
+                self.status.guard(lambda: self.copier.own_parts(number, read))
+            return
+        members = next((c for c in bucket.classes if self.rank in c), ())
+        if not members:
+            return
+        segs, size = self.copier.segments(number, self.rank)
+        buf = self.arenas.get("recv", size)
+        root = members[0]
+        if self.multicast and len(members) > 1:
+            where = f"{what}: multicast within ranks {list(members)} from rank {root}"
+            if root == self.rank:  # the relay: the reader is not a member of this class
+                self.net.recv(buf, bucket.reader, f"{what}: receiving")
+                self.net.group_broadcast(buf, members, root, where)
+                self.stats.bytes_sent += size * (len(members) - 1)
+            else:
+                self.net.group_broadcast(buf, members, root, where)
+        else:
+            self.net.recv(buf, bucket.reader, f"{what}: receiving")
+        self.stats.bytes_received += size
+        self.status.guard(lambda: self.copier.deliver(segs, buf))
+
+    def _send_classes(self, number: int, bucket: Bucket, read: Read | None, what: str) -> None:
+        """The reader's side of a p2p bucket: every other class, then its own class."""
+        own: tuple[int, ...] = ()
+        for members in bucket.classes:
+            if self.rank in members:
+                own = members
+                continue
+            segs, size = self.copier.segments(number, members[0])
+            buf = self._pack(read, segs, size)
+            multicast = self.multicast and len(members) > 1
+            for peer in members[:1] if multicast else members:
+                self.net.send(buf, peer, f"{what}: sending to rank {peer}")
+                self.stats.bytes_sent += size
+        if len(own) > 1:
+            segs, size = self.copier.segments(number, self.rank)
+            buf = self._pack(read, segs, size)
+            if self.multicast:
+                self.net.group_broadcast(
+                    buf, own, self.rank, f"{what}: multicast to ranks {list(own)}"
+                )
+                self.stats.bytes_sent += size * (len(own) - 1)
+            else:
+                for peer in own[1:]:
+                    self.net.send(buf, peer, f"{what}: sending to rank {peer}")
+                    self.stats.bytes_sent += size
+
+
+class ShmBuckets:
+    """Shared buckets through same-node shared memory: the reader's slot, copied by all."""
+
+    def __init__(
+        self, shm: ShmExchange, copier: Copier, status: Status, stats: ExecStats, world_size: int
+    ) -> None:
+        self.shm, self.copier, self.status, self.stats = shm, copier, status, stats
+        self.rank, self.world_size = copier.rank, world_size
+
+    def bucket(self, number: int, bucket: Bucket, read: Read | None) -> None:
+        """Take part in shared bucket ``number`` (``read``: this rank's read, as its reader)."""
+        whole = (
+            self.copier.whole_layout(bucket, everyone=True) if bucket.kind == "broadcast" else None
+        )
+        if bucket.reader == self.rank:
+            if read is not None:  # (a failed read was published as failed, and is pending)
+                self._as_reader(number, bucket, read, whole)
+            return
+        if whole is not None:
+            size = whole.size
+        else:
+            segs, size = self.copier.segments(number, self.rank)
+            if not segs:
+                return  # nothing to copy
+        if self.status.failed:
+            return  # this rank failed: its copies are moot
+        if not self.shm.await_bucket(number, bucket.reader):
+            return  # the reader failed to read it: it shares why at the next status check
+        slot = self.shm.slot_of[number]
+        if whole is not None:
+            peer_view = self.shm.peer(bucket.reader, slot, whole.size)
+            self.status.guard(lambda: self.copier.copy_whole(whole, peer_view))
+        else:
+            slots, total = read_slots(self.copier.plan, bucket)
+            peer = Read(bucket, buffer=self.shm.peer(bucket.reader, slot, total))
+            peer.slots = {s.item: s for s in slots}
+            self.status.guard(lambda: self.copier.own_parts(number, peer))
+        self.stats.bytes_received += size
+
+    def _as_reader(
+        self, number: int, bucket: Bucket, read: Read, whole: WholeLayout | None
+    ) -> None:
+        """The reader copies its own parts; its figures count what its peers take."""
+        if whole is not None:
+            self.status.guard(lambda: self.copier.copy_whole(whole, read.staged()))
+            self.stats.bytes_sent += whole.size * (self.world_size - 1)
+            return
+        self.status.guard(lambda: self.copier.own_parts(number, read))
+        if bucket.kind == "broadcast":
+            size = self.copier.segments(number, self.rank)[1]
+            self.stats.bytes_sent += size * (self.world_size - 1)
+        for members in bucket.classes:
+            size = self.copier.segments(number, members[0])[1]
+            self.stats.bytes_sent += size * sum(1 for r in members if r != self.rank)

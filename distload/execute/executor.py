@@ -1,0 +1,197 @@
+"""The execute loop: every bucket of the plan, in its one global order, on one rank.
+
+* a ``local`` bucket concerns its reader only (no communication); pieces that land unchanged
+  in a contiguous region of the destination are read straight into it;
+* ``broadcast`` and ``p2p`` buckets move over the transport or through shared memory
+  (``distload.execute.exchange``); a ``p2p`` bucket involves only its *participants* (reader
+  and receivers): other ranks go straight on, so buckets with disjoint participants (pipeline
+  stages, data-parallel replicas) move at the same time. Every rank still takes its buckets in
+  the global order, so the lowest unfinished bucket always has all its participants at it;
+* all ranks agree on a status flag (one small ``all_reduce``) before every
+  ``plan.check_every``-th shared bucket (and, over the transport, before every broadcast
+  bucket), so a failure ends the load everywhere within a bounded number of buckets; a rank
+  that fails between two checks keeps to the schedule (``distload.execute.status``).
+
+A background thread (``distload.execute.reader``) reads this rank's upcoming buckets into a
+ring of staging arenas while the main thread transfers the current one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from distload.coordination import agree
+from distload.errors import DistLoadError, failure_from_exception
+from distload.execute.copies import Copier
+from distload.execute.exchange import ShmBuckets, TransportExchange
+from distload.execute.reader import Outcome, Read, ReadAhead, ReadFailure
+from distload.execute.status import ExecStats, Status, describe
+from distload.plan import Bucket, LoadPlan
+from distload.shm import ShmExchange
+from distload.storage import Arenas, FileReader
+from distload.transport.base import Transport
+
+
+class Executor:
+    """Runs one plan on one rank.
+
+    Call order: construct on every rank of the group (no communication), then :meth:`run` on
+    every rank together -- a collective over the whole group, bucket by bucket. The caller
+    owns the resources passed in (reader, arenas, shared-memory exchange) and releases them
+    (``distload.execute.run``); after :meth:`run`, :attr:`status` holds a failure not yet
+    shared (the caller's closing agreement shares it).
+    """
+
+    def __init__(
+        self,
+        plan: LoadPlan,
+        transport: Transport,
+        dests: dict[int, torch.Tensor],
+        reader: FileReader,
+        *,
+        host_arenas: Arenas,
+        comm_arenas: Arenas,
+        on_bucket: Callable[[int], None] | None = None,
+        shm: ShmExchange | None = None,
+        multicast: bool = False,
+    ) -> None:
+        self.plan, self.transport, self.rank = plan, transport, transport.rank
+        self.dests, self.reader = dests, reader
+        self.host_arenas, self.comm_arenas = host_arenas, comm_arenas
+        self.on_bucket = on_bucket
+        self.stats = ExecStats()
+        self.status = Status()
+        self.copier = Copier(plan, self.rank, dests)
+        self.net = TransportExchange(
+            transport, self.copier, self.status, self.stats, comm_arenas, multicast=multicast
+        )
+        self.shm = (
+            ShmBuckets(shm, self.copier, self.status, self.stats, transport.world_size)
+            if shm is not None
+            else None
+        )
+        self._shm = shm
+        self.checks = plan.status_checks(shm=shm is not None)  # buckets a status check precedes
+
+    @property
+    def pending(self) -> BaseException | None:
+        """A local failure not yet shared with the peers."""
+        return self.status.pending
+
+    def _cuda_device(self) -> torch.device | None:
+        """The CUDA device this rank's destinations live on (copies from pinned arenas into it
+        are asynchronous), or None."""
+        if self.comm_arenas.device.type == "cuda":
+            return self.comm_arenas.device
+        return next((d.device for d in self.dests.values() if d.device.type == "cuda"), None)
+
+    def run(self) -> ExecStats:
+        """Collective: take part in every bucket of the plan, in order (all ranks)."""
+        prefetch = ReadAhead(
+            self.plan,
+            self.rank,
+            reader=self.reader,
+            arenas=self.host_arenas,
+            direct_targets=self.copier.direct_targets,
+            shm=self._shm,
+            cuda=self._cuda_device(),
+        )
+        try:
+            for number, bucket in enumerate(self.plan.buckets):
+                self.status.begin_bucket()
+                outcome = prefetch.next(bucket) if bucket.reader == self.rank else None
+                try:
+                    self._guarded_step(number, bucket, outcome)
+                finally:
+                    if outcome is not None:  # this rank's read of the bucket is done with
+                        prefetch.release(outcome)
+                if self.on_bucket is not None:
+                    self.on_bucket(number)
+        finally:
+            prefetch.stop()
+        self.stats.bytes_read = self.reader.bytes_read
+        self.stats.read_seconds = prefetch.stats.seconds
+        if self.comm_arenas.device.type == "cuda":
+            torch.cuda.synchronize(self.comm_arenas.device)
+        return self.stats
+
+    def _guarded_step(self, number: int, bucket: Bucket, outcome: Outcome | None) -> None:
+        """One bucket; a failure is raised at once when peers are inside this bucket's
+        transfer, shared at this bucket's status check, or else kept for the next one."""
+        try:
+            self._step(number, bucket, outcome)
+        except DistLoadError:
+            raise
+        except Exception as exc:
+            if self.status.agreed or self.status.moving:  # peers are inside this transfer
+                raise DistLoadError(
+                    f"rank {self.rank}: transfer of bucket {number} failed: "
+                    f"{type(exc).__name__}: {exc}",
+                    phase="transfer",
+                    failures=(failure_from_exception(exc, self.rank, "transfer"),),
+                ) from exc
+            if number in self.checks:
+                # peers are at (or heading for) this bucket's status check: share it
+                agree(self.transport, "transfer", exc)
+                raise
+            # no check before this bucket: keep to the schedule, share at the next one
+            self.status.keep(exc, "transfer")
+            self._keep_schedule(number, bucket, outcome)
+
+    def _step(self, number: int, bucket: Bucket, outcome: Outcome | None) -> None:
+        """Take part in one bucket (``outcome``: this rank's read of it, as its reader)."""
+        read = outcome if isinstance(outcome, Read) else None
+        if isinstance(outcome, ReadFailure):
+            if outcome.fatal:
+                raise outcome.error  # the reader thread found a peer gone: no one to tell
+            self.status.keep(outcome.error, "read")
+        if bucket.kind == "local":
+            if read is not None:
+                self.status.guard(lambda: self.copier.own_parts(number, read))
+            return
+        if number in self.checks:
+            # a peer lost here may have been lost in an earlier transfer (shared memory has
+            # no collective of its own) or in its reads
+            phase = "transfer" if self.status.shm_started else "read"
+            agree(self.transport, phase, self.status.pending)
+            self.status.agreed = True
+        if self.shm is None and self.rank not in bucket.participants(self.transport.world_size):
+            return  # a p2p bucket between other ranks: they move it meanwhile
+        start = time.perf_counter()
+        if self.shm is not None:
+            self.status.shm_started = True
+            self._shm_step(number, bucket, read)
+        else:
+            self.status.moving = True
+            if bucket.kind == "broadcast":
+                self.net.broadcast(number, bucket, read, describe(number, bucket))
+            else:
+                self.net.p2p(number, bucket, read, describe(number, bucket))
+        self.stats.transfer_seconds += time.perf_counter() - start
+        self.stats.buckets += 1
+
+    def _shm_step(self, number: int, bucket: Bucket, read: Read | None) -> None:
+        """A shared-memory bucket: no collective inside it, so a failure is shared at the next
+        status check (or the closing agreement); a peer found gone (PeerError) ends the load
+        at once. Copies or not, this rank marks the slot done."""
+        assert self.shm is not None
+        try:
+            self.shm.bucket(number, bucket, read)
+        except DistLoadError:
+            raise
+        except Exception as exc:
+            self.status.keep(exc, "transfer")
+        finally:
+            self.shm.shm.mark_done(number, bucket.reader)
+
+    def _keep_schedule(self, number: int, bucket: Bucket, outcome: Outcome | None) -> None:
+        """After a local failure in a bucket no status check precedes: take part in its
+        transfers anyway (sends unfilled, receives dropped, since ``pending`` is set), so no
+        peer waits on this rank before the next check shares the failure."""
+        if bucket.kind == "p2p" and self.rank in bucket.participants(self.transport.world_size):
+            self.status.moving = True
+            read = outcome if isinstance(outcome, Read) else None
+            self.net.p2p(number, bucket, read, describe(number, bucket))

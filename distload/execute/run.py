@@ -1,0 +1,170 @@
+"""The execute phase's resources, owned in one place and released on every path.
+
+Runs on every rank. :class:`ExecutePhase` is a context manager entered once the plan is known:
+
+1. :meth:`ExecutePhase.materialize` (collective) builds this rank's destinations and, when
+   shared buckets go through shared memory, creates this rank's slots, maps every peer's and
+   removes the files (the mappings stay valid; nothing is left in ``/dev/shm`` even if the
+   whole job is killed later);
+2. :meth:`ExecutePhase.run` (collective) opens the multicast groups, runs the
+   :class:`~distload.execute.executor.Executor` with a file reader and staging arenas, and ends
+   with one agreement so every rank returns the same success or raises the same error;
+3. leaving the context closes the reader, the groups and the shared memory; after a failure
+   this rank's abort word tells peers waiting on it to stop, and the survivors also remove the
+   shared-memory files of peers that may have died.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distload.coordination import agree
+from distload.errors import DistLoadError
+from distload.execute.executor import Executor
+from distload.execute.reader import PREFETCH_DEPTH
+from distload.execute.status import ExecStats
+from distload.plan import LoadPlan
+from distload.shm import ShmExchange
+from distload.storage import Arenas, FileReader
+from distload.transport.base import Transport
+
+STAGING_ARENAS = PREFETCH_DEPTH + 2  # read ring + one receive + one pack buffer
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What the execute phase did on this rank."""
+
+    stats: ExecStats
+    staging_bytes: int  # peak staging memory: arenas plus the shared-memory slots it created
+    exchange: str  # how shared buckets moved (the report's wording)
+
+
+def use_shm(choice: bool | None, plan: LoadPlan, device: torch.device) -> bool:
+    """Whether shared buckets go through shared memory (same decision on every rank: it
+    depends on the plan and the transport's device only)."""
+    one_node = plan.world_size > 1 and len(set(plan.nodes)) == 1
+    if choice is None:
+        return one_node and device.type == "cpu"
+    if choice and not (one_node and device.type == "cpu"):
+        raise DistLoadError(
+            "shm=True needs every rank on one node and a host-memory transport (gloo, MPI)",
+            phase="materialize",
+        )
+    return choice
+
+
+class ExecutePhase:
+    """This rank's resources for executing one plan (see the module docstring)."""
+
+    def __init__(self, plan: LoadPlan, net: Transport, *, shm: bool | None, timeout: float) -> None:
+        self.plan, self.net, self.shm_choice, self.timeout = plan, net, shm, timeout
+        self.exchange: ShmExchange | None = None
+
+    def __enter__(self) -> ExecutePhase:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        if self.exchange is None:
+            return
+        if exc is not None:  # peers waiting on this rank stop waiting, and blame the same
+            self.exchange.abort(exc.ranks if isinstance(exc, DistLoadError) else ())
+        # after a failure a peer may be dead: survivors also remove its shared-memory files
+        self.exchange.close(purge=exc is not None)
+        self.exchange = None
+
+    def materialize(
+        self, make_dests: Callable[[], dict[int, torch.Tensor]]
+    ) -> dict[int, torch.Tensor]:
+        """Collective: this rank's destinations (``make_dests``) and shared-memory slots."""
+        error: BaseException | None = None
+        dests: dict[int, torch.Tensor] = {}
+        try:
+            dests = make_dests()
+            if use_shm(self.shm_choice, self.plan, self.net.device):
+                self.exchange = ShmExchange(self.plan, self.net.rank, timeout=self.timeout)
+        except Exception as exc:
+            error = exc
+        agree(self.net, "materialize", error)
+        if self.exchange is not None:
+            try:  # every rank maps every slot now, then the files are removed
+                self.exchange.attach()
+            except Exception as exc:
+                error = exc
+            agree(self.net, "materialize", error)
+            self.exchange.unlink_own()
+        return dests
+
+    def _open_multicast(self) -> bool:
+        """Collective: open the sub-groups the plan multicasts to, when it asks for them (not
+        with shared memory, where ranks copy from the reader's slot). False also where the
+        transport cannot open groups (MPI, a caller's sub-group): classes are then sent to
+        member by member."""
+        groups = self.plan.multicast_groups()
+        if self.exchange is not None or not groups or not self.plan.multicast:
+            return False
+        error: BaseException | None = None
+        opened = False
+        try:
+            opened = self.net.open_groups(groups, "transfer: opening multicast groups")
+        except Exception as exc:
+            error = exc
+        agree(self.net, "transfer", error)
+        return opened
+
+    def run(
+        self,
+        dests: dict[int, torch.Tensor],
+        *,
+        root: str | Path,
+        contain: Path | None,
+        read_threads: int,
+        on_bucket: Callable[[int], None] | None,
+    ) -> ExecResult:
+        """Collective: read, move and copy every bucket; one closing agreement."""
+        host = Arenas(torch.device("cpu"), pin=self.net.device.type == "cuda")
+        comm = Arenas(self.net.device) if self.net.device.type == "cuda" else host
+        reader = FileReader(root, threads=read_threads, contain=contain)
+        try:
+            multicast = self._open_multicast()
+            executor = Executor(
+                self.plan,
+                self.net,
+                dests,
+                reader,
+                host_arenas=host,
+                comm_arenas=comm,
+                on_bucket=on_bucket,
+                shm=self.exchange,
+                multicast=multicast,
+            )
+            stats = executor.run()
+            agree(self.net, "close", executor.pending)
+        finally:
+            reader.close()
+            self.net.close_groups()
+        staging = host.nbytes + (comm.nbytes if comm is not host else 0)
+        if self.exchange is not None:
+            staging += self.exchange.nbytes
+        host.clear()
+        comm.clear()
+        return ExecResult(stats, staging, self._mode(multicast))
+
+    def _mode(self, multicast: bool) -> str:
+        if self.plan.world_size == 1:
+            return "none"
+        if self.exchange is not None:
+            return "shared memory"
+        if multicast:
+            return f"multicast ({len(self.plan.multicast_groups())} groups)"
+        return "point to point"

@@ -1,0 +1,33 @@
+"""The materialise phase: where each rank's pieces land.
+
+* :mod:`~distload.materialize.destinations` -- fresh tensors or the caller's ``out=``;
+* :mod:`~distload.materialize.model` -- a meta-device model's slots, ties and binding;
+* :mod:`~distload.materialize.dtensor` -- DTensors in and out.
+"""
+
+from distload.materialize.destinations import prepare_destinations
+from distload.materialize.dtensor import as_dtensor_like, dtensor_from_layout, is_dtensor, tp_mesh
+from distload.materialize.model import (
+    Entry,
+    assign,
+    bind,
+    check_bound,
+    declared_ties,
+    model_entries,
+    tie_groups,
+)
+
+__all__ = [
+    "Entry",
+    "as_dtensor_like",
+    "assign",
+    "bind",
+    "check_bound",
+    "declared_ties",
+    "dtensor_from_layout",
+    "is_dtensor",
+    "model_entries",
+    "prepare_destinations",
+    "tie_groups",
+    "tp_mesh",
+]

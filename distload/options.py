@@ -1,0 +1,83 @@
+"""The options of one load, as one frozen object (built from ``distload.load``'s keywords).
+
+Every rank builds its own from its own arguments; only rank 0's choices that change the plan
+travel (inside the plan), so ranks never disagree on which collectives run. Choices read from
+the environment (``DISTLOAD_CHECK_EVERY``, ``DISTLOAD_MULTICAST``) are read by the coordinator
+alone (:func:`coordinator_knobs`) and carried in the plan.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+
+from distload.checkpoint import DEFAULT_MAX_HEADER_BYTES
+from distload.errors import DistLoadError
+from distload.execute import STAGING_ARENAS
+from distload.hub.options import HubOptions
+from distload.plan import CHECK_EVERY
+from distload.planner import DEFAULT_BUCKET_BYTES
+from distload.storage import DEFAULT_READ_THREADS
+from distload.transforms import Transform
+
+# staging of the default bucket size (80 MiB): buckets are staging_bytes / STAGING_ARENAS
+DEFAULT_STAGING_BYTES = STAGING_ARENAS * DEFAULT_BUCKET_BYTES
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Everything a load carries besides its source, placement and destinations."""
+
+    dtype: str | None = None  # destination dtype of floating tensors (safetensors name)
+    staging_bytes: int = DEFAULT_STAGING_BYTES
+    bucket_bytes: int | None = None  # default: staging_bytes / STAGING_ARENAS
+    readers: Collection[int] | None = None
+    timeout: float = 300.0
+    read_threads: int = DEFAULT_READ_THREADS
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    keys: Collection[str] | None = None
+    transforms: Sequence[Transform] = ()
+    transport: str = "auto"
+    verify: bool | str | os.PathLike[str] = False
+    allow_pickle: bool = False
+    shm: bool | None = None
+    hub: HubOptions = field(default_factory=HubOptions)
+    progress: Progress | None = None
+    download_progress: Progress | None = None
+
+    def __post_init__(self) -> None:
+        if self.staging_bytes < STAGING_ARENAS:
+            raise DistLoadError(
+                f"staging_bytes must be >= {STAGING_ARENAS}, got {self.staging_bytes}"
+            )
+
+    @property
+    def bucket(self) -> int:
+        """Bytes of one bucket."""
+        return self.bucket_bytes or max(1, self.staging_bytes // STAGING_ARENAS)
+
+
+@dataclass(frozen=True)
+class CoordinatorKnobs:
+    """Choices the coordinator reads from its environment and puts in the plan."""
+
+    check_every: int = CHECK_EVERY
+    multicast: bool = True
+
+
+def coordinator_knobs() -> CoordinatorKnobs:
+    """Rank 0 only: ``DISTLOAD_CHECK_EVERY`` (shared buckets between status checks) and
+    ``DISTLOAD_MULTICAST=0`` (no transport sub-groups)."""
+    every = os.environ.get("DISTLOAD_CHECK_EVERY")
+    try:
+        check_every = max(1, int(every)) if every is not None else CHECK_EVERY
+    except ValueError:
+        raise DistLoadError(
+            f"DISTLOAD_CHECK_EVERY must be an integer, got {every!r}", phase="plan"
+        ) from None
+    return CoordinatorKnobs(
+        check_every=check_every, multicast=os.environ.get("DISTLOAD_MULTICAST", "1") != "0"
+    )
