@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from distload.bench.driver import storage_limit
+from distload.bench.limits import storage_limit
 from distload.bench.worker import evict
 
 MiB = 2**20

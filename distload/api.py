@@ -29,11 +29,9 @@ import torch.distributed as dist
 from distload import runtime as runtime_mod
 from distload.checkpoint import DEFAULT_MAX_HEADER_BYTES
 from distload.coordination import gather_or_fail
-from distload.dtypes import parse_dtype
 from distload.errors import DistLoadError
 from distload.execute import ExecResult, ExecutePhase
 from distload.gcpause import gc_paused
-from distload.hub.options import HubOptions
 from distload.materialize import (
     bind,
     check_bound,
@@ -100,98 +98,49 @@ def load(
 ) -> LoadedState:
     """Load this rank's piece of every tensor of a safetensors checkpoint.
 
-    Collective: every rank of ``group`` calls it with the same ``source``, ``placement``,
-    ``dtype`` and sizes. Each checkpoint byte is read from storage by exactly one rank; the
+    Collective: every rank of ``group`` calls it with the same arguments (``out`` and
+    ``device`` may differ). Each checkpoint byte is read from storage by exactly one rank; the
     others get what they need over the process group.
 
     Args:
-        source: folder with ``model.safetensors.index.json`` and shards, folder with one
-            ``model.safetensors``, the path of one ``.safetensors`` file, or a Hugging Face
-            Hub repository: ``"org/name"`` (when no such local path exists) or
-            ``"hf://org/name@revision/subfolder"``.
-        placement: how tensors lie over the ranks, e.g. ``distload.TensorParallel(rules)``.
-            Default: every rank gets every tensor.
-        dtype: ``None``/``"auto"`` keeps stored dtypes; a floating ``torch.dtype`` casts the
-            floating tensors (integer and bool tensors are never cast). The cast happens on the
-            side that moves fewer bytes.
-        device: where the tensors go (default ``cuda:{LOCAL_RANK}`` with CUDA, else ``cpu``).
-        out: name -> preallocated tensor of this rank's local shape. Only these tensors are
-            loaded, written in place; nothing else is allocated.
-        group: process group (default: the world group, initialised from the launcher's
-            environment if needed -- torchrun, srun, mpirun; a single process needs none).
-            With ``transport="mpi"``, an mpi4py communicator (default ``COMM_WORLD``).
-        verify: check every byte read against an integrity manifest while reading (no second
-            pass): ``True`` uses ``SOURCE/distload.manifest.json``, a path names another one
-            (written by ``distload manifest``). A mismatch fails the load on every rank.
-        allow_pickle: also accept PyTorch ``.bin``/``.pt`` (zip) checkpoints. Only their
-            metadata is unpickled, with torch's weights-only unpickler; tensor bytes are read
-            like safetensors data. Off by default: pickles can run code.
-        transport: ``"auto"``/``"torch"`` (torch.distributed: NCCL for CUDA, gloo for CPU) or
-            ``"mpi"`` (mpi4py, CPU only, no torch.distributed process group).
-        staging_bytes: bound on this rank's staging memory (read ring, receive and pack
-            buffers). Buckets are ``staging_bytes / 5`` unless ``bucket_bytes`` is given.
-        readers: ranks allowed to read from storage (default: all).
-        timeout: seconds any rank waits for a peer before failing with a clear error.
-        read_threads: positioned reads in flight per reader rank.
-        progress: called on rank 0 as ``progress(done_buckets, total_buckets)``.
-        keys: load only these tensor names (names absent from the checkpoint are ignored;
-            ``state.plan.skipped`` lists the checkpoint tensors not loaded).
-        transforms: key transforms applied to the checkpoint's names and layouts before
-            placement (``distload.Rename``, ``Split``, ``Merge``, ``Transpose``); placements,
-            ``out`` and the result use the transformed names. Each stored byte is still read
-            once, and each rank receives only its regions of each transformed tensor.
-        revision, subfolder: Hub sources: branch, tag or commit (default ``main``) and the
-            folder holding the weights. Rank 0 pins the revision to one commit for the job.
-        cache_dir, token, local_files_only: Hub cache folder (default ``HF_HUB_CACHE``),
-            token (default: huggingface_hub's), and offline use of the cache (as
-            ``HF_HUB_OFFLINE=1``): no request at all.
-        hub_cache: ``"auto"`` finds which ranks share a cache folder (shared filesystem or
-            node-local disks) with a probe file; ``"shared"``/``"node"`` say it. Each shard is
-            downloaded by one rank of one cache and read only there.
-        extra_files: names or patterns of small files to fetch as well (``"config.json"``);
-            their local paths are in ``state.files``.
-        download_progress: called on rank 0 as ``progress(bytes_done, bytes_total)`` during
-            the download phase of a Hub source.
-        shm: exchange shared buckets through shared memory (one read, each rank copies its
-            parts) instead of the transport. Default: when every rank is on one node and the
-            transport works in host memory (gloo, MPI). ``False`` forces the transport.
+        source: a folder with ``model.safetensors.index.json`` and shards or one
+            ``model.safetensors``, one ``.safetensors`` file, or a Hub repository
+            (``"org/name"`` when no such local path exists, ``"hf://org/name@rev/sub"``).
+        placement: how tensors lie over the ranks (``distload.TensorParallel(rules)``,
+            ``PipelineParallel``, ``DeviceMap``, ``Mesh`` ...); default: all on every rank.
+        dtype: ``None``/``"auto"`` keeps stored dtypes; a floating dtype casts floating
+            tensors (never integer or bool ones), on the side that moves fewer bytes.
+        device: where tensors go (default ``cuda:{LOCAL_RANK}`` with CUDA, else ``cpu``).
+        out: name -> preallocated tensor of this rank's local shape: only these are loaded,
+            in place. group: the process group (default: the world, initialised from
+            torchrun / srun / mpirun if needed; with ``transport="mpi"`` a communicator).
+        keys, transforms: load only these names (absent ones ignored); key transforms
+            (``Rename``, ``Split``, ``Merge``, ``Stack``, ``Transpose``) applied first.
+        staging_bytes, bucket_bytes, readers, read_threads, timeout, max_header_bytes: the
+            staging bound per rank (buckets of a fifth of it), the ranks allowed to read, reads
+            in flight per reader, seconds to wait for a peer, the header size limit.
+        verify: check each byte against a manifest while reading (``True``: the one in the
+            source; a path: another). allow_pickle: also read ``.bin``/``.pt`` zip checkpoints
+            (weights-only unpickler, metadata only). transport: ``"auto"``/``"torch"`` or
+            ``"mpi"``. shm: shared buckets through same-node shared memory (default: when
+            all ranks are on one node with a host-memory transport).
+        progress: ``progress(done_buckets, total)`` on rank 0; ``download_progress``: the
+            same in bytes for the download phase of a Hub source.
+        revision, subfolder, cache_dir, token, local_files_only, hub_cache, extra_files: Hub
+            sources (:class:`~distload.hub.options.HubOptions`): rank 0 pins the revision to
+            one commit; each shard is downloaded by one rank of one cache; ``extra_files``
+            (e.g. ``"config.json"``) land in ``state.files``.
 
     Returns:
-        :class:`LoadedState`: a dict of this rank's tensors, plus ``.report`` (per-rank bytes
-        read/sent/received/held, staging peak, seconds per phase) and ``.plan``.
+        :class:`LoadedState`: a dict of this rank's tensors, with ``.report`` (bytes read,
+        sent, received and held per rank, staging peak, seconds per phase) and ``.plan``.
 
     Example:
         >>> import distload                                       # doctest: +SKIP
         >>> state = distload.load("ckpt/", distload.TensorParallel({"*.q_proj.weight": "colwise"}))
         >>> print(state.report.table())
     """
-    hub = HubOptions(
-        revision=revision,
-        subfolder=subfolder,
-        cache_dir=cache_dir,
-        token=token,
-        local_files_only=local_files_only,
-        hub_cache=hub_cache,
-        extra_files=tuple(extra_files),
-    )
-    options = LoadOptions(
-        dtype=parse_dtype(dtype),
-        staging_bytes=staging_bytes,
-        bucket_bytes=bucket_bytes,
-        readers=readers,
-        timeout=timeout,
-        read_threads=read_threads,
-        max_header_bytes=max_header_bytes,
-        keys=keys,
-        transforms=tuple(transforms),
-        transport=transport,
-        verify=verify,
-        allow_pickle=allow_pickle,
-        shm=shm,
-        hub=hub,
-        progress=progress,
-        download_progress=download_progress,
-    )
+    options = LoadOptions.from_arguments(locals())
     return run_load(source, placement, options, device=device, out=out, group=group)
 
 

@@ -122,9 +122,8 @@ def parts_of(plan: LoadPlan, rank: int, item: Item) -> list[Part]:
         view = _intersect(box, link.view_box)
         if view is None:
             continue
-        stored = _to_stored(link, view)
-        rows = ((item.start, item.stop), *((0, n) for n in meta.shape[1:]))
-        stored = _intersect(stored, rows)
+        piece_box = ((item.start, item.stop), *((0, n) for n in meta.shape[1:]))
+        stored = _intersect(_to_stored(link, view), piece_box)
         if stored is None:
             continue
         view = _to_view(link, stored)

@@ -9,10 +9,12 @@ alone (:func:`coordinator_knobs`) and carried in the plan.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from distload.checkpoint import DEFAULT_MAX_HEADER_BYTES
+from distload.dtypes import parse_dtype
 from distload.errors import DistLoadError
 from distload.execute import STAGING_ARENAS
 from distload.hub.options import HubOptions
@@ -53,6 +55,19 @@ class LoadOptions:
             raise DistLoadError(
                 f"staging_bytes must be >= {STAGING_ARENAS}, got {self.staging_bytes}"
             )
+
+    @staticmethod
+    def from_arguments(given: Mapping[str, Any]) -> LoadOptions:
+        """The options among the keyword arguments of ``distload.load`` (by name; the Hub
+        keywords become :class:`HubOptions`, ``dtype`` is parsed)."""
+        own = {f.name for f in fields(LoadOptions)} - {"hub", "dtype"}
+        hub_names = {f.name for f in fields(HubOptions)} - {"endpoint"}
+        hub_given = {k: v for k, v in given.items() if k in hub_names}
+        hub_given["extra_files"] = tuple(hub_given.get("extra_files", ()))
+        hub = HubOptions(**hub_given)
+        picked = {k: v for k, v in given.items() if k in own}
+        picked["transforms"] = tuple(picked.get("transforms", ()))
+        return LoadOptions(dtype=parse_dtype(given.get("dtype")), hub=hub, **picked)
 
     @property
     def bucket(self) -> int:

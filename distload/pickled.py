@@ -100,7 +100,7 @@ def read_pickle_header(path: Path, display: str) -> tuple[FileMeta, dict[str, Te
         record = f"data/{key}"
         if record not in stored:
             raise bad(f"storage record {record!r} of tensor {name!r} is compressed or missing")
-        start = reader.get_record_offset(record)
+        start = reader.get_record_offset(record)  # type: ignore[attr-defined]  # (not in stubs)
         limit = start + stored[record]
         dtype = from_torch(t.dtype)
         offset = start + t.storage_offset() * ITEMSIZE[dtype]

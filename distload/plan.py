@@ -26,11 +26,10 @@ Vocabulary:
 from __future__ import annotations
 
 import json
-import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from distload.derived import Beside
 from distload.hub.plan import HubPlan
 from distload.index import CheckpointIndex, TensorMeta
 from distload.placement.base import Box, Layout, box_shape, local_box
@@ -316,8 +315,8 @@ class PlanTables:
     """Lookup tables derived from one plan object, built on first use and kept beside it
     (the plan itself stays plain frozen data). A plan's tables live as long as the plan.
 
-    Asked for by the reader thread and the main thread alike; building one twice under a race
-    gives the same content, so a lock only guards the registry, not the tables.
+    Asked for by the reader thread and the main thread alike; a table built twice under a
+    race has the same content either way.
     """
 
     _by_stored: dict[int, list[tuple[int, Link]]] | None = None
@@ -350,18 +349,5 @@ class PlanTables:
         self._identity = identity
 
 
-_TABLES: dict[int, PlanTables] = {}
-_TABLES_LOCK = threading.Lock()
-
-
-def tables(plan: LoadPlan) -> PlanTables:
-    """The :class:`PlanTables` of ``plan`` (by object identity; dropped with the plan)."""
-    key = id(plan)
-    got = _TABLES.get(key)
-    if got is None:
-        with _TABLES_LOCK:
-            got = _TABLES.get(key)
-            if got is None:
-                got = _TABLES[key] = PlanTables()
-                weakref.finalize(plan, _TABLES.pop, key, None)
-    return got
+tables: Beside[LoadPlan, PlanTables] = Beside(lambda _plan: PlanTables())
+"""The :class:`PlanTables` of a plan (by object identity; dropped with the plan)."""

@@ -262,17 +262,11 @@ def make_plan(
             follow the manifest's chunk grid and readers check each one as they read it.
         file_readers: file -> ranks allowed to read it (within ``readers``); e.g. the ranks
             whose Hub cache holds that shard. Files not named may be read by any reader.
-        hub: the Hub section of a Hub source's plan (downloads, cache domains).
-        token: unique name of this load (its shared-memory files).
-        check_every: shared buckets between two status checks (``LoadPlan.status_checks``).
-        multicast: serve classes of several receivers through transport sub-groups.
+        hub, token, check_every, multicast: carried as they are (see :class:`LoadPlan`).
     """
-    if world_size < 1:
-        raise PlacementError(f"world_size must be >= 1, got {world_size}")
-    if bucket_bytes < 1:
-        raise PlacementError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-    if check_every < 1:
-        raise PlacementError(f"check_every must be >= 1, got {check_every}")
+    for what, value in (("world_size", world_size), ("bucket_bytes", bucket_bytes)):
+        if value < 1:
+            raise PlacementError(f"{what} must be >= 1, got {value}")
     placement = placement or ReplicateAll()
     views = apply_transforms(index, transforms)
     skipped: tuple[str, ...] = ()
@@ -311,20 +305,32 @@ def make_plan(
         multicast=multicast,
     )
     bucketer = _Bucketer(world_size, bucket_bytes, everyone, nodes)
+    _fill(draft, bucketer, used, digests, allowed_by_file)
+    return dataclasses.replace(draft, buckets=bucketer.finish())
+
+
+def _fill(
+    draft: LoadPlan,
+    bucketer: _Bucketer,
+    used: Sequence[int],
+    digests: Mapping[int, Digests] | None,
+    allowed_by_file: Mapping[str, tuple[int, ...]],
+) -> None:
+    """Cut every stored tensor the draft reads into pieces, in file order, and give each
+    piece with holders to the bucketer (steps 2 and 3 of the module docstring)."""
     holder_cache: dict[tuple[Layout, ...], list[list[int]]] = {}
     chunk_cache: dict[tuple[Layout, int], ChunkClasses] = {}  # see piece_classes
     for t in used:
-        meta = index.tensors[t]
-        pool = allowed_by_file.get(meta.file, everyone)
+        meta = draft.index.tensors[t]
+        pool = allowed_by_file.get(meta.file, bucketer.readers)
         grid = digests[t].rows_per_chunk if digests and t in digests else None
         holding = holder_classes(draft, t, holder_cache)
-        for item in split_pieces(draft, t, bucket_bytes, grid):
+        for item in split_pieces(draft, t, draft.bucket_bytes, grid):
             classes = piece_classes(draft, item, holding, chunk_cache)
             if classes:
                 bucketer.add(item, piece_bytes(meta, item), classes, pool)
             else:
                 bucketer.position += 1
-    return dataclasses.replace(draft, buckets=bucketer.finish())
 
 
 def interleave(buckets: list[Bucket], world_size: int) -> tuple[Bucket, ...]:

@@ -269,6 +269,5 @@ def setup(
     comm_device = (
         torch.device("cuda", torch.cuda.current_device()) if uses_nccl else torch.device("cpu")
     )
-    transport = TorchDistTransport(group, comm_device, timeout)
-    runtime = Runtime(transport.rank, transport.world_size, local_rank, dev, launcher)
-    return runtime, transport
+    net = TorchDistTransport(group, comm_device, timeout)
+    return Runtime(net.rank, net.world_size, local_rank, dev, launcher), net

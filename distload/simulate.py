@@ -129,6 +129,59 @@ def _transfer_bytes(
     return out, inn, intra, local_out
 
 
+@dataclass
+class _Links:
+    """When each rank and each NIC direction is free, and the traffic so far (simulation)."""
+
+    plan: LoadPlan
+    bw: Bandwidths
+    node: list[int]
+
+    def __post_init__(self) -> None:
+        nodes, world = max(self.node) + 1, self.plan.world_size
+        self.nic_out, self.nic_in, self.intra = [0] * nodes, [0] * nodes, [0] * nodes
+        self.rank_clock = [0.0] * world  # when each rank is done with its earlier buckets
+        self.out_clock, self.in_clock = [0.0] * nodes, [0.0] * nodes
+        self.local_sent = [0] * world
+        self.steps = [0] * world  # transfers and status checks each rank takes part in
+
+    def check(self) -> None:
+        """A status check: every rank waits for all the others."""
+        everyone = max(self.rank_clock) + self.bw.latency
+        self.rank_clock = [everyone] * self.plan.world_size
+        self.steps = [n + 1 for n in self.steps]
+
+    def transfer(self, number: int, read_done: float) -> float:
+        """Move shared bucket ``number`` once read; returns when its transfer ends."""
+        out, inn, intra, local = _transfer_bytes(self.plan, number, self.node)
+        for n in range(len(out)):
+            self.nic_out[n] += out[n]
+            self.nic_in[n] += inn[n]
+            self.intra[n] += intra[n]
+        for r, sent in local.items():
+            self.local_sent[r] += sent
+        ranks = self.plan.buckets[number].participants(self.plan.world_size)
+        sending = [n for n in range(len(out)) if out[n]]
+        receiving = [n for n in range(len(out)) if inn[n]]
+        begin = max(
+            read_done,
+            *(self.rank_clock[r] for r in ranks),
+            *(self.out_clock[n] for n in sending),
+            *(self.in_clock[n] for n in receiving),
+        )
+        net = max(*out, *inn) / self.bw.nic
+        duration = max(net, max(local.values(), default=0) / self.bw.intra) + self.bw.latency
+        end = begin + duration
+        for r in ranks:
+            self.rank_clock[r] = end
+            self.steps[r] += 1
+        for n in sending:
+            self.out_clock[n] = end
+        for n in receiving:
+            self.in_clock[n] = end
+        return end
+
+
 def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
     """Predict ``plan``'s read + transfer time under ``bw`` (pure; any world size)."""
     node = _node_of(plan)
@@ -141,7 +194,6 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
     if bw.shared_storage is not None:
         rate = min(rate, bw.shared_storage / nodes_reading)
     storage_clock = [0.0] * nodes
-    read_done = [0.0] * len(plan.buckets)
     reader_clock = dict.fromkeys(reading, 0.0)
     # a reader may start shared bucket k only once its shared bucket (k - prefetch) of its own
     # is moved on (the ring of staging arenas); local buckets need no arena
@@ -152,11 +204,7 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
     position = {k: i for r in reading for i, k in enumerate(own[r])}
     finished = [0.0] * len(plan.buckets)  # when each bucket's transfer (or local copy) ends
     read_bytes_node = [0] * nodes
-    nic_out, nic_in, intra_total = [0] * nodes, [0] * nodes, [0] * nodes
-    rank_clock = [0.0] * plan.world_size  # when each rank is done with its earlier buckets
-    out_clock, in_clock = [0.0] * nodes, [0.0] * nodes  # when each NIC direction is free
-    local_sent = [0] * plan.world_size
-    steps = [0] * plan.world_size  # transfers and status checks each rank takes part in
+    links = _Links(plan, bw, node)
     checks = plan.status_checks()
     for k, b in enumerate(plan.buckets):
         nbytes = sum(piece_bytes(plan.tensors[i.tensor], i) for i in b.items)
@@ -165,67 +213,47 @@ def simulate(plan: LoadPlan, bw: Bandwidths) -> Prediction:
         gated = b.kind != "local" and i >= bw.prefetch
         gate = finished[own[b.reader][i - bw.prefetch]] if gated else 0.0
         start = max(reader_clock[b.reader], gate, storage_clock[node[b.reader]])
-        read_done[k] = start + nbytes / rate
-        storage_clock[node[b.reader]] = read_done[k]
-        reader_clock[b.reader] = read_done[k]
+        read_done = start + nbytes / rate
+        storage_clock[node[b.reader]] = reader_clock[b.reader] = read_done
         if b.kind == "local":
-            finished[k] = read_done[k]
+            finished[k] = read_done
             continue
         if k in checks:
-            everyone = max(rank_clock) + bw.latency  # the status check waits for all ranks
-            rank_clock = [everyone] * plan.world_size
-            steps = [n + 1 for n in steps]
-        out, inn, intra, local = _transfer_bytes(plan, k, node)
-        for n in range(nodes):
-            nic_out[n] += out[n]
-            nic_in[n] += inn[n]
-            intra_total[n] += intra[n]
-        for r, sent in local.items():
-            local_sent[r] += sent
-        ranks = b.participants(plan.world_size)
-        sending = [n for n in range(nodes) if out[n]]
-        receiving = [n for n in range(nodes) if inn[n]]
-        begin = max(
-            read_done[k],
-            *(rank_clock[r] for r in ranks),
-            *(out_clock[n] for n in sending),
-            *(in_clock[n] for n in receiving),
-        )
-        net = max(*out, *inn) / bw.nic
-        duration = max(net, max(local.values(), default=0) / bw.intra) + bw.latency
-        end = begin + duration
-        for r in ranks:
-            rank_clock[r] = end
-            steps[r] += 1
-        for n in sending:
-            out_clock[n] = end
-        for n in receiving:
-            in_clock[n] = end
-        finished[k] = end
-    seconds = max([*rank_clock, *reader_clock.values()], default=0.0)
+            links.check()
+        finished[k] = links.transfer(k, read_done)
+    seconds = max([*links.rank_clock, *reader_clock.values()], default=0.0)
+    return _prediction(plan, bw, links, read_bytes_node=read_bytes_node, rate=rate, seconds=seconds)
+
+
+def _prediction(
+    plan: LoadPlan,
+    bw: Bandwidths,
+    links: _Links,
+    *,
+    read_bytes_node: list[int],
+    rate: float,
+    seconds: float,
+) -> Prediction:
     busy = {
-        "storage": 0.0,
-        "nic": max(*nic_out, *nic_in) / bw.nic,
-        "intra-node": max(local_sent) / bw.intra,
-        "latency": max(steps) * bw.latency,
+        # storage is busy for the bytes its node reads (waiting on transfers is not storage)
+        "storage": max(read_bytes_node) / rate if read_bytes_node else 0.0,
+        "nic": max(*links.nic_out, *links.nic_in) / bw.nic,
+        "intra-node": max(links.local_sent) / bw.intra,
+        "latency": max(links.steps) * bw.latency,
     }
-    # storage is busy for the bytes its node reads (waiting on transfers is not storage time)
-    busy["storage"] = max(read_bytes_node) / rate if read_bytes_node else 0.0
     total = plan.index.total_bytes
-    lower = total / nodes / bw.node_storage
+    lower = total / len(read_bytes_node) / bw.node_storage
     if bw.shared_storage is not None:
         lower = max(lower, total / bw.shared_storage)
-    stats = traffic(plan)
-    peak = max((s.held + s.staging for s in stats), default=0)
-    bottleneck = max(busy, key=lambda key: busy[key])
+    peak = max((s.held + s.staging for s in traffic(plan)), default=0)
     return Prediction(
         seconds=seconds,
         lower_bound=lower,
         read_bytes_per_node=read_bytes_node,
-        nic_bytes_out=nic_out,
-        nic_bytes_in=nic_in,
-        intra_bytes=intra_total,
+        nic_bytes_out=links.nic_out,
+        nic_bytes_in=links.nic_in,
+        intra_bytes=links.intra,
         peak_rank_bytes=peak,
-        bottleneck=bottleneck,
+        bottleneck=max(busy, key=lambda key: busy[key]),
         busy=busy,
     )

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from distload.checkpoint import safe_member
 from distload.errors import CheckpointError
+from distload.locate import safe_member
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
         tensor = tensor.reshape(-1)
     # a contiguous tensor viewed as bytes (its last dim scaled by the item size), cast to one
     # flat dim: the cheapest route (called once per tensor read straight into a destination)
-    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+    array: Any = tensor.view(torch.uint8).numpy()  # a buffer (numpy's stubs do not say so)
+    return memoryview(array).cast("B")
 
 
 @dataclass(frozen=True)

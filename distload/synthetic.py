@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from distload.checkpoint import INDEX_NAME
+from distload.locate import INDEX_NAME
 
 
 @dataclass(frozen=True)

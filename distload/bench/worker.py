@@ -143,6 +143,16 @@ def evict(root: Path) -> None:
             os.close(fd)
 
 
+def _parser(methods: list[str], staging_bytes: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("method", choices=methods)
+    parser.add_argument("ckpt")
+    parser.add_argument("out")
+    parser.add_argument("--staging-mb", type=float, default=staging_bytes / 2**20, help="per rank")
+    parser.add_argument("--tag", default="run")
+    return parser
+
+
 def main() -> None:
     from safetensors import safe_open
 
@@ -154,15 +164,7 @@ def main() -> None:
     from distload.placement.base import local_box
     from distload.planner import make_plan
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("method", choices=sorted(METHODS))
-    parser.add_argument("ckpt")
-    parser.add_argument("out")
-    parser.add_argument(
-        "--staging-mb", type=float, default=api.DEFAULT_STAGING_BYTES / 2**20, help="per rank"
-    )
-    parser.add_argument("--tag", default="run")
-    args = parser.parse_args()
+    args = _parser(sorted(METHODS), api.DEFAULT_STAGING_BYTES).parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     node = int(os.environ.get("GROUP_RANK", "0"))

@@ -72,7 +72,7 @@ class TransportExchange:
                 and s.part.src == read.slots[s.item].part.src
                 for s in segs
             ) and len(segs) == len(read.slots)
-            if same and buffer.device == self.net.device:
+            if same and buffer.device == self.net.device and buffer.numel() == size:
                 buf = buffer  # the read layout is the wire layout: no copy
             elif same:
                 buf = self.arenas.get("pack", size)

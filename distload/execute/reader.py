@@ -77,6 +77,11 @@ class ReadStats:
     seconds: float = 0.0
 
 
+def staged_end(slots: list[Segment]) -> int:
+    """Bytes of a staging buffer holding ``slots`` (their furthest end)."""
+    return max((s.offset + s.nbytes for s in slots), default=0)
+
+
 class ReadAhead:
     """Reads this rank's buckets in plan order on a background thread (bounded ring).
 
@@ -196,9 +201,11 @@ class ReadAhead:
         try:
             targets = dict(direct)
             if arena is not None:  # the staging layout (a shm slot's is the same on all ranks)
-                slots, _ = read_slots(self.plan, bucket)
+                slots, total = read_slots(self.plan, bucket)
                 staged = [s for s in slots if s.item not in direct]
-                size = max((s.offset + s.nbytes for s in staged), default=0)
+                # the whole layout when every piece is staged: a broadcast sends this buffer
+                # as it is, and every rank must pass a buffer of one size (NCCL counts)
+                size = total if len(staged) == len(slots) else staged_end(staged)
                 if self.shm is not None and arena.startswith("shm"):
                     out.buffer = self.shm.own(arena, size)
                 else:

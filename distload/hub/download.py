@@ -212,28 +212,7 @@ def run_downloads(
     pool = ThreadPoolExecutor(max(1, min(DOWNLOAD_THREADS, len(mine))), "distload-hub")
     futures: list[Future[None]] = [pool.submit(one, name) for name in mine]
     try:
-        while True:
-            finished = all(f.done() for f in futures)
-            error = next(
-                (f.exception() for f in futures if f.done() and f.exception() is not None),
-                None,
-            )
-            with state.lock:
-                figures = {"done": finished, "settled": state.settled, "network": state.network}
-            if error is not None and not isinstance(error, _Cancelled):
-                mine_msg = b"\x01" + failure_from_exception(error, net.rank, "download").to_json()
-            else:
-                mine_msg = b"\x00" + json.dumps(figures).encode()
-            gathered = net.all_gather_bytes(mine_msg, "download: exchanging progress")
-            failures = [Failure.from_json(g[1:]) for g in gathered if g[:1] == b"\x01"]
-            if failures:
-                state.cancel.set()
-                raise error_from_failures(failures, net.world_size)
-            views = [json.loads(g[1:]) for g in gathered]
-            if progress is not None and net.rank == 0:
-                progress(sum(v["settled"] for v in views), total)
-            if all(v["done"] for v in views):
-                break
+        while not _exchange_progress(net, futures, state, total, progress):
             if futures:
                 wait(futures, timeout=poll, return_when=FIRST_EXCEPTION)
             else:
@@ -242,25 +221,62 @@ def run_downloads(
         state.cancel.set()
         pool.shutdown(wait=False, cancel_futures=True)
     stats.bytes_downloaded = state.network
-
     error: BaseException | None = None
     try:
-        root = snapshot_dir(cache_dir, hub.resolved.ref.repo_id, hub.resolved.commit)
-        for name in sorted(reads):
-            path = root / name
-            if not path.is_file() or path.stat().st_size != sizes[name]:
-                raise CheckpointError(
-                    f"{hub.resolved.ref.url(hub.resolved.commit)}: {name!r} is not in this "
-                    f"rank's Hub cache {cache_dir} after the download phase (a cache not "
-                    "shared with the rank that fetched it? pass hub_cache='node' or "
-                    "hub_cache='rank')",
-                    file=name,
-                )
+        _check_cached(hub, reads, sizes, cache_dir)
     except DistLoadError as exc:
         error = exc
     agree(net, "download", error)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _exchange_progress(
+    net: Transport,
+    futures: list[Future[None]],
+    state: _Progress,
+    total: int,
+    progress: Callable[[int, int], None] | None,
+) -> bool:
+    """Collective: every rank's progress (or failure) to every rank; True once all are done.
+    A failure on any rank stops the downloads everywhere and is raised on every rank."""
+    finished = all(f.done() for f in futures)
+    raised = next(
+        (f.exception() for f in futures if f.done() and f.exception() is not None),
+        None,
+    )
+    with state.lock:
+        figures = {"done": finished, "settled": state.settled, "network": state.network}
+    if raised is not None and not isinstance(raised, _Cancelled):
+        mine = b"\x01" + failure_from_exception(raised, net.rank, "download").to_json()
+    else:
+        mine = b"\x00" + json.dumps(figures).encode()
+    gathered = net.all_gather_bytes(mine, "download: exchanging progress")
+    failures = [Failure.from_json(g[1:]) for g in gathered if g[:1] == b"\x01"]
+    if failures:
+        state.cancel.set()
+        raise error_from_failures(failures, net.world_size)
+    views = [json.loads(g[1:]) for g in gathered]
+    if progress is not None and net.rank == 0:
+        progress(sum(v["settled"] for v in views), total)
+    return all(v["done"] for v in views)
+
+
+def _check_cached(
+    hub: HubPlan, reads: Collection[str], sizes: dict[str, int], cache_dir: str
+) -> None:
+    """Every file this rank reads is whole in its cache after the download phase."""
+    root = snapshot_dir(cache_dir, hub.resolved.ref.repo_id, hub.resolved.commit)
+    for name in sorted(reads):
+        path = root / name
+        if not path.is_file() or path.stat().st_size != sizes[name]:
+            raise CheckpointError(
+                f"{hub.resolved.ref.url(hub.resolved.commit)}: {name!r} is not in this "
+                f"rank's Hub cache {cache_dir} after the download phase (a cache not shared "
+                "with the rank that fetched it? pass hub_cache='node' when each node has its "
+                "own cache folder, or hub_cache='auto' to find out with a probe file)",
+                file=name,
+            )
 
 
 def local_root(hub: HubPlan, cache_dir: str) -> tuple[Path, Path]:

@@ -29,11 +29,11 @@ from distload.checkpoint import (
 from distload.errors import CheckpointError
 from distload.hub.ref import HubRef, is_commit
 from distload.index import CheckpointIndex, FileMeta, TensorMeta
+from distload.locate import PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 HEAD_BLOCK = 64 * 1024  # first range request per shard: the length prefix and most headers
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -327,7 +327,7 @@ def choose_weights(resolved: Resolved) -> tuple[str | None, str | None]:
     if len(shards) == 1:
         return None, shards[0]
     where = resolved.ref.url(resolved.commit)
-    pickles = [n for n in here if n.endswith(_PICKLE_SUFFIXES)]
+    pickles = [n for n in here if n.endswith(PICKLE_SUFFIXES)]
     if pickles and not shards:
         raise CheckpointError(
             f"{where} has only pickle-based weights ({pickles[:3]}); distload downloads "

@@ -30,6 +30,14 @@ class DeviceMap:
 
     :meth:`resolve` returns the concrete map (printable like ``model.hf_device_map``); sizes
     come from the checkpoint headers, so no model is needed to plan.
+
+    Example:
+        >>> from distload import DeviceMap
+        >>> from distload.shapes import MODELS, model_index
+        >>> index = model_index(MODELS["llama-8b"])  # Llama-3-8B's shapes, no files needed
+        >>> resolved = DeviceMap("auto").resolve(index.tensors, 2)
+        >>> resolved["model.embed_tokens"], resolved["model.layers.31"], resolved["lm_head"]
+        (0, 1, 1)
     """
 
     def __init__(

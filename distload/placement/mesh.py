@@ -46,6 +46,17 @@ class Mesh:
         num_experts: experts per MoE layer (default: the highest index in the checkpoint plus
             one; give it when loading a subset of the experts with ``keys=``).
         expert_pattern: regular expression whose first group is a routed expert's index.
+
+    Example:
+        >>> from distload import Mesh, preset
+        >>> from distload.planner import make_plan
+        >>> from distload.shapes import MODELS, model_index
+        >>> index = model_index(MODELS["llama-8b"])  # Llama-3-8B's shapes, no files needed
+        >>> plan = make_plan(index, 8, Mesh(dp=2, pp=2, tp=2, tp_rules=preset("llama")))
+        >>> plan.local_shape(0, 0)  # embed_tokens on rank 0: stage 0, half of the rows
+        (64128, 4096)
+        >>> plan.local_shape(0, 2) is None  # rank 2 = (dp 0, stage 1, tp 0)
+        True
     """
 
     def __init__(

@@ -26,6 +26,15 @@ class PipelineParallel:
 
     With one rank per stage, stage ``s`` is rank ``s``; inside :class:`~distload.Mesh` a
     stage is a group of ranks.
+
+    Example:
+        >>> from distload import PipelineParallel
+        >>> from distload.planner import make_plan
+        >>> from distload.shapes import MODELS, model_index
+        >>> index = model_index(MODELS["llama-8b"])  # Llama-3-8B's shapes, no files needed
+        >>> plan = make_plan(index, 2, PipelineParallel(num_stages=2))
+        >>> [plan.local_shape(0, rank) for rank in (0, 1)]  # embed_tokens: stage 0 only
+        [(128256, 4096), None]
     """
 
     def __init__(

@@ -42,8 +42,14 @@ class TensorParallel:
 
     Example:
         >>> from torch.distributed.tensor import Shard, Replicate
+        >>> from distload import TensorParallel
         >>> tp = TensorParallel({"*.q_proj.weight": "colwise", "*.o_proj.weight": "rowwise",
         ...                      "model.embed_tokens.weight": Shard(0), "*norm*": Replicate()})
+        >>> from distload.planner import make_plan
+        >>> from distload.shapes import MODELS, model_index
+        >>> plan = make_plan(model_index(MODELS["llama-8b"]), 4, tp)
+        >>> plan.local_shape(0, 3)  # a quarter of embed_tokens' rows on each rank
+        (32064, 4096)
     """
 
     def __init__(self, rules: Mapping[str, Any], size: int | None = None) -> None:

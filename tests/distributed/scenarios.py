@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate
 
 import distload
 from distload.planner import traffic
+from tests.distributed.cases import tp_rules
 from tests.reference import expected_local, read_all, same_bits
 
 
@@ -30,14 +31,7 @@ def _world() -> int:
     )
 
 
-def _rules(json_rules: list[list[Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pattern, spec in json_rules:
-        if isinstance(spec, list):
-            out[pattern] = Shard(spec[1]) if spec[0] == "shard" else Replicate()
-        else:
-            out[pattern] = spec
-    return out
+_rules = tp_rules
 
 
 def read_figures(report: Any) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from tests.distributed.cases import MIXED_RULES
 from tests.distributed.launch import Outcome, check_all_ok, run_group
-from tests.distributed.test_load import MIXED_RULES
 
 pytestmark = pytest.mark.timeout(120)
 WORLD = 3

@@ -8,36 +8,10 @@ from typing import Any
 import pytest
 
 from distload.execute import PREFETCH_DEPTH
+from tests.distributed.cases import LLAMA_RULES, MIXED_RULES
 from tests.distributed.launch import check_all_ok, run_group
 
 pytestmark = pytest.mark.timeout(240)
-
-MIXED_RULES: list[list[Any]] = [
-    ["model.embed_tokens.weight", ["shard", 0]],
-    ["*.q_proj.weight", "colwise"],
-    ["*.k_proj.weight", "colwise"],
-    ["*.v_proj.weight", "colwise"],
-    ["*.o_proj.weight", "rowwise"],
-    ["*.gate_proj.weight", "colwise"],
-    ["*.up_proj.weight", "colwise"],
-    ["*.down_proj.weight", "rowwise"],
-    ["model.experts.w1", ["shard", 1]],
-    ["model.position_ids", ["shard", 1]],
-    ["model.tiny", ["shard", 0]],
-    ["model.empty", ["shard", 0]],
-    ["*norm*", ["replicate"]],
-    ["lm_head.weight", ["shard", -1]],
-]
-LLAMA_RULES: list[list[Any]] = [
-    ["*.q_proj.weight", "colwise"],
-    ["*.k_proj.weight", "colwise"],
-    ["*.v_proj.weight", "colwise"],
-    ["*.o_proj.weight", "rowwise"],
-    ["*.gate_proj.weight", "colwise"],
-    ["*.up_proj.weight", "colwise"],
-    ["*.down_proj.weight", "rowwise"],
-    ["model.embed_tokens.weight", "colwise"],
-]
 
 
 def _configs(world: int, mixed: Path, llama: Path, single: Path) -> list[dict[str, Any]]:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 import distload
+from tests.distributed.cases import LLAMA_RULES
 from tests.distributed.launch import check_all_ok, run_group
-from tests.distributed.test_load import LLAMA_RULES
 from tests.reference import chunk, read_all
 
 pytestmark = pytest.mark.timeout(240)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed.cases import LLAMA_RULES, MIXED_RULES
 from tests.distributed.launch import check_all_ok, run_group
-from tests.distributed.test_load import LLAMA_RULES, MIXED_RULES
 
 pytestmark = pytest.mark.timeout(400)
 ROUNDS = 50

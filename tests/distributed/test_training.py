@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed.cases import SHAPE
 from tests.distributed.launch import check_all_ok, run_group
-from tests.distributed.test_models import SHAPE, tiny_ckpt  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(240)
 
 
-def test_load_into_on_subgroups_then_train(tiny_ckpt: Path) -> None:  # noqa: F811
+def test_load_into_on_subgroups_then_train(tiny_ckpt: Path) -> None:
     results = check_all_ok(
         run_group(4, "training_step", {"source": str(tiny_ckpt), "shape": SHAPE})
     )

@@ -23,6 +23,7 @@ FUZZ = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 COUNTS: dict[str, int] = {}
+pytestmark = pytest.mark.xdist_group("fuzz")  # one process, file order: see the last test
 
 
 def _check(path: Path) -> None:
@@ -182,6 +183,18 @@ def test_deep_json_is_refused_quickly(tmp_path: Path) -> None:
 
 
 def test_fuzz_counts_are_reported() -> None:
-    """Runs last in this module: the numbers of cases tried, for the docs."""
+    """Runs last in this module (one xdist group: same process, file order): every fuzz
+    test above ran, each on at least a hundred generated cases; the numbers for the docs."""
+    if not COUNTS:
+        pytest.skip("the fuzz tests of this module did not run in this process (-k?)")
+    expected = {
+        "random bytes",
+        "declared header lengths",
+        "structured headers",
+        "mutated real files",
+        "indexes",
+    }
+    assert set(COUNTS) == expected, f"fuzz tests that did not run: {expected - set(COUNTS)}"
     for name, n in sorted(COUNTS.items()):
         print(f"fuzz: {name}: {n} cases")
+        assert n >= 100, f"{name}: only {n} cases generated"

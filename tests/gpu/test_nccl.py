@@ -39,8 +39,8 @@ def test_single_gpu_cast_into_out(mixed_ckpt: Path) -> None:
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for NCCL")
 def test_nccl_tp_load(mixed_ckpt: Path) -> None:
+    from tests.distributed.cases import MIXED_RULES
     from tests.distributed.launch import check_all_ok, run_group
-    from tests.distributed.test_load import MIXED_RULES
 
     cfg = {"source": str(mixed_ckpt), "rules": MIXED_RULES, "device": "cuda"}
     check_all_ok(

@@ -55,3 +55,61 @@ def test_direct_buckets_are_read_ahead_without_waiting_for_arenas(ckpt: Path) ->
     for out, dest in dests.items():
         name = plan.outputs[out].name
         assert torch.equal(dest.view(torch.uint8), expected[name].view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("shm", [False, True], ids=["transport", "shared-memory"])
+def test_execute_phase_over_three_ranks_is_bit_exact(mixed_ckpt: Path, shm: bool) -> None:
+    """The whole execute phase (materialise, read, exchange, copy, close) on three
+    thread-ranks: every rank's pieces equal safetensors reads, each byte read once."""
+    from distload.execute import ExecutePhase
+    from distload.materialize import prepare_destinations
+    from distload.placement import TensorParallel
+    from tests.distributed.cases import MIXED_RULES, tp_rules
+    from tests.reference import expected_local, read_all, same_bits
+    from tests.threads import ThreadTransport, run_threads
+
+    index = read_checkpoint(mixed_ckpt)
+    placement = TensorParallel(tp_rules(MIXED_RULES))
+    plan = make_plan(index, 3, placement, bucket_bytes=16_384, nodes=[0, 0, 0], token=f"t{shm}")
+
+    def rank(net: ThreadTransport) -> tuple[dict[int, torch.Tensor], int]:
+        with ExecutePhase(plan, net, shm=shm, timeout=20) as phase:
+            dests = phase.materialize(
+                lambda: prepare_destinations(plan, net.rank, net.device, None)
+            )
+            result = phase.run(dests, root=index.root, contain=None, read_threads=2, on_bucket=None)
+        assert result.exchange == ("shared memory" if shm else "point to point")
+        return dests, result.stats.bytes_read
+
+    got = run_threads(3, rank)
+    assert not [g for g in got if isinstance(g, BaseException)], got
+    assert sum(read for _, read in got) == index.total_bytes  # each byte read once
+    full = read_all(mixed_ckpt)
+    for r, (dests, _) in enumerate(got):
+        for out, dest in dests.items():
+            name = plan.outputs[out].name
+            want = expected_local(full[name], name, MIXED_RULES, 3, r, None)
+            assert same_bits(dest, want), (r, name)
+
+
+def test_execute_phase_shares_a_read_failure_with_every_rank(mixed_ckpt: Path) -> None:
+    """A reader rank whose read fails: every rank raises the same error, none hangs."""
+    from distload.errors import DistLoadError
+    from distload.execute import ExecutePhase
+    from distload.materialize import prepare_destinations
+    from tests.threads import ThreadTransport, run_threads
+
+    index = read_checkpoint(mixed_ckpt)
+    plan = make_plan(index, 2, bucket_bytes=16_384, nodes=[0, 0])
+
+    def rank(net: ThreadTransport) -> None:
+        root = index.root if net.rank == 0 else "/nonexistent-root"  # rank 1 cannot read
+        with ExecutePhase(plan, net, shm=False, timeout=20) as phase:
+            dests = phase.materialize(
+                lambda: prepare_destinations(plan, net.rank, net.device, None)
+            )
+            phase.run(dests, root=root, contain=None, read_threads=2, on_bucket=None)
+
+    got = run_threads(2, rank)
+    assert all(isinstance(e, DistLoadError) for e in got), got
+    assert all(1 in e.ranks for e in got)

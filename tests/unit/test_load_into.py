@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import distload
+import distload.api
 from distload.synthetic import LlamaShape, llama_tensors, write_checkpoint
 from tests.models import TinyLlama
 from tests.reference import read_all, same_bits
@@ -37,10 +39,28 @@ def test_meta_model_materialised_bit_exact(ckpt: Path) -> None:
     model(torch.tensor([[1, 2, 3]]))
 
 
-def test_no_second_copy_parameters_are_the_loaded_tensors(ckpt: Path) -> None:
+def test_no_second_copy_parameters_are_the_loaded_tensors(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each parameter's memory is the very tensor the load filled (same storage pointer), not
+    a copy of it; and the report's held bytes are the model's."""
+    loaded: dict[str, torch.Tensor] = {}
+    real_load = distload.api.load
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        state = real_load(*args, **kwargs)
+        loaded.update(state)
+        return state
+
+    monkeypatch.setattr(distload.api, "load", spy)
     with torch.device("meta"):
         model = TinyLlama(SHAPE)
     result = distload.load_into(model, ckpt, device="cpu")
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert loaded and set(loaded) <= set(params)
+    for name, tensor in loaded.items():
+        assert params[name].data_ptr() == tensor.data_ptr(), f"{name} was copied"
+        assert params[name].untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
     held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert result.report.ranks[0].bytes_held == held
 

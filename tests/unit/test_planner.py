@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter
 from collections.abc import Sequence
 
 import pytest
@@ -12,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed.tensor import Shard
 
-from distload.checkpoint import CheckpointIndex, FileMeta, TensorMeta
+from distload.checkpoint import TensorMeta
 from distload.dtypes import ITEMSIZE
 from distload.errors import PlacementError
 from distload.geometry import piece_bytes, read_bytes, read_slots, segments_for
@@ -20,20 +19,7 @@ from distload.placement import Layout, ReplicateAll, TensorParallel, local_box
 from distload.plan import Bucket, LoadPlan
 from distload.planner import make_plan, traffic
 from distload.transforms import Merge, Rename, Split
-
-
-def index_of(shapes: list[tuple[tuple[int, ...], str]], files: int = 2) -> CheckpointIndex:
-    tensors = []
-    offsets = [100] * files
-    for i, (shape, dtype) in enumerate(shapes):
-        f = i % files
-        nbytes = math.prod(shape) * ITEMSIZE[dtype]
-        tensors.append(TensorMeta(f"t{i}", f"f{f}.safetensors", dtype, shape, offsets[f], nbytes))
-        offsets[f] += nbytes
-    fmetas = tuple(FileMeta(f"f{f}.safetensors", offsets[f], 100) for f in range(files))
-    tensors.sort(key=lambda t: (t.file, t.offset))
-    return CheckpointIndex("/ckpt", fmetas, tuple(tensors), {})
-
+from tests.plans import file_ranges, index_of, simulate
 
 LLAMAISH = [
     ((64, 16), "BF16"),
@@ -48,50 +34,6 @@ LLAMAISH = [
     ((3, 5, 7), "BF16"),
     ((5,), "BOOL"),
 ]
-
-
-def file_ranges(plan: LoadPlan) -> Counter[tuple[str, int]]:
-    """How many times each byte of each file is read (by any rank)."""
-    reads: Counter[tuple[str, int]] = Counter()
-    for bucket in plan.buckets:
-        for item in bucket.items:
-            meta = plan.tensors[item.tensor]
-            start = meta.offset + (item.start * meta.row_bytes if meta.shape else 0)
-            for b in range(start, start + piece_bytes(meta, item)):
-                reads[(meta.file, b)] += 1
-    return reads
-
-
-def simulate(plan: LoadPlan) -> None:
-    """Run the plan's geometry on integer grids: every local element written exactly once."""
-    world = plan.world_size
-    for rank in range(world):
-        writes: dict[int, Counter[tuple[int, ...]]] = {}
-        for bucket in plan.buckets:
-            if bucket.kind == "local" and bucket.reader != rank:
-                continue
-            segs, size = segments_for(plan, bucket, rank)
-            for seg in segs:
-                assert seg.offset % 64 == 0 and seg.offset + seg.nbytes <= size
-                counter = writes.setdefault(seg.part.output, Counter())
-                ranges = [range(a, b) for a, b in seg.part.dst]
-                for idx in _product(ranges):
-                    counter[idx] += 1
-        for t, meta in enumerate(plan.outputs):
-            box = local_box(meta.shape, plan.layouts[t], rank)
-            if box is None:
-                assert t not in writes
-                continue
-            local = [range(0, b - a) for a, b in box]
-            expected = Counter(_product(local))
-            assert writes.get(t, Counter()) == expected, (rank, meta.name)
-
-
-def _product(ranges: list[range]) -> list[tuple[int, ...]]:
-    out: list[tuple[int, ...]] = [()]
-    for r in ranges:
-        out = [(*o, i) for o in out for i in r]
-    return out
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

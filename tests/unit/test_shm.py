@@ -16,8 +16,8 @@ from distload.errors import PeerError
 from distload.placement import ReplicateAll
 from distload.plan import LoadPlan
 from distload.planner import make_plan
-from distload.shm import SLOTS, ShmExchange
-from tests.unit.test_planner import index_of
+from distload.shm import _WAIT_READER, SLOTS, ShmExchange
+from tests.plans import index_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,7 +67,12 @@ def test_slot_is_refilled_only_after_every_rank_is_done(tmp_path: Path) -> None:
     assert ex1.await_bucket(mine[0], 0)
     assert ex1.peer(0, ex1.slot_of[mine[0]], 4).tolist() == [mine[0]] * 4
     ex0.mark_done(mine[0], 0)
-    time.sleep(0.3)
+    # the waiting reader publishes whom it waits on: once that is rank 1 alone, it has seen
+    # rank 0 done and still waits (a fact, whatever the machine's speed)
+    deadline = time.monotonic() + 10
+    while ex0._ctl[0][_WAIT_READER] != 1 << 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ex0._ctl[0][_WAIT_READER] == 1 << 1
     assert waiter.is_alive() and not got  # still waiting for rank 1
     ex1.mark_done(mine[0], 0)
     waiter.join(timeout=5)

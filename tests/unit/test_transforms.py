@@ -13,8 +13,8 @@ from distload.placement import TensorParallel, local_box
 from distload.plan import LoadPlan
 from distload.planner import make_plan, traffic
 from distload.transforms import Link, Merge, Rename, Split, Stack, Transpose, apply_transforms
+from tests.plans import file_ranges, index_of, simulate
 from tests.reference import chunk
-from tests.unit.test_planner import file_ranges, index_of, simulate
 
 
 def names_shapes(views: list) -> dict[str, tuple[int, ...]]:

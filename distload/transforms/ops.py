@@ -16,126 +16,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import replace
 
 from distload.errors import PlacementError
-from distload.index import CheckpointIndex
-
-Box = tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True)
-class Link:
-    """A box of a stored tensor that fills a box of a view (same size, maybe transposed).
-
-    A view made by :class:`Stack` has more dims than its stored tensors: ``view_box`` then
-    starts with one extra ``(index, index + 1)`` entry per stacking (its *lead*), and the
-    remaining entries correspond to ``stored_box`` (swapped when ``transposed``)."""
-
-    stored: int  # index into the checkpoint's tensors
-    stored_box: Box  # region of the stored tensor
-    view_box: Box  # region of the view it fills
-    transposed: bool = False  # view region = stored region transposed (its last 2 dims)
-
-    @property
-    def lead(self) -> int:
-        """Number of leading view dims that stacking added (0 for most links)."""
-        return len(self.view_box) - len(self.stored_box)
-
-
-@dataclass(frozen=True)
-class View:
-    """A tensor as the caller receives it, assembled from stored regions."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # stored dtype (all links share it)
-    links: tuple[Link, ...]
-
-
-class Transform(Protocol):
-    """Maps a list of views to a new list of views (pure)."""
-
-    def apply(self, views: list[View]) -> list[View]: ...
-
-
-def identity_views(index: CheckpointIndex) -> list[View]:
-    """Every stored tensor as a view of itself (before any transform). Views are immutable,
-    so they are built once per index object (the coordinator asks for them more than once)
-    and each call returns a new list of them."""
-    cached = index.__dict__.get("_identity_views")
-    if cached is None:
-        views = []
-        for i, t in enumerate(index.tensors):
-            full = tuple((0, n) for n in t.shape)
-            views.append(View(t.name, t.shape, t.dtype, (Link(i, full, full),)))
-        cached = tuple(views)
-        object.__setattr__(index, "_identity_views", cached)
-    return list(cached)
-
-
-def apply_transforms(index: CheckpointIndex, transforms: Sequence[Transform]) -> list[View]:
-    """The views after applying ``transforms`` in order; checks names stay unique."""
-    views = identity_views(index)
-    for transform in transforms:
-        views = transform.apply(views)
-        seen: set[str] = set()
-        for v in views:
-            if v.name in seen:
-                raise PlacementError(
-                    f"{transform!r} produced the name {v.name!r} twice", tensor=v.name
-                )
-            seen.add(v.name)
-    return views
-
-
-# --------------------------------------------------------------------------------------------
-# box arithmetic
-
-
-def _clip(link: Link, dim: int, lo: int, hi: int) -> Link | None:
-    """The part of ``link`` whose view coordinate along ``dim`` lies in [lo, hi)."""
-    a, b = link.view_box[dim]
-    a2, b2 = max(a, lo), min(b, hi)
-    if a2 >= b2:
-        return None
-    view = list(link.view_box)
-    view[dim] = (a2, b2)
-    lead = link.lead
-    if dim < lead:  # a stacking dim (extent 1): the link is kept whole
-        return replace(link, view_box=tuple(view))
-    sdim = dim - lead
-    if link.transposed:
-        sdim = 1 - sdim
-    s0 = link.stored_box[sdim][0]
-    stored = list(link.stored_box)
-    stored[sdim] = (s0 + a2 - a, s0 + b2 - a)
-    return replace(link, stored_box=tuple(stored), view_box=tuple(view))
-
-
-def _shift(link: Link, dim: int, delta: int) -> Link:
-    view = list(link.view_box)
-    a, b = view[dim]
-    view[dim] = (a + delta, b + delta)
-    return replace(link, view_box=tuple(view))
-
-
-class _Suffix:
-    """Matches names ending with a suffix."""
-
-    def __init__(self, suffix: str) -> None:
-        self.suffix = suffix
-
-    def match(self, name: str) -> str | None:
-        """The prefix before the suffix, if ``name`` matches."""
-        if name.endswith(self.suffix):
-            return name[: len(name) - len(self.suffix)]
-        return None
-
-
-# --------------------------------------------------------------------------------------------
-# transforms
+from distload.transforms.views import Link, Suffix, Transform, View, clip, shift
 
 
 def _combine(
@@ -190,7 +74,7 @@ class Transpose:
     """Transpose 2-d tensors whose names end with ``suffix`` (e.g. GPT-2 Conv1D weights)."""
 
     def __init__(self, suffix: str) -> None:
-        self.match = _Suffix(suffix)
+        self.match = Suffix(suffix)
         self.suffix = suffix
 
     def apply(self, views: list[View]) -> list[View]:
@@ -236,7 +120,7 @@ class Split:
     ) -> None:
         if sizes is not None and len(sizes) != len(into):
             raise PlacementError(f"Split({suffix!r}): {len(sizes)} sizes for {len(into)} parts")
-        self.match = _Suffix(suffix)
+        self.match = Suffix(suffix)
         self.suffix, self.into, self.dim = suffix, list(into), dim
         self.sizes = list(sizes) if sizes is not None else None
 
@@ -273,9 +157,9 @@ class Split:
             for part, size in zip(self.into, sizes, strict=True):
                 links = []
                 for link in v.links:
-                    clipped = _clip(link, dim, start, start + size)
+                    clipped = clip(link, dim, start, start + size)
                     if clipped is not None:
-                        links.append(_shift(clipped, dim, -start))
+                        links.append(shift(clipped, dim, -start))
                 shape = list(v.shape)
                 shape[dim] = size
                 out.append(View(prefix + part, tuple(shape), v.dtype, tuple(links)))
@@ -296,7 +180,7 @@ class Merge:
 
     def __init__(self, parts: Sequence[str], into: str, *, dim: int = 0) -> None:
         self.parts, self.into, self.dim = list(parts), into, dim
-        self.matchers = [_Suffix(p) for p in parts]
+        self.matchers = [Suffix(p) for p in parts]
 
     def apply(self, views: list[View]) -> list[View]:
         return _combine(self, views, self._member, self._complete)
@@ -332,7 +216,7 @@ class Merge:
         links: list[Link] = []
         offset = 0
         for m in members:
-            links.extend(_shift(link, dim, offset) for link in m.links)
+            links.extend(shift(link, dim, offset) for link in m.links)
             offset += m.shape[dim]
         shape = list(first.shape)
         shape[dim] = offset

@@ -1,0 +1,37 @@
+"""The load report: phase columns in the order phases run, figures from every rank."""
+
+from __future__ import annotations
+
+import time
+
+from distload.report import LoadFacts, PhaseClock, RankReport, load_report
+
+
+def test_phase_clock_laps_and_recorded_parts() -> None:
+    clock = PhaseClock()
+    time.sleep(0.01)
+    clock.lap("runtime")
+    clock.record("read", 0.5)
+    clock.lap("execute")
+    seconds = clock.finish()
+    assert list(seconds) == ["runtime", "read", "execute", "total"]
+    assert seconds["runtime"] >= 0.01 and seconds["read"] == 0.5
+    assert seconds["total"] >= seconds["runtime"] + seconds["execute"]
+
+
+def test_table_columns_follow_the_phases() -> None:
+    seconds = {"execute": 0.5, "plan": 0.1, "runtime": 0.2}  # not in phase order
+    ranks = [
+        RankReport(
+            rank=r,
+            bytes_read=100 * r,
+            seconds=dict(seconds, total=1.0 + r),
+        )
+        for r in range(2)
+    ]
+    facts = LoadFacts("ckpt", 2, 100, 3, 4, "replicate", [0, 0], "shared memory")
+    report = load_report(facts, ranks)
+    assert report.wall_seconds == 2.0 and report.bytes_read == 100 and report.nodes == 1
+    header = report.table().splitlines()[3].split()
+    assert header[6:] == ["runtime", "plan", "execute", "total"]
+    assert RankReport.from_json(ranks[1].to_json()) == ranks[1]
