@@ -221,6 +221,8 @@ def _rank_report(
         peak_staging_bytes=result.staging_bytes,
         seconds=seconds,
         bytes_downloaded=fetched.stats.bytes_downloaded,
+        bytes_copied=stats.bytes_copied,
+        bytes_kernel_copied=stats.bytes_kernel_copied,
         shared_buckets=stats.buckets,
     )
 

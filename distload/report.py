@@ -39,6 +39,8 @@ class RankReport:
     bytes_held: int = 0  # bytes of the tensors this rank ends with
     peak_staging_bytes: int = 0  # largest staging memory (arenas) this rank used
     bytes_downloaded: int = 0  # bytes this rank fetched from the Hub (cache hits count 0)
+    bytes_copied: int = 0  # bytes this rank's CPU copied (host destinations, packing)
+    bytes_kernel_copied: int = 0  # bytes the kernel copied for it (reads via the page cache)
     # shared buckets this rank took part in (with the transport, p2p buckets between other
     # ranks are skipped: they move meanwhile)
     shared_buckets: int = 0
@@ -87,6 +89,17 @@ class LoadReport:
     def bytes_read(self) -> int:
         return sum(r.bytes_read for r in self.ranks)
 
+    @property
+    def bytes_held(self) -> int:
+        return sum(r.bytes_held for r in self.ranks)
+
+    @property
+    def cpu_copies_per_byte(self) -> float:
+        """Bytes copied by the CPU (distload's copies plus the kernel's page-cache copies of
+        buffered reads) per byte delivered into the ranks' destinations, over all ranks."""
+        copied = sum(r.bytes_copied + r.bytes_kernel_copied for r in self.ranks)
+        return copied / max(1, self.bytes_held)
+
     def table(self) -> str:
         """A printable table, one row per rank."""
         head = (
@@ -97,7 +110,8 @@ class LoadReport:
             f"{self.buckets} buckets ({self.exchange}), {self.wall_seconds:.2f} s (slowest "
             "rank), read "
             f"{human_bytes(self.bytes_read)} "
-            f"({self.bytes_read / max(1, self.total_bytes):.2f}x the checkpoint)"
+            f"({self.bytes_read / max(1, self.total_bytes):.2f}x the checkpoint), "
+            f"{self.cpu_copies_per_byte:.2f} CPU copies per delivered byte"
         )
         seen = {p for r in self.ranks for p in r.seconds}
         phases = [p for p in PHASE_COLUMNS if p in seen] + sorted(seen - set(PHASE_COLUMNS))

@@ -78,6 +78,9 @@ class FileReader:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="distload-read")
         self.bytes_read = 0
+        # bytes read through the page cache: the kernel copies each of them once (a read
+        # that bypasses the cache, O_DIRECT, is a DMA and counts 0)
+        self.bytes_kernel_copied = 0
 
     def _fd(self, file: str) -> int:
         with self._lock:
@@ -177,7 +180,9 @@ class FileReader:
             if isinstance(error, OSError):
                 raise CheckpointError(f"read failed: {error}") from error
             raise error
-        self.bytes_read += sum(len(r.target) for r in requests)
+        nbytes = sum(len(r.target) for r in requests)
+        self.bytes_read += nbytes
+        self.bytes_kernel_copied += nbytes
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

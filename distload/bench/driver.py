@@ -16,10 +16,8 @@ time, peak private memory over its part, and bytes read from storage.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -109,7 +107,9 @@ def predicted(ckpt: Path, scenario: str, storage: float, copy: float, net: float
     return simulate(plan, bw).seconds
 
 
-def _worker_cmd(method: str, ckpt: Path, out: Path, tag: str, staging_mb: float) -> list[str]:
+def _worker_cmd(
+    method: str, ckpt: Path, out: Path, tag: str, staging_mb: float, *, warm: bool = False
+) -> list[str]:
     return [
         "-m",
         "distload.bench.worker",
@@ -120,17 +120,18 @@ def _worker_cmd(method: str, ckpt: Path, out: Path, tag: str, staging_mb: float)
         tag,
         "--staging-mb",
         str(staging_mb),
+        *(["--warm"] if warm else []),
     ]
 
 
 def run_single(
-    method: str, nproc: int, ckpt: Path, *, out: Path, tag: str, staging_mb: float
+    method: str, nproc: int, ckpt: Path, *, out: Path, tag: str, staging_mb: float, warm: bool
 ) -> None:
-    torchrun(nproc, _worker_cmd(method, ckpt, out, tag, staging_mb), env=_env())
+    torchrun(nproc, _worker_cmd(method, ckpt, out, tag, staging_mb, warm=warm), env=_env())
 
 
 def run_two_nodes(
-    method: str, ckpt: Path, copy: Path, *, out: Path, tag: str, staging_mb: float
+    method: str, ckpt: Path, copy: Path, *, out: Path, tag: str, staging_mb: float, warm: bool
 ) -> None:
     port = free_port()
     base = [
@@ -146,7 +147,7 @@ def run_two_nodes(
         "--master-port",
         str(port),
     ]
-    work = _worker_cmd(method, ckpt, out, tag, staging_mb)
+    work = _worker_cmd(method, ckpt, out, tag, staging_mb, warm=warm)
     node0 = subprocess.Popen([*base, "--node-rank", "0", *work], env=_env())
     inner = " ".join([*base, "--node-rank", "1", *work])
     node1 = subprocess.Popen(
@@ -186,180 +187,113 @@ def two_nodes_supported() -> bool:
     return probe.returncode == 0
 
 
-def summarise(rows: list[dict], total: int) -> dict:
-    return {
-        "slowest": statistics.median(
-            statistics.median(r["slowest_seconds"] for r in rows if r["tag_round"] == k)
-            for k in sorted({r["tag_round"] for r in rows})
-        ),
-        "extra": max(r["extra_over_part"] for r in rows),
-        "budget": rows[0]["staging_budget"],
-        "read": statistics.median(r["job_storage_read"] for r in rows) / total,
-        "exact": all(r["bit_exact"] for r in rows),
-        "part": max(r["part_bytes"] for r in rows),
-    }
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distload bench", description=__doc__)
     parser.add_argument("--size-mb", type=float, default=1500)
     parser.add_argument("--shard-mb", type=float, default=400)
     parser.add_argument("--scenarios", default="tp2,tp4,2node")
+    parser.add_argument("--cache", default="cold,warm", help="cold (evicted), warm, or both")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--rounds", "--repeat", type=int, default=5, help="interleaved rounds")
     parser.add_argument(
         "--staging-mb", type=float, default=DEFAULT_STAGING_BYTES / 2**20, help="per rank"
     )
     parser.add_argument("--workdir", default="benchmarks/out")
-    parser.add_argument("--results", default=None, help="also write the table to this file")
+    parser.add_argument("--results", default=None, help="also write the report to this file")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-
+def _checkpoints(args: argparse.Namespace, scenarios: list[str], notes: list[str]) -> Path:
+    """The synthetic checkpoint (written once), and for ``2node`` its copy for node 1."""
     from distload.synthetic import LlamaShape, write_llama
 
     work = Path(args.workdir).resolve()
     ckpt = work / f"llama-{int(args.size_mb)}mb"
     if not (ckpt / "model.safetensors.index.json").exists():
-        write_llama(
-            ckpt,
-            LlamaShape.for_bytes(int(args.size_mb * MiB)),
-            max_shard_bytes=int(args.shard_mb * MiB),
-        )
+        shape = LlamaShape.for_bytes(int(args.size_mb * MiB))
+        write_llama(ckpt, shape, max_shard_bytes=int(args.shard_mb * MiB))
+    if "2node" in scenarios:
+        copy = _node1_copy(ckpt)
+        if not two_nodes_supported():
+            scenarios.remove("2node")
+            notes.append("2node skipped: `unshare -m` (a private mount namespace) needs root")
+        elif not (copy / "model.safetensors.index.json").exists():
+            shutil.copytree(ckpt, copy, dirs_exist_ok=True)
     subprocess.run(["sync"], check=False)
+    return ckpt
+
+
+def _node1_copy(ckpt: Path) -> Path:
+    return ckpt.parent / f"{ckpt.name}-node1"
+
+
+def _warm(*folders: Path) -> None:
+    """Read every shard once so the next runs find it in the page cache."""
+    for folder in folders:
+        for path in folder.glob("*.safetensors"):
+            with open(path, "rb") as fh:
+                while fh.read(64 * MiB):
+                    pass
+
+
+def _one_run(
+    args: argparse.Namespace, scenario: str, method: str, ckpt: Path, *, out: Path, tag: str
+) -> list[dict]:
+    """One method once in one scenario: every rank's row."""
+    warm = scenario.endswith("warm")
+    kind = scenario.split(maxsplit=1)[0]
+    if kind == "2node":
+        if not warm:
+            evict(_node1_copy(ckpt))
+        copy = _node1_copy(ckpt)
+        run_two_nodes(method, ckpt, copy, out=out, tag=tag, staging_mb=args.staging_mb, warm=warm)
+        nproc = 4
+    else:
+        nproc = int(kind.removeprefix("tp"))
+        run_single(method, nproc, ckpt, out=out, tag=tag, staging_mb=args.staging_mb, warm=warm)
+    return [json.loads((out / f"{tag}-{method}-{r}.json").read_text()) for r in range(nproc)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distload.bench.tables import render
+
+    args = _parser().parse_args(argv)
+    notes: list[str] = []
+    kinds = args.scenarios.split(",")
+    ckpt = _checkpoints(args, kinds, notes)
     files = sorted(ckpt.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
     methods = [m for m in args.methods.split(",") if available(m)]
-    skipped = [m for m in args.methods.split(",") if m not in methods]
-    scenarios = args.scenarios.split(",")
-    copy = work / f"{ckpt.name}-node1"
-    notes = []
-    if "2node" in scenarios:
-        if two_nodes_supported():
-            if not (copy / "model.safetensors.index.json").exists():
-                shutil.copytree(ckpt, copy, dirs_exist_ok=True)
-                subprocess.run(["sync"], check=False)
-        else:
-            scenarios.remove("2node")
-            notes.append("2node skipped: `unshare -m` (a private mount namespace) needs root")
-
+    notes += [f"{m} not installed: skipped" for m in args.methods.split(",") if m not in methods]
     SHM_DIR.mkdir(parents=True, exist_ok=True)
-    one = storage_limit(ckpt, 1)
-    many = storage_limit(ckpt, 4)
-    copy_bw, net_bw = copy_limit(), loopback_limit()
-    model = {s: predicted(ckpt, s, many, copy_bw, net_bw) for s in scenarios}
-    results: dict[str, dict[str, dict]] = {}
-    out = work / "rows"
+    limits = {
+        "one": storage_limit(ckpt, 1),
+        "many": storage_limit(ckpt, 4),
+        "copy": copy_limit(),
+        "net": loopback_limit(),
+    }
+    model = {k: predicted(ckpt, k, limits["many"], limits["copy"], limits["net"]) for k in kinds}
+    scenarios = [f"{k} {c}" for c in args.cache.split(",") for k in kinds]
+    out = Path(args.workdir).resolve() / "rows"
     shutil.rmtree(out, ignore_errors=True)
+    rows: dict[str, dict[str, list[list[dict]]]] = {s: {m: [] for m in methods} for s in scenarios}
     for scenario in scenarios:
-        rows: dict[str, list[dict]] = {}
-        for rnd in range(args.repeat):
+        if scenario.endswith("warm"):
+            _warm(ckpt, _node1_copy(ckpt))
+        for rnd in range(args.rounds):  # methods interleaved round by round
             for method in methods:
-                tag = f"{scenario}-r{rnd}"
                 sys.stderr.write(f"[bench] {scenario} round {rnd}: {method}\n")
-                if scenario == "2node":
-                    evict(copy)
-                    run_two_nodes(method, ckpt, copy, out=out, tag=tag, staging_mb=args.staging_mb)
-                    nproc = 4
-                else:
-                    nproc = int(scenario.removeprefix("tp"))
-                    run_single(method, nproc, ckpt, out=out, tag=tag, staging_mb=args.staging_mb)
-                for rank in range(nproc):
-                    row = json.loads((out / f"{tag}-{method}-{rank}.json").read_text())
-                    row["tag_round"] = rnd
-                    rows.setdefault(method, []).append(row)
-        results[scenario] = {m: summarise(r, total) for m, r in rows.items()}
-
+                tag = f"{scenario.replace(' ', '-')}-r{rnd}"
+                run = _one_run(args, scenario, method, ckpt, out=out, tag=tag)
+                rows[scenario][method].append(run)
     shutil.rmtree(SHM_DIR, ignore_errors=True)
     text = render(
-        results,
-        args,
-        total=total,
-        nfiles=len(files),
-        one=one,
-        many=many,
-        notes=notes
-        + [f"{m} not installed: skipped" for m in skipped]
-        + [
-            f"model inputs: host copy {copy_bw / 1e9:.2f} GB/s, loopback TCP "
-            f"{net_bw / 1e9:.2f} GB/s, storage {many / 1e9:.2f} GB/s"
-        ],
-        model=model,
+        rows, args, total=total, nfiles=len(files), limits=limits, notes=notes, model=model
     )
     sys.stdout.write(text)
     if args.results:
         Path(args.results).write_text(text)
     return 0
-
-
-def render(
-    results: dict[str, dict[str, dict]],
-    args: argparse.Namespace,
-    *,
-    total: int,
-    nfiles: int,
-    one: float,
-    many: float,
-    notes: list[str],
-    model: dict[str, float] | None = None,
-) -> str:
-    lines = [
-        "# distload load benchmark",
-        "",
-        f"- date: {datetime.date.today().isoformat()}; machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores, {platform.system()} {platform.release()}; gloo on CPU",
-        f"- checkpoint: synthetic Llama-shaped bf16, {total / MiB:.0f} MiB in {nfiles} shards; "
-        "page cache evicted before every run; TP with the llama preset",
-        f"- command: `distload bench --size-mb {args.size_mb:g} --shard-mb {args.shard_mb:g} "
-        f"--scenarios {args.scenarios} --repeat {args.repeat} --staging-mb "
-        f"{args.staging_mb:g}`",
-        f"- storage limit (cold, all shards): {one / 1e9:.2f} GB/s with one reader, "
-        f"{many / 1e9:.2f} GB/s with 4 parallel readers -> {total / many:.2f} s for the "
-        "checkpoint at best",
-        "- time = slowest rank, median over rounds; memory = peak memory held "
-        "(RssAnon plus the shared-memory staging files the rank created; a peer's files it only "
-        "reads count for that peer; "
-        "sampled every 2 ms) over the rank's own part, worst rank and round; storage read = "
-        "bytes the job fetched from storage (/proc/self/io) / checkpoint bytes",
-        *[f"- {n}" for n in notes],
-        "",
-    ]
-    for scenario, rows in results.items():
-        alternatives = [r["slowest"] for m, r in rows.items() if m != "distload"]
-        fastest = min(alternatives) if alternatives else float("nan")
-        lines += [
-            f"## {scenario}",
-            "",
-            "| method | time s | x fastest alternative | fraction of storage limit | "
-            "extra memory MiB (worst rank) | storage read x ckpt | bit exact |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for method, r in rows.items():
-            lines.append(
-                f"| {method} | {r['slowest']:.2f} | {r['slowest'] / fastest:.2f} | "
-                f"{(total / r['slowest']) / many:.2f} | {r['extra'] / MiB:.0f} | "
-                f"{r['read']:.2f} | {r['exact']} |"
-            )
-        d = rows.get("distload")
-        if d is not None and alternatives:
-            budget_ok = d["extra"] <= d["budget"]
-            lines += [
-                "",
-                f"distload: {d['slowest'] / fastest:.2f} x the fastest alternative (target "
-                f"<= {0.5 if scenario == '2node' else 0.6}); extra memory "
-                f"{'within' if budget_ok else 'OVER'} the {d['budget'] / MiB:.0f} MiB staging "
-                f"budget; storage read {d['read']:.2f} x the checkpoint.",
-            ]
-            if model and scenario in model:
-                lines.append(
-                    f"`distload plan --simulate` predicts {model[scenario]:.2f} s from the "
-                    f"measured limits (measured {d['slowest']:.2f} s, ratio "
-                    f"{d['slowest'] / model[scenario]:.2f})."
-                )
-        lines.append("")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ class Context:
     dests: dict[str, torch.Tensor]
     staging_bytes: int
     phases: dict[str, float] = field(default_factory=dict)  # distload: this rank's phase times
+    copies_per_byte: float | None = None  # distload: CPU copies per delivered byte (report)
 
 
 def load_file(c: Context) -> None:
@@ -140,6 +141,7 @@ def distload_load(c: Context) -> None:
 
     state = distload.load(c.root, c.placement, out=c.dests, staging_bytes=c.staging_bytes)  # type: ignore[arg-type]
     c.phases.update(state.report.ranks[c.rank].seconds)
+    c.copies_per_byte = state.report.cpu_copies_per_byte
 
 
 METHODS: dict[str, Callable[[Context], None]] = {

@@ -15,6 +15,7 @@ import ctypes
 import json
 import os
 import re
+import resource
 import threading
 import time
 from pathlib import Path
@@ -123,6 +124,12 @@ class PeakSampler:
         return self.peak
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def storage_read_bytes() -> int:
     """Bytes this process caused to be fetched from storage (page-cache hits excluded)."""
     with open("/proc/self/io") as fh:
@@ -150,6 +157,7 @@ def _parser(methods: list[str], staging_bytes: int) -> argparse.ArgumentParser:
     parser.add_argument("out")
     parser.add_argument("--staging-mb", type=float, default=staging_bytes / 2**20, help="per rank")
     parser.add_argument("--tag", default="run")
+    parser.add_argument("--warm", action="store_true", help="keep the page cache (no eviction)")
     return parser
 
 
@@ -178,7 +186,7 @@ def main() -> None:
         box = local_box(o.shape, plan.layouts[out], rank)
         if box is not None:
             wanted[o.name] = (out, tuple(slice(a, b) for a, b in box))
-    if local_rank == 0:  # each "node" evicts its own copy
+    if local_rank == 0 and not args.warm:  # each "node" evicts its own copy
         evict(root)
     dist.barrier()
     base = held()
@@ -196,12 +204,14 @@ def main() -> None:
     io_before = storage_read_bytes()
     sampler = PeakSampler()
     dist.barrier()
+    cpu_before = cpu_seconds()
     start = time.perf_counter()
     METHODS[args.method](ctx)
     elapsed = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu_before
     peak = sampler.stop()
     read = storage_read_bytes() - io_before
-    figures = torch.tensor([elapsed, float(read)], dtype=torch.float64)
+    figures = torch.tensor([elapsed, float(read), cpu], dtype=torch.float64)
     everyone = [torch.zeros_like(figures) for _ in range(world)]
     dist.all_gather(everyone, figures)
     ok = True
@@ -223,6 +233,8 @@ def main() -> None:
         "slowest_seconds": max(float(t[0]) for t in everyone),
         "storage_read": read,
         "job_storage_read": sum(float(t[1]) for t in everyone),
+        "job_cpu_seconds": sum(float(t[2]) for t in everyone),  # user + sys, every rank
+        "copies_per_byte": ctx.copies_per_byte,  # distload only: from its report
         "bit_exact": bool(ok),
         "phases": ctx.phases,  # distload only: seconds per phase on this rank
     }

@@ -80,6 +80,13 @@ class Copier:
     def __init__(self, plan: LoadPlan, rank: int, dests: dict[int, torch.Tensor]) -> None:
         self.plan, self.rank, self.dests = plan, rank, dests
         self._segments: dict[tuple[int, int], tuple[list[Segment], int]] = {}
+        # bytes this rank's CPU copied (host destinations and packing; copies into CUDA
+        # memory are the copy engine's and count 0)
+        self.copied = 0
+
+    def _count(self, nbytes: int, dest: torch.Tensor) -> None:
+        if dest.device.type == "cpu":
+            self.copied += nbytes
 
     def segments(self, number: int, rank: int) -> tuple[list[Segment], int]:
         """``segments_for`` bucket ``number`` and ``rank``, cached for this run."""
@@ -124,12 +131,12 @@ class Copier:
             cursor = aligned(cursor + nbytes)
         return WholeLayout(pieces, cursor)
 
-    @staticmethod
-    def copy_whole(layout: WholeLayout, buf: torch.Tensor) -> None:
+    def copy_whole(self, layout: WholeLayout, buf: torch.Tensor) -> None:
         """Copy each piece of a :meth:`whole_layout` out of ``buf`` (plain memory copies)."""
         host = byte_view(buf)
         for piece in layout.pieces:
             byte_view(piece.dest)[:] = host[piece.offset : piece.offset + piece.nbytes]
+            self.copied += piece.nbytes
 
     def direct_targets(self, number: int, bucket: Bucket) -> dict[Item, memoryview]:
         """Destination memory each piece of a local bucket can be read into unchanged (pieces
@@ -174,8 +181,11 @@ class Copier:
                 continue
             if host is not None and fills(seg.part, dest, seg.dtype, seg.nbytes):
                 byte_view(dest)[:] = host[seg.offset : seg.offset + seg.nbytes]
+                self.copied += seg.nbytes
                 continue
-            region(dest, seg.part.dst).copy_(view(buf, seg), non_blocking=True)
+            target = region(dest, seg.part.dst)
+            target.copy_(view(buf, seg), non_blocking=True)
+            self._count(target.numel() * target.element_size(), dest)
 
     def own_parts(self, number: int, read: Read) -> None:
         """Copy the parts this rank holds of bucket ``number`` straight from ``read``'s slots
@@ -197,10 +207,14 @@ class Copier:
                 and fills(seg.part, dest, slot.dtype, slot.nbytes)
             ):
                 byte_view(dest)[:] = host[slot.offset : slot.offset + slot.nbytes]
+                self.copied += slot.nbytes
                 continue
-            region(dest, seg.part.dst).copy_(source(read, seg), non_blocking=True)
+            target = region(dest, seg.part.dst)
+            target.copy_(source(read, seg), non_blocking=True)
+            self._count(target.numel() * target.element_size(), dest)
 
     def pack(self, read: Read, segs: list[Segment], buf: torch.Tensor) -> None:
         """Pack parts of the read pieces into the send layout ``segs`` in ``buf`` (casting)."""
         for seg in segs:
             view(buf, seg).copy_(source(read, seg), non_blocking=True)
+            self._count(seg.nbytes, buf)

@@ -113,6 +113,8 @@ class Executor:
         finally:
             prefetch.stop()
         self.stats.bytes_read = self.reader.bytes_read
+        self.stats.bytes_kernel_copied = self.reader.bytes_kernel_copied
+        self.stats.bytes_copied = self.copier.copied
         self.stats.read_seconds = prefetch.stats.seconds
         if self.comm_arenas.device.type == "cuda":
             torch.cuda.synchronize(self.comm_arenas.device)

@@ -23,6 +23,8 @@ class ExecStats:
     bytes_read: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    bytes_copied: int = 0  # by this rank's CPU: into host destinations, packing
+    bytes_kernel_copied: int = 0  # by the kernel: reads through the page cache
     read_seconds: float = 0.0
     transfer_seconds: float = 0.0
     buckets: int = 0

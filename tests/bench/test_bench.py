@@ -29,7 +29,9 @@ def test_bench_runs_every_method_bit_exact(tmp_path: Path) -> None:
             "2",
             "--scenarios",
             "tp2",
-            "--repeat",
+            "--cache",
+            "cold,warm",
+            "--rounds",
             "1",
             "--staging-mb",
             "8",
@@ -45,14 +47,39 @@ def test_bench_runs_every_method_bit_exact(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     table = (tmp_path / "RESULTS.md").read_text()
-    rows: dict[str, list[str]] = {}
-    for line in table.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 7 and cells[0] in METHODS:
-            rows[cells[0]] = cells
     expected = {m for m in METHODS if available(m)}
-    assert set(rows) == expected, table
-    for method, cells in rows.items():
-        assert cells[6] == "True", (method, table)  # bit exact
-    assert float(rows["distload"][5]) == pytest.approx(1.0, abs=0.3)  # read ~once
-    assert "storage limit" in table
+    for scenario in ("tp2 cold", "tp2 warm"):
+        section = table.split(f"## {scenario}\n", 1)[1].split("\n## ", 1)[0]
+        rows: dict[str, list[str]] = {}
+        for line in section.splitlines():
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if len(cells) == 6 and cells[0] in METHODS:
+                rows[cells[0]] = cells
+        assert set(rows) == expected, table
+        for method, cells in rows.items():
+            assert cells[5] == "True", (method, table)  # bit exact
+            assert float(cells[2].split()[0]) > 0, (method, table)  # CPU seconds measured
+        if scenario.endswith("cold"):
+            assert float(rows["distload"][4]) == pytest.approx(1.0, abs=0.3)  # read ~once
+        ratios = section.split("fastest alternative per round: ", 1)[1].split(" (")[0]
+        assert len(ratios.split(", ")) == 1, section  # one round: one pair
+    summary = table.split("## Summary\n", 1)[1].split("\n## ", 1)[0]
+    assert "| tp2 cold |" in summary and "| tp2 warm |" in summary
+    assert "machine limits, same run" in table and "command: `distload bench" in table
+
+
+def test_ratios_are_taken_pair_by_pair() -> None:
+    """Each round's distload time over that same round's fastest alternative (not a ratio of
+    medians): a slow round of the machine falls on both sides of its pair."""
+    from distload.bench.tables import pairwise, spread
+
+    figures = {
+        "distload": {"seconds": [1.0, 3.0, 1.2], "cpu": [2.0, 2.0, 2.0]},
+        "get_slice": {"seconds": [2.0, 6.0, 1.0], "cpu": [1.0, 1.0, 4.0]},
+        "load_file": {"seconds": [4.0, 5.0, 3.0], "cpu": [1.0, 1.0, 1.0]},
+    }
+    ratios, cpu, fastest = pairwise(figures)
+    assert ratios == [0.5, 0.6, 1.2]
+    assert cpu == [2.0, 2.0, 0.5]
+    assert fastest == {"get_slice": 2, "load_file": 1}
+    assert spread(ratios) == "0.60 [0.50-1.20]"
