@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from distload import runtime as runtime_mod
+from distload.agreement import agree_on_arguments
 from distload.checkpoint import DEFAULT_MAX_HEADER_BYTES
 from distload.coordination import gather_or_fail
 from distload.errors import DistLoadError
@@ -158,7 +159,7 @@ def run_load(
     rt, net = runtime_mod.setup(group, device, timeout=options.timeout, transport=options.transport)
     nodes = runtime_mod.topology(net)
     clock.lap("runtime")
-    names = sorted(out) if out is not None else None
+    names = agree_on_arguments(net, _arguments(source, placement, options), out)
     coordinator = Coordinator(
         source, placement, options, world_size=rt.world_size, nodes=nodes, names=names
     )
@@ -195,6 +196,26 @@ def run_load(
         mine.seconds["total"],
     )
     return state
+
+
+def _arguments(
+    source: str | os.PathLike[str], placement: Placement | None, options: LoadOptions
+) -> dict[str, Any]:
+    """The arguments every rank must agree on (``distload.agreement``)."""
+    hub = options.hub
+    return {
+        "source": os.fspath(source),
+        "placement": placement,
+        "dtype": options.dtype,
+        "transforms": options.transforms,
+        "keys": sorted(options.keys) if options.keys is not None else None,
+        "readers": sorted(options.readers) if options.readers is not None else None,
+        "transport": options.transport,
+        "shm": options.shm,
+        "verify": options.verify,
+        "allow_pickle": options.allow_pickle,
+        "hub": [hub.revision, hub.subfolder, hub.hub_cache, list(hub.extra_files)],
+    }
 
 
 def _on_bucket(progress: Progress | None, rank: int, total: int) -> Callable[[int], None] | None:

@@ -697,3 +697,44 @@ def load_experts(args: dict[str, Any]) -> dict[str, Any]:
         "held_bytes": [r.bytes_held for r in state.report.ranks],
         "placement": state.report.placement,
     }
+
+
+def disagreeing_load(args: dict[str, Any]) -> dict[str, Any]:
+    """Every rank loads with ``cfg`` updated by its own ``per_rank`` overrides; reports the
+    error each rank raised (the load must fail on every rank)."""
+    rank = _rank()
+    cfg = dict(args["cfg"], **args.get("per_rank", {}).get(str(rank), {}))
+    start = time.monotonic()
+    try:
+        load_and_verify(cfg)
+    except distload.DistLoadError as exc:
+        return {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "phase": exc.phase,
+            "ranks": list(exc.ranks),
+            "seconds": time.monotonic() - start,
+        }
+    raise AssertionError("the load did not fail")
+
+
+def stage_out_load(args: dict[str, Any]) -> dict[str, Any]:
+    """Pipeline stages: each rank passes ``out=`` for its own stage's tensors only; the load
+    loads the union and every rank's pieces are bit exact."""
+    rank, world = _rank(), _world()
+    reference = read_all(args["source"])
+    placement = distload.PipelineParallel(num_stages=world)
+    from distload.planner import make_plan
+    from distload.source import open_index
+
+    index, _ = open_index(
+        args["source"], distload.hub.options.HubOptions(), max_header_bytes=1 << 26
+    )
+    plan = make_plan(index, world, placement)
+    mine = [o.name for t, o in enumerate(plan.outputs) if plan.local_shape(t, rank) is not None]
+    out = {name: torch.empty_like(reference[name]) for name in mine}
+    state = distload.load(args["source"], placement, out=out, device="cpu", timeout=60)
+    assert set(state) == set(mine), sorted(set(state) ^ set(mine))[:5]
+    for name in mine:
+        assert state[name] is out[name] and same_bits(out[name], reference[name]), name
+    return {"mine": len(mine), "planned": len(state.plan.outputs)}
