@@ -42,7 +42,7 @@ from distload.materialize import (
     tie_groups,
     tp_mesh,
 )
-from distload.options import DEFAULT_STAGING_BYTES, LoadOptions, Progress
+from distload.options import DEFAULT_STAGING_BYTES, LoadOptions, Progress, check_arguments
 from distload.placement.base import Placement
 from distload.plan import LoadPlan
 from distload.report import LoadFacts, LoadReport, PhaseClock, RankReport, load_report
@@ -155,6 +155,7 @@ def run_load(
     group: Any,
 ) -> LoadedState:
     """The phases of :func:`load`, in order (collective: every rank of the group)."""
+    check_arguments(placement, out, device)
     clock = PhaseClock()
     rt, net = runtime_mod.setup(group, device, timeout=options.timeout, transport=options.transport)
     nodes = runtime_mod.topology(net)

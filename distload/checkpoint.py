@@ -21,6 +21,7 @@ Checks, each raising :class:`~distload.errors.CheckpointError` naming the file a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself applies
 MAX_INDEX_BYTES = 64 * 1024 * 1024
+MAX_DIMS = 64  # more than any real tensor (torch allows 64 dims at most)
+MAX_ELEMENTS = 2**62  # product of a shape's non-zero dims: strides stay within int64
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +131,8 @@ def parse_header(
     data_start = 8 + length
     tensors = {t: _tensor_entry(t, entry, name, data_start) for t, entry in header.items()}
     _check_coverage(tensors, name, size - data_start, data_start)
-    return FileMeta(name, size, data_start), tensors, meta
+    digest = hashlib.sha256(prefix + raw).hexdigest()
+    return FileMeta(name, size, data_start, digest), tensors, meta
 
 
 def _decode_header(raw: bytes, name: str) -> dict[str, Any]:
@@ -184,6 +188,14 @@ def _tensor_entry(tensor: str, entry: object, name: str, data_start: int) -> Ten
         raise bad(
             f"data_offsets span {end - begin} bytes but dtype {dtype} x shape {shape} needs "
             f"{expected} bytes"
+        )
+    # every dim and the product of the non-zero ones must index memory (torch's int64
+    # sizes and strides); safetensors refuses dims that do not fit an unsigned 64-bit
+    # integer, torch.empty fails past 2**63
+    if len(shape) > MAX_DIMS or math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise bad(
+            f"shape {shape!r} is out of bounds (at most {MAX_DIMS} dims, and at most "
+            f"2**62 elements counting only the non-zero dims)"[:300]
         )
     return TensorMeta(tensor, name, dtype, tuple(shape), data_start + begin, expected)
 
@@ -253,15 +265,40 @@ def parse_index(raw: bytes, where: str) -> tuple[dict[str, str], int | None]:
             f"{where}: index is {len(raw)} bytes, more than the {MAX_INDEX_BYTES}-byte limit",
             file=where,
         )
+    twice: list[tuple[str, Any, Any]] = []  # keys an object lists twice (json keeps the last)
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                twice.append((key, out[key], value))
+            out[key] = value
+        return out
+
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=pairs)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(
             f"{where}: cannot parse index ({type(exc).__name__}: {str(exc)[:200]})", file=where
         ) from None
+    if twice:
+        key, first, last = twice[0]
+        raise CheckpointError(
+            f"{where}: {key!r} is listed twice (as {str(first)[:80]!r} and {str(last)[:80]!r});"
+            " an index must name each tensor once",
+            file=where,
+            tensor=key,
+        )
     if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
         raise CheckpointError(f"{where}: index must be an object with a 'weight_map'", file=where)
     weight_map = data["weight_map"]
+    if not weight_map:
+        raise CheckpointError(
+            f"{where}: the weight_map is empty: the index names no tensor to load (a broken "
+            "conversion? list each tensor's file, or remove the index to load a single "
+            "model.safetensors)",
+            file=where,
+        )
     for tensor, file in weight_map.items():
         if not isinstance(file, str):
             raise CheckpointError(

@@ -45,6 +45,9 @@ class FileMeta:
     name: str  # relative to the checkpoint root
     size: int  # file size in bytes
     header_bytes: int  # 8 + JSON header length: data starts here
+    # sha256 of the file's first ``header_bytes`` bytes (length prefix and JSON header), so a
+    # reader can tell that the file it opens is the one planned ("": not known)
+    header_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class CheckpointIndex:
         pos = {name: i for i, name in enumerate(files)}
         return {
             "root": self.root,
-            "files": [[f.name, f.size, f.header_bytes] for f in self.files],
+            "files": [[f.name, f.size, f.header_bytes, f.header_digest] for f in self.files],
             "tensors": [
                 [t.name, pos[t.file], t.dtype, list(t.shape), t.offset, t.nbytes]
                 for t in self.tensors
@@ -75,7 +78,7 @@ class CheckpointIndex:
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> CheckpointIndex:
-        files = tuple(FileMeta(n, s, h) for n, s, h in data["files"])
+        files = tuple(FileMeta(*f) for f in data["files"])
         tensors = tuple(
             TensorMeta(name, files[fi].name, dt, tuple(shape), off, nb)
             for name, fi, dt, shape, off, nb in data["tensors"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from distload.checkpoint import DEFAULT_MAX_HEADER_BYTES
 from distload.dtypes import parse_dtype
-from distload.errors import DistLoadError
+from distload.errors import DistLoadError, PlacementError
 from distload.execute import STAGING_ARENAS
 from distload.hub.options import HubOptions
 from distload.plan import CHECK_EVERY
@@ -96,3 +96,60 @@ def coordinator_knobs() -> CoordinatorKnobs:
     return CoordinatorKnobs(
         check_every=check_every, multicast=os.environ.get("DISTLOAD_MULTICAST", "1") != "0"
     )
+
+
+def check_arguments(placement: object, out: object, device: object) -> None:
+    """Arguments of the wrong kind, refused on the calling rank before any collective (every
+    rank of a job normally passes the same, so every rank raises the same)."""
+    if placement is not None and not (
+        callable(getattr(placement, "layouts", None))
+        and callable(getattr(placement, "describe", None))
+    ):
+        hint = ""
+        if isinstance(placement, Mapping):
+            hint = " (a dict of rules? wrap it: distload.TensorParallel(rules))"
+        raise PlacementError(
+            f"placement must be a placement object -- ReplicateAll, TensorParallel, "
+            f"PipelineParallel, DeviceMap, Mesh, ExpertParallel -- or None; got "
+            f"{type(placement).__name__} {str(placement)[:80]!r}{hint}"
+        )
+    if out is not None and not isinstance(out, Mapping):
+        raise DistLoadError(f"out= must map names to tensors, got {type(out).__name__}")
+    if out is not None:
+        import torch
+
+        for name, tensor in out.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise DistLoadError(
+                    f"out[{name!r}] is {type(tensor).__name__}, not a torch.Tensor",
+                    tensor=str(name),
+                )
+    if device is not None:
+        check_device(device)
+
+
+def check_device(device: object) -> None:
+    """A device distload can load into on this build, or a ValueError saying why not."""
+    import torch
+
+    try:
+        dev = torch.device(device)  # type: ignore[call-overload]
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device={device!r} is not a torch device ({str(exc)[:120]}); use 'cpu', 'cuda' "
+            "or 'cuda:N'"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r}: CUDA is not available in this build of torch "
+                f"({torch.__version__}) or on this machine; use device='cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices"
+            )
+    elif dev.type not in ("cpu", "meta"):
+        raise ValueError(f"device={device!r}: distload loads into 'cpu' or 'cuda' memory")
+    if dev.type == "meta":
+        raise ValueError("device='meta' holds no data; build the model on meta and use load_into")

@@ -8,10 +8,13 @@ issued from a small thread pool so several requests are in flight at once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import resource
 import threading
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 
 from distload.errors import CheckpointError
+from distload.index import FileMeta
 from distload.locate import safe_member
 
 log = logging.getLogger(__name__)
@@ -56,11 +60,27 @@ class ReadRequest:
     tensor: str  # for error messages
 
 
+def open_file_budget() -> int:
+    """How many checkpoint files one reader keeps open: an eighth of the process's soft
+    open-file limit (the rest is the job's: sockets, shared memory, its own files), between
+    16 and 1024."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):  # pragma: no cover - platforms without the limit
+        return 256
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(16, min(1024, soft // 8))
+
+
 class FileReader:
     """Reads byte ranges of the checkpoint's files. Runs on reader ranks (any thread).
 
-    Files are opened once and kept open for the reader's lifetime; call :meth:`close` at the
-    end (or use it as a context manager).
+    Files stay open between reads, at most :func:`open_file_budget` of them at once (the
+    least recently used are closed first, never one a read in flight uses), so checkpoints
+    of more shards than the process's open-file limit load; call :meth:`close` at the end
+    (or use it as a context manager). :meth:`read` and :meth:`advise` are called from one
+    thread at a time (the read-ahead thread); the reads themselves run on a pool.
     """
 
     def __init__(
@@ -70,11 +90,16 @@ class FileReader:
         threads: int = DEFAULT_READ_THREADS,
         block_bytes: int = DEFAULT_BLOCK_BYTES,
         contain: str | os.PathLike[str] | None = None,
+        expect: Mapping[str, FileMeta] | None = None,
     ) -> None:
         self.root = Path(root)
+        # file -> what the plan was made from: each file is checked when first opened
+        self.expect = dict(expect or {})
         self.contain = Path(contain) if contain is not None else None
         self.block_bytes = max(4096, block_bytes)
-        self._fds: dict[str, int] = {}
+        self._fds: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self._busy: set[str] = set()  # files the read in flight uses: never closed meanwhile
+        self.max_open = open_file_budget()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="distload-read")
         self.bytes_read = 0
@@ -85,9 +110,17 @@ class FileReader:
     def _fd(self, file: str) -> int:
         with self._lock:
             fd = self._fds.get(file)
-            if fd is None:
+            if fd is not None:
+                self._fds.move_to_end(file)
+            else:
+                self._close_idle(self.max_open - 1)
                 path = safe_member(self.root, file, where=str(self.root), contain=self.contain)
                 fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    self._check_identity(fd, file)
+                except BaseException:
+                    os.close(fd)
+                    raise
                 if ADVISE_AHEAD and hasattr(os, "posix_fadvise"):
                     # reads are large and their next ranges are announced (advise): no
                     # kernel read-ahead past them into bytes other readers fetch
@@ -95,6 +128,38 @@ class FileReader:
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
                 self._fds[file] = fd
             return fd
+
+    def _close_idle(self, keep: int) -> None:
+        """Close least recently used files until at most ``keep`` stay open (files of the
+        read in flight excepted). Called with the lock held."""
+        for name in list(self._fds):
+            if len(self._fds) <= keep:
+                return
+            if name not in self._busy:
+                os.close(self._fds.pop(name))
+
+    def _check_identity(self, fd: int, file: str) -> None:
+        """The file opened is the one the plan was made from: same size, same header bytes
+        (a shard replaced or rewritten after planning would shift every offset)."""
+        meta = self.expect.get(file)
+        if meta is None:
+            return
+        size = os.fstat(fd).st_size
+        if size != meta.size:
+            raise CheckpointError(
+                f"{file}: the file is {size} bytes now but {meta.size} bytes when the load was "
+                "planned: it was replaced or rewritten during the load",
+                file=file,
+            )
+        if meta.header_digest:
+            head = os.pread(fd, meta.header_bytes, 0)
+            if hashlib.sha256(head).hexdigest() != meta.header_digest:
+                raise CheckpointError(
+                    f"{file}: its header differs from the one the load was planned with (same "
+                    f"size, {meta.header_bytes} header bytes): the file was replaced or "
+                    "rewritten during the load",
+                    file=file,
+                )
 
     def _read_run(self, fd: int, offset: int, run: list[tuple[memoryview, str]], file: str) -> None:
         """Fill the buffers of ``run`` from consecutive bytes of ``file`` starting at ``offset``
@@ -165,24 +230,44 @@ class FileReader:
             os.posix_fadvise(self._fd(file), offset, length, os.POSIX_FADV_WILLNEED)
 
     def read(self, requests: Sequence[ReadRequest]) -> None:
-        """Fill every request's target; blocks until all are read (parallel runs)."""
-        futures = [
-            self._pool.submit(self._read_run, fd, offset, run, file)
-            for fd, offset, run, file in self._runs([r for r in requests if len(r.target)])
-        ]
-        error: BaseException | None = None
-        for fut in futures:
-            try:
-                fut.result()
-            except BaseException as exc:  # keep waiting so no thread writes after we return
-                error = error or exc
+        """Fill every request's target; blocks until all are read (parallel runs). Requests
+        spanning more files than may stay open are read in groups of files, in order."""
+        wanted = [r for r in requests if len(r.target)]
+        group: list[ReadRequest] = []
+        files: set[str] = set()
+        for req in wanted:
+            if req.file not in files and len(files) >= self.max_open:
+                self._read_group(group, files)
+                group, files = [], set()
+            group.append(req)
+            files.add(req.file)
+        if group:
+            self._read_group(group, files)
+        nbytes = sum(len(r.target) for r in wanted)
+        self.bytes_read += nbytes
+        self.bytes_kernel_copied += nbytes
+
+    def _read_group(self, requests: list[ReadRequest], files: set[str]) -> None:
+        with self._lock:
+            self._busy = files
+        try:
+            futures = [
+                self._pool.submit(self._read_run, fd, offset, run, file)
+                for fd, offset, run, file in self._runs(requests)
+            ]
+            error: BaseException | None = None
+            for fut in futures:
+                try:
+                    fut.result()
+                except BaseException as exc:  # keep waiting so no thread writes after we return
+                    error = error or exc
+        finally:
+            with self._lock:
+                self._busy = set()
         if error is not None:
             if isinstance(error, OSError):
                 raise CheckpointError(f"read failed: {error}") from error
             raise error
-        nbytes = sum(len(r.target) for r in requests)
-        self.bytes_read += nbytes
-        self.bytes_kernel_copied += nbytes
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

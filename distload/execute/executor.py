@@ -108,8 +108,7 @@ class Executor:
                 finally:
                     if outcome is not None:  # this rank's read of the bucket is done with
                         prefetch.release(outcome)
-                if self.on_bucket is not None:
-                    self.on_bucket(number)
+                self._progress(number)
         finally:
             prefetch.stop()
         self.stats.bytes_read = self.reader.bytes_read
@@ -119,6 +118,17 @@ class Executor:
         if self.comm_arenas.device.type == "cuda":
             torch.cuda.synchronize(self.comm_arenas.device)
         return self.stats
+
+    def _progress(self, number: int) -> None:
+        """The caller's per-bucket callback; one that raises fails the load like any other
+        error (shared with every rank at the next agreement) and is not called again."""
+        if self.on_bucket is None:
+            return
+        try:
+            self.on_bucket(number)
+        except Exception as exc:
+            self.on_bucket = None
+            self.status.keep(exc, "transfer")
 
     def _guarded_step(self, number: int, bucket: Bucket, outcome: Outcome | None) -> None:
         """One bucket; a failure is raised at once when peers are inside this bucket's

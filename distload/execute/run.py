@@ -134,7 +134,8 @@ class ExecutePhase:
         """Collective: read, move and copy every bucket; one closing agreement."""
         host = Arenas(torch.device("cpu"), pin=self.net.device.type == "cuda")
         comm = Arenas(self.net.device) if self.net.device.type == "cuda" else host
-        reader = FileReader(root, threads=read_threads, contain=contain)
+        expect = {f.name: f for f in self.plan.index.files}
+        reader = FileReader(root, threads=read_threads, contain=contain, expect=expect)
         try:
             multicast = self._open_multicast()
             executor = Executor(

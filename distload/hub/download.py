@@ -66,6 +66,7 @@ class _Progress:
         self.network = 0  # bytes received
         self.settled = 0  # bytes of files finished (downloaded or found in the cache)
         self.cancel = threading.Event()
+        self.callback_error: BaseException | None = None  # the caller's progress raised
 
     def counter_class(self) -> type:
         """A tqdm stand-in for ``hf_hub_download(tqdm_class=...)`` feeding this object."""
@@ -247,6 +248,8 @@ def _exchange_progress(
     )
     with state.lock:
         figures = {"done": finished, "settled": state.settled, "network": state.network}
+    if state.callback_error is not None:  # this rank's progress callback raised
+        raised = state.callback_error
     if raised is not None and not isinstance(raised, _Cancelled):
         mine = b"\x01" + failure_from_exception(raised, net.rank, "download").to_json()
     else:
@@ -258,7 +261,11 @@ def _exchange_progress(
         raise error_from_failures(failures, net.world_size)
     views = [json.loads(g[1:]) for g in gathered]
     if progress is not None and net.rank == 0:
-        progress(sum(v["settled"] for v in views), total)
+        try:
+            progress(sum(v["settled"] for v in views), total)
+        except Exception as exc:  # shared with every rank at the next exchange
+            state.callback_error = exc
+            return False
     return all(v["done"] for v in views)
 
 

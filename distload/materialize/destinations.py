@@ -60,6 +60,7 @@ def prepare_destinations(
             )
         dests[t] = dest
     if out is not None:
+        check_separate(out, rank)
         extra = sorted(set(out) - planned)
         if extra:
             raise DistLoadError(
@@ -68,3 +69,37 @@ def prepare_destinations(
                 tensor=extra[0],
             )
     return dests
+
+
+def _extent(tensor: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte address a tensor's elements can touch."""
+    span = sum((n - 1) * abs(st) for n, st in zip(tensor.shape, tensor.stride(), strict=True))
+    start = tensor.data_ptr()
+    return start, start + (span + 1) * tensor.element_size()
+
+
+def check_separate(out: Mapping[str, torch.Tensor], rank: int) -> None:
+    """Refuse ``out=`` tensors that are not tensors, or that share memory: one would end up
+    holding the other's bytes. (Tied weights: pass one of the names; ``load_into`` ties
+    them itself.)"""
+    spans = []
+    for name, tensor in out.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise DistLoadError(
+                f"out[{name!r}] on rank {rank} is {type(tensor).__name__}, not a torch.Tensor",
+                tensor=name,
+            )
+        if tensor.numel() and not tensor.is_meta:
+            spans.append((*_extent(tensor), tensor.device, name))
+    spans.sort(key=lambda s: (str(s[2]), s[0]))
+    reach: tuple[int, object, str] | None = None  # furthest end so far, its device and name
+    for start, end, device, name in spans:
+        if reach is not None and reach[1] == device and start < reach[0]:
+            raise DistLoadError(
+                f"out[{reach[2]!r}] and out[{name!r}] on rank {rank} share memory (their "
+                f"bytes overlap or interleave at {start:#x}): each out= tensor needs memory "
+                "of its own; for tied weights pass one of the names",
+                tensor=name,
+            )
+        if reach is None or reach[1] != device or end > reach[0]:
+            reach = (end, device, name)
