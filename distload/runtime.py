@@ -26,13 +26,14 @@ import logging
 import os
 import re
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from distload.errors import DistLoadError
+from distload.errors import DistLoadError, Failure, PeerError
 from distload.transport.base import Transport
 from distload.transport.local import LocalTransport
 
@@ -199,26 +200,87 @@ def _mpi_rendezvous(env: Environment) -> tuple[str, int]:
     return host, int(port)
 
 
+def rendezvous_timeout(timeout: float) -> float:
+    """Seconds every rank may take to join the process group: ``DISTLOAD_RENDEZVOUS_TIMEOUT``,
+    else the load's timeout capped at 120 s (a rank that never starts is named sooner)."""
+    override = os.environ.get("DISTLOAD_RENDEZVOUS_TIMEOUT")
+    return float(override) if override else min(timeout, 120.0)
+
+
+def _join_store(env: Environment, addr: str, port: int, wait: float) -> dist.Store:
+    """Connect to (rank 0: host) the rendezvous store; a PeerError naming rank 0 and the
+    address when it cannot be reached in ``wait`` seconds."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    # a launcher's store outlives restarts of the workers: keys of each attempt apart
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    try:
+        tcp = dist.TCPStore(
+            addr,
+            port,
+            env.world_size,
+            is_master=env.rank == 0 and not agent,
+            timeout=datetime.timedelta(seconds=wait),
+            wait_for_workers=False,
+        )
+    except Exception as exc:
+        raise PeerError(
+            f"rank {env.rank}: runtime: cannot reach the rendezvous at {addr}:{port} "
+            f"(hosted by {'the launcher' if agent else 'rank 0'}) within {wait:g} s: "
+            f"{str(exc).splitlines()[0][:200]}",
+            phase="runtime",
+            failures=(Failure(0, "runtime", "PeerError", "rank 0 never opened the rendezvous"),),
+        ) from None
+    return dist.PrefixStore(f"/distload/attempt_{attempt}/", tcp)
+
+
+def await_ranks(store: dist.Store, env: Environment, where: str, wait: float) -> None:
+    """Every rank announces itself in ``store`` and waits for all the others; the ranks that
+    do not join within ``wait`` seconds are named in a PeerError (raised on every rank that
+    did join)."""
+    key = "rendezvous/"
+    store.set(f"{key}{env.rank}", socket.gethostname())
+    deadline = time.monotonic() + wait
+    missing = list(range(env.world_size))
+    gone = ""
+    while True:
+        try:
+            missing = [r for r in missing if not store.check([f"{key}{r}"])]
+        except Exception:  # the host of the store (rank 0) gave up first and left
+            gone = "; the rendezvous store closed meanwhile"
+        if not missing:
+            return
+        if gone or time.monotonic() > deadline:
+            raise PeerError(
+                f"rank {env.rank}: runtime: rank(s) {missing} of {env.world_size} never joined "
+                f"the process group at {where} within {wait:g} s (did they start? "
+                f"DISTLOAD_RENDEZVOUS_TIMEOUT sets this wait){gone}",
+                phase="runtime",
+                failures=tuple(
+                    Failure(r, "runtime", "PeerError", f"rank {r} never joined") for r in missing
+                ),
+            )
+        time.sleep(0.05)
+
+
 def init_process_group(env: Environment, device: torch.device, timeout: float) -> None:
-    """Create the world process group for a detected launch (collective across the job)."""
+    """Create the world process group for a detected launch (collective across the job):
+    first every rank joins a store and the ranks that never do are named, then the group is
+    made on that store."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     td = datetime.timedelta(seconds=timeout)
     log.info("initialising the process group (%s launch, backend %s)", env.launcher, backend)
-    if env.launcher == "torchrun":
-        dist.init_process_group(backend=backend, init_method="env://", timeout=td)
-        return
     if env.launcher == "mpi" and (env.master_addr is None or env.master_port is None):
         addr, port = _mpi_rendezvous(env)
     else:
         addr, port = env.master_addr or "127.0.0.1", int(env.master_port or 29500)
+    wait = rendezvous_timeout(timeout)
+    store = _join_store(env, addr, port, wait)
+    await_ranks(store, env, f"{addr}:{port}", wait)
+    store.set_timeout(td)
     dist.init_process_group(
-        backend=backend,
-        init_method=f"tcp://{addr}:{port}",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=td,
+        backend=backend, store=store, rank=env.rank, world_size=env.world_size, timeout=td
     )
 
 

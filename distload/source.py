@@ -86,11 +86,17 @@ def read_index(
 
 
 def open_index(
-    source: str | os.PathLike[str], hub_options: HubOptions, *, max_header_bytes: int
+    source: str | os.PathLike[str],
+    hub_options: HubOptions,
+    *,
+    max_header_bytes: int,
+    allow_pickle: bool = False,
 ) -> tuple[CheckpointIndex, Resolved | None]:
     """One process (the CLI): the index of ``source`` and, for a Hub source, its pin."""
     hub = pin_hub_source(source, hub_options)
-    index = read_index(source, hub, hub_options, max_header_bytes=max_header_bytes)
+    index = read_index(
+        source, hub, hub_options, max_header_bytes=max_header_bytes, allow_pickle=allow_pickle
+    )
     return index, hub
 
 

@@ -58,7 +58,8 @@ def _header(args: argparse.Namespace, total: int, nfiles: int, limits: dict) -> 
     command = (
         f"distload bench --size-mb {args.size_mb:g} --shard-mb {args.shard_mb:g} --scenarios "
         f"{args.scenarios} --cache {args.cache} --rounds {args.rounds} --staging-mb "
-        f"{args.staging_mb:g}" + (f" --results {args.results}" if args.results else "")
+        f"{args.staging_mb:g} --methods {args.methods}"
+        + (f" --results {args.results}" if args.results else "")
     )
     return [
         "# distload load benchmark",

@@ -25,11 +25,27 @@ __all__ = ["build_parser", "main"]
 Commands = argparse._SubParsersAction  # the parsers of the sub-commands
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("distload")
+    except PackageNotFoundError:  # running from a source tree
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``distload`` parser: one sub-command each for inspect, plan, load, manifest, bench
     and make-checkpoint."""
-    parser = argparse.ArgumentParser(prog="distload", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="distload",
+        description="Load safetensors checkpoints into every process of a distributed "
+        "PyTorch job: each byte read once, only the needed slices moved. inspect and plan "
+        "run in one process (a Hub repository: pinned revision, headers only); load runs "
+        "on every rank of a launcher (torchrun, srun, mpirun).",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"distload {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_inspect(sub)
     _add_plan(sub)
@@ -42,7 +58,12 @@ def _add_inspect(sub: Commands) -> None:
     p = sub.add_parser("inspect", help="validate a checkpoint and list its files and tensors")
     p.add_argument("source")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
-    p.add_argument("--json", action="store_true", help="print the index as JSON")
+    p.add_argument("--json", action="store_true", help="print the index as JSON (only that)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept .bin/.pt (zip) checkpoints, read with the weights-only unpickler",
+    )
     add_hub_args(p)
     p.set_defaults(fn=cmd_inspect)
 

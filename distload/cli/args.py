@@ -19,6 +19,22 @@ from distload.placement.base import Placement
 from distload.planner import DEFAULT_BUCKET_BYTES
 
 
+def dtype_arg(text: str) -> str:
+    """A ``--dtype`` value, or a clear argparse error listing the choices."""
+    from distload.dtypes import parse_dtype
+
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
+    name = aliases.get(text.lower(), text)
+    try:
+        parse_dtype(name)
+    except Exception:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {text!r}; valid: bfloat16 (bf16), float16 (fp16), float32 (fp32), "
+            "float64, auto"
+        ) from None
+    return name
+
+
 def parse_rule(text: str) -> tuple[str, Any]:
     pattern, sep, spec = text.rpartition("=")
     if not sep or not pattern:
@@ -115,7 +131,12 @@ def add_placement_args(p: argparse.ArgumentParser) -> None:
         metavar="PATTERN=SPEC",
         help="TP rule, e.g. '*.q_proj.weight=colwise' or 'lm_head.weight=shard1' (repeatable)",
     )
-    p.add_argument("--dtype", default=None, help="cast floating tensors (e.g. bfloat16)")
+    p.add_argument(
+        "--dtype",
+        type=dtype_arg,
+        default=None,
+        help="cast floating tensors: bfloat16 (bf16), float16 (fp16, half), float32 (fp32)",
+    )
     p.add_argument(
         "--bucket-mb",
         type=float,

@@ -24,7 +24,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
     bars: dict[str, Any] = {}
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: int, total: int) -> None:  # buckets: shown as bucket counts
         if "load" not in bars:
             bars["load"] = tqdm(total=total, unit="bucket", desc="distload", disable=args.quiet)
         bars["load"].update(done - bars["load"].n)

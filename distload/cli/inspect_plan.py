@@ -33,8 +33,13 @@ def _read_index(args: argparse.Namespace) -> CheckpointIndex:
             raise SystemExit(f"distload: unknown model {name!r}; known: {', '.join(MODELS)}")
         return model_index(MODELS[name])
     options = HubOptions(revision=args.revision, subfolder=args.subfolder, cache_dir=args.cache_dir)
-    index, hub = open_index(args.source, options, max_header_bytes=DEFAULT_MAX_HEADER_BYTES)
-    if hub is not None:
+    index, hub = open_index(
+        args.source,
+        options,
+        max_header_bytes=DEFAULT_MAX_HEADER_BYTES,
+        allow_pickle=getattr(args, "allow_pickle", False),
+    )
+    if hub is not None and not getattr(args, "json", False):
         out(
             f"hub: {hub.ref.repo_id} revision {hub.ref.revision!r} -> commit "
             f"{hub.commit}{' (offline, from the cache)' if hub.offline else ''}"
@@ -44,14 +49,14 @@ def _read_index(args: argparse.Namespace) -> CheckpointIndex:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     index = _read_index(args)
+    if args.json:  # the index alone: machine-readable output has nothing else on stdout
+        out(json.dumps(index.to_json(), indent=1))
+        return 0
     out(f"checkpoint {index.root}: OK")
     out(
         f"  {len(index.files)} file(s), {len(index.tensors)} tensors, "
         f"{human_bytes(index.total_bytes)}"
     )
-    if args.json:
-        out(json.dumps(index.to_json(), indent=1))
-        return 0
     dtypes: dict[str, int] = {}
     for t in index.tensors:
         dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.nbytes

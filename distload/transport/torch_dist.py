@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -40,6 +41,9 @@ class TorchDistTransport:
         TorchDistTransport._count += 1
         self.serial = TorchDistTransport._count  # same on every rank: one transport per load
         self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}  # members -> sub-group
+        # CUDA (NCCL) work has no waiting timeout of its own: it is polled against the load's
+        # deadline instead; DISTLOAD_POLL_WAITS=1 polls host (gloo) work the same way
+        self.poll = device.type == "cuda" or os.environ.get("DISTLOAD_POLL_WAITS") == "1"
 
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
@@ -51,9 +55,8 @@ class TorchDistTransport:
             work = issue()
             if work is None:
                 return
-            if self.device.type == "cuda":
-                work.wait()
-                torch.cuda.current_stream(self.device).synchronize()
+            if self.poll:
+                self._poll(work, what)
             else:
                 work.wait(timeout=self.timeout)
         except Exception as exc:  # gloo/nccl raise RuntimeError subclasses
@@ -69,6 +72,34 @@ class TorchDistTransport:
             raise PeerError(
                 f"rank {self.rank}: {what}: {text}{who}", phase=phase, failures=failures
             ) from exc
+
+    def _poll(self, work: dist.Work, what: str) -> None:
+        """Wait for ``work`` until the load's deadline, polling its completion (NCCL work
+        cannot be waited on with a timeout). At the deadline the communicator is aborted, so
+        no kernel stays queued behind a silent peer, and the wait fails like a timeout."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        pause = 2e-5
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                self._abort()
+                raise TimeoutError(
+                    f"timed out after {self.timeout.total_seconds():g} s (polled: no answer)"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 2e-3)
+        work.wait()  # completed: raises the work's own error, if any
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _abort(self) -> None:
+        """Abort this load's NCCL communicator after a deadline passed (best effort; a host
+        backend needs no abort: its waits already returned)."""
+        if self.device.type != "cuda":
+            return
+        try:
+            dist.distributed_c10d._abort_process_group(self.group)
+        except Exception:  # the process group is unusable either way
+            log.debug("could not abort the process group", exc_info=True)
 
     def _suspects(self, phase: str, wait: float = 3.0) -> tuple[int, ...]:
         """After a failed wait: survivors mark themselves alive in the process group's store;

@@ -1,14 +1,18 @@
-"""Render the failure-matrix table of docs/failure-matrix.md from a run's log.
+"""Render the tables of docs/failure-matrix.md from a run's log.
 
-DISTLOAD_MATRIX_LOG=/tmp/m.jsonl python -m pytest tests/distributed/test_failure_matrix.py
+DISTLOAD_MATRIX_LOG=/tmp/m.jsonl python -m pytest tests/distributed/test_failure_matrix.py \
+    tests/distributed/test_agreement.py tests/distributed/test_rendezvous.py \
+    tests/distributed/test_hostile_ranks.py tests/distributed/test_faults.py
 python -m tests.distributed.matrix_table /tmp/m.jsonl
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 COLUMNS = {
     "exception": "exception on rank 1",
@@ -41,8 +45,37 @@ def cell(record: dict) -> str:
     )
 
 
+def record_case(case: str, results: list[dict[str, Any]], victim: int | None) -> None:
+    """Log one fault case beyond the matrix (when ``DISTLOAD_MATRIX_LOG`` is set): what every
+    rank other than ``victim`` raised."""
+    log = os.environ.get("DISTLOAD_MATRIX_LOG")
+    if not log:
+        return
+    survivors = [r for i, r in enumerate(results) if i != victim and "type" in r]
+    with open(log, "a") as fh:
+        fh.write(json.dumps({"case": case, "survivors": survivors}) + "\n")
+
+
+def render_cases(records: list[dict[str, Any]]) -> str:
+    """The second table: one row per fault case beyond the matrix."""
+    lines = ["| fault (world 3) | what the other ranks raised |", "|---|---|"]
+    for rec in records:
+        got = rec["survivors"]
+        types = sorted({v["type"] for v in got})
+        phases = sorted({f"`{v['phase']}`" for v in got})
+        named = sorted({str(v["ranks"]) for v in got})
+        slowest = max(v["seconds"] for v in got)
+        lines.append(
+            f"| {rec['case']} | {' / '.join(types)} in {' / '.join(phases)} naming "
+            f"{' or '.join(named)}, <= {slowest:.1f} s |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def render(path: Path) -> str:
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    everything = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in everything if "case" not in r]
+    cases = [r for r in everything if "case" in r]
     phases: list[str] = []
     by_case: dict[tuple[str, str], dict] = {}
     for rec in records:
@@ -56,7 +89,7 @@ def render(path: Path) -> str:
     for phase in phases:
         cells = [cell(by_case[(phase, k)]) if (phase, k) in by_case else "-" for k in COLUMNS]
         lines.append(f"| {phase} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + ("\n" + render_cases(cases) if cases else "")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -738,3 +739,66 @@ def stage_out_load(args: dict[str, Any]) -> dict[str, Any]:
     for name in mine:
         assert state[name] is out[name] and same_bits(out[name], reference[name]), name
     return {"mine": len(mine), "planned": len(state.plan.outputs)}
+
+
+def absent_rank_load(args: dict[str, Any]) -> dict[str, Any]:
+    """Ranks in ``absent`` never call distload (they exit at once); the others load and
+    report the error each raised."""
+    rank = _rank()
+    if rank in args["absent"]:
+        return {"absent": True}
+    start = time.monotonic()
+    try:
+        distload.load(args["source"], device="cpu", timeout=60)
+    except distload.DistLoadError as exc:
+        return {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "phase": exc.phase,
+            "ranks": list(exc.ranks),
+            "seconds": time.monotonic() - start,
+        }
+    raise AssertionError("the load did not fail")
+
+
+def sabotaged_load(args: dict[str, Any]) -> dict[str, Any]:
+    """A load where rank 0 does something hostile: ``raising_progress`` (its progress
+    callback raises at the third bucket) or ``rewrite_shard`` (right after planning, before
+    any rank reads, a shard is rewritten with the same tensors and a longer header)."""
+    rank = _rank()
+    kind = args["kind"]
+    progress = None
+    if rank == 0 and kind == "raising_progress":
+
+        def progress(done: int, total: int) -> None:
+            if done == 3:
+                raise ValueError(f"progress callback broke at bucket {done} of {total}")
+
+    if rank == 0 and kind == "rewrite_shard":
+        from safetensors.torch import load_file, save_file
+
+        from distload import api
+
+        original = api.agree_on_plan
+
+        def rewriting(*a: Any, **k: Any) -> Any:
+            plan = original(*a, **k)
+            shard = Path(args["source"]) / args["shard"]
+            save_file(load_file(shard), str(shard), metadata={"format": "pt", "pad": "x" * 64})
+            return plan
+
+        api.agree_on_plan = rewriting  # type: ignore[assignment]
+    start = time.monotonic()
+    try:
+        distload.load(
+            args["source"], device="cpu", timeout=30, bucket_bytes=20_000, progress=progress
+        )
+    except distload.DistLoadError as exc:
+        return {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "phase": exc.phase,
+            "ranks": list(exc.ranks),
+            "seconds": time.monotonic() - start,
+        }
+    raise AssertionError("the load did not fail")

@@ -232,6 +232,27 @@ def test_stalled_rank_past_timeout(mixed_ckpt: Path) -> None:
         assert o.result["seconds"] < 3 + 8
 
 
+def test_polled_waits_end_at_the_deadline(mixed_ckpt: Path) -> None:
+    """The waits NCCL needs (poll completion against the deadline, then abort), run on gloo
+    through the same code path: a stalled peer ends every other rank at the timeout."""
+    cfg = {
+        "source": str(mixed_ckpt),
+        "rules": MIXED_RULES,
+        "bucket_bytes": 4000,
+        "timeout": 3,
+        "shm": False,
+    }
+    args = {"cfg": cfg, "sabotage": {"kind": "stall", "rank": 1, "at": 3, "seconds": 12}}
+    env = {"DISTLOAD_POLL_WAITS": "1"}
+    outcomes = run_group(WORLD, "expect_failure", args, timeout=60, extra_env=env)
+    for o in (outcomes[0], outcomes[2]):
+        assert o.ok, o
+        assert o.result["type"] == "PeerError", o.result
+        assert "no answer within 3 s" in o.result["message"], o.result["message"]
+        assert "polled" in o.result["message"], o.result["message"]
+        assert o.result["seconds"] < 3 + 8
+
+
 def test_stall_shorter_than_timeout_is_not_a_failure(mixed_ckpt: Path) -> None:
     cfg = {"source": str(mixed_ckpt), "rules": MIXED_RULES, "bucket_bytes": 4000, "timeout": 20}
     outcomes = run_group(WORLD, "stalled_load", {"cfg": cfg, "rank": 1, "seconds": 2}, timeout=90)
