@@ -3,12 +3,14 @@ each byte once and moving only what each rank needs.
 
 Public API::
 
+    model = distload.from_pretrained(source, tp_plan="auto")   # a transformers model
     state = distload.load(source, placement=distload.TensorParallel(rules))
     state.report.table()
 """
 
 from distload.api import LoadedState, LoadIntoResult, load, load_into
 from distload.errors import CheckpointError, DistLoadError, PeerError, PlacementError
+from distload.integrations.transformers import from_pretrained
 from distload.placement import (
     DeviceMap,
     ExpertParallel,
@@ -46,6 +48,7 @@ __all__ = [
     "Stack",
     "TensorParallel",
     "Transpose",
+    "from_pretrained",
     "fused_experts",
     "load",
     "load_into",

@@ -18,15 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from distload.checkpoint import (
-    DEFAULT_MAX_HEADER_BYTES,
     INDEX_NAME,
     SINGLE_NAME,
     assemble_index,
-    parse_header,
     parse_index,
     single_file_index,
 )
 from distload.errors import CheckpointError
+from distload.headers import DEFAULT_MAX_HEADER_BYTES, parse_header
 from distload.hub.ref import HubRef, is_commit
 from distload.index import CheckpointIndex, FileMeta, TensorMeta
 from distload.locate import PICKLE_SUFFIXES
@@ -268,7 +267,7 @@ class HubClient:
         self, resolved: Resolved, name: str, max_header_bytes: int
     ) -> tuple[FileMeta, dict[str, TensorMeta], dict[str, str]]:
         """Validated header of shard ``name`` (repo path): cached copy, else range requests."""
-        from distload.checkpoint import read_header
+        from distload.headers import read_header
 
         display = (
             name.removeprefix(f"{resolved.ref.subfolder}/") if resolved.ref.subfolder else name

@@ -337,3 +337,42 @@ def hf_fused_moe_dtensor(args: dict[str, Any]) -> dict[str, Any]:
         "held": [r.bytes_held for r in rep.ranks],
         **read_figures(rep),
     }
+
+
+def hf_from_pretrained(args: dict[str, Any]) -> dict[str, Any]:
+    """``distload.from_pretrained`` in one call against transformers' own from_pretrained
+    (single process, same dtype): the same outputs, each byte read once per job."""
+    import transformers
+    from torch.distributed.tensor import DTensor
+
+    dtype = getattr(torch, args["dtype"])
+    cls = getattr(transformers, args["class"])
+    model = distload.from_pretrained(
+        args["source"], tp_plan=args.get("tp_plan"), dtype=dtype, timeout=60
+    )
+    if type(model) is not cls or model.training:
+        raise AssertionError(f"got {type(model).__name__} (training={model.training})")
+    ref = cls.from_pretrained(args["source"], dtype=dtype, attn_implementation="eager").eval()
+    model.config._attn_implementation = "eager"
+    ids = _ids(args["vocab"])
+    with torch.no_grad():
+        got, want = model(ids), ref(ids)
+    key = "logits" if hasattr(want, "logits") else "last_hidden_state"
+    got_t, want_t = getattr(got, key), getattr(want, key)
+    if isinstance(got_t, DTensor):
+        got_t = got_t.full_tensor()
+    err = float((got_t.float() - want_t.float()).abs().max() / want_t.float().abs().max())
+    tied = getattr(model, "lm_head", None) is not None and (
+        model.lm_head.weight is model.get_input_embeddings().weight
+    )
+    dtensors = sum(isinstance(p, DTensor) for p in model.parameters())
+    return {"err": err, "tied": tied, "dtensors": dtensors, **read_figures(model.distload_report)}
+
+
+def hf_from_pretrained_error(args: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` expected to refuse: the error's type and message."""
+    try:
+        distload.from_pretrained(args["source"], tp_plan=args.get("tp_plan"), timeout=60)
+    except distload.DistLoadError as exc:
+        return {"type": type(exc).__name__, "message": str(exc)}
+    raise AssertionError("from_pretrained did not refuse")

@@ -10,6 +10,7 @@ import pytest
 
 from tests.distributed.cases import LLAMA_RULES
 from tests.distributed.launch import check_all_ok, run_group
+from tests.distributed.matrix_table import record_case
 
 pytestmark = pytest.mark.timeout(120)
 WORLD = 3
@@ -34,6 +35,7 @@ def test_a_rank_with_other_arguments_fails_every_rank(
     llama_ckpt: Path, per_rank: dict[str, Any], argument: str, ranks: list[int]
 ) -> None:
     errors = _disagree(llama_ckpt, per_rank)
+    record_case(f"ranks {ranks} pass another {argument}", errors, victim=None)
     assert len({e["message"] for e in errors}) == 1  # the same error on every rank
     for err in errors:
         assert err["type"] == "DistLoadError" and err["phase"] == "plan", err

@@ -11,6 +11,7 @@ import pytest
 
 from tests.distributed.cases import MIXED_RULES
 from tests.distributed.launch import Outcome, check_all_ok, run_group
+from tests.distributed.matrix_table import record_case
 
 pytestmark = pytest.mark.timeout(120)
 WORLD = 3
@@ -245,6 +246,11 @@ def test_polled_waits_end_at_the_deadline(mixed_ckpt: Path) -> None:
     args = {"cfg": cfg, "sabotage": {"kind": "stall", "rank": 1, "at": 3, "seconds": 12}}
     env = {"DISTLOAD_POLL_WAITS": "1"}
     outcomes = run_group(WORLD, "expect_failure", args, timeout=60, extra_env=env)
+    record_case(
+        "rank 1 stalls 12 s in a transfer, waits polled as for NCCL (timeout 3 s)",
+        [o.result if o.ok else {} for o in outcomes],
+        victim=1,
+    )
     for o in (outcomes[0], outcomes[2]):
         assert o.ok, o
         assert o.result["type"] == "PeerError", o.result

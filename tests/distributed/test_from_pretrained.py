@@ -1,0 +1,106 @@
+"""``distload.from_pretrained``: transformers' own models in one call, tensor parallel with
+the model's own plan or replicated, the same outputs as transformers' from_pretrained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.distributed.launch import check_all_ok, run_group
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+pytestmark = pytest.mark.timeout(300)
+
+SMALL = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+)
+MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("llama", "LlamaForCausalLM", dict(SMALL, tie_word_embeddings=False)),
+    "qwen2-tied": ("qwen2", "Qwen2ForCausalLM", dict(SMALL, tie_word_embeddings=True)),
+    "gpt2": (
+        "gpt2",
+        "GPT2LMHeadModel",
+        dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+    ),
+    "bert": (
+        "bert",
+        "BertModel",
+        dict(
+            vocab_size=256,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=64,
+        ),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each model saved by transformers itself (several shards, with its config)."""
+    out = {}
+    for name, (kind, cls, cfg) in MODELS.items():
+        folder = tmp_path_factory.mktemp(name)
+        torch.manual_seed(0)
+        config = transformers.AutoConfig.for_model(kind, **cfg)
+        config.architectures = [cls]
+        model = getattr(transformers, cls)(config)
+        model.save_pretrained(folder, max_shard_size="60KB")
+        out[name] = folder
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "world", "tp_plan", "dtype"),
+    [
+        ("llama", 2, "auto", "float32"),
+        ("llama", 4, "auto", "float32"),
+        ("llama", 2, "auto", "bfloat16"),
+        ("qwen2-tied", 2, "auto", "float32"),
+        ("qwen2-tied", 4, "auto", "bfloat16"),
+        ("gpt2", 2, None, "float32"),
+        ("bert", 2, None, "float32"),
+    ],
+)
+def test_same_outputs_as_transformers(
+    name: str, world: int, tp_plan: str | None, dtype: str, saved: dict[str, Path]
+) -> None:
+    _kind, cls, cfg = MODELS[name]
+    args = {
+        "source": str(saved[name]),
+        "class": cls,
+        "tp_plan": tp_plan,
+        "dtype": dtype,
+        "vocab": cfg["vocab_size"],
+    }
+    results = check_all_ok(
+        run_group(world, "hf_from_pretrained", args, scenarios="tests.distributed.hf_scenarios")
+    )
+    limit = 1e-5 if dtype == "float32" else 3e-2  # DTensor reductions add in another order
+    assert max(r["err"] for r in results) <= limit, results
+    assert sum(results[0]["read"]) == results[0]["total"]  # each byte read once per job
+    if tp_plan == "auto":
+        assert all(r["dtensors"] > 0 for r in results)
+    if name == "qwen2-tied":
+        assert all(r["tied"] for r in results)
+
+
+def test_auto_plan_of_a_model_without_one_is_refused(saved: dict[str, Path]) -> None:
+    args = {"source": str(saved["gpt2"]), "tp_plan": "auto"}
+    results = check_all_ok(
+        run_group(2, "hf_from_pretrained_error", args, scenarios="tests.distributed.hf_scenarios")
+    )
+    for r in results:
+        assert "has no tensor-parallel plan" in r["message"], r
