@@ -183,9 +183,13 @@ class Copier:
                 byte_view(dest)[:] = host[seg.offset : seg.offset + seg.nbytes]
                 self.copied += seg.nbytes
                 continue
-            target = region(dest, seg.part.dst)
-            target.copy_(view(buf, seg), non_blocking=True)
-            self._count(target.numel() * target.element_size(), dest)
+            self._into(dest, seg, view(buf, seg))
+
+    def _into(self, dest: torch.Tensor, seg: Segment, part: torch.Tensor) -> None:
+        """Copy ``part`` (a tensor view) into its region of ``dest`` and count the bytes."""
+        target = region(dest, seg.part.dst)
+        target.copy_(part, non_blocking=True)
+        self._count(target.numel() * target.element_size(), dest)
 
     def own_parts(self, number: int, read: Read) -> None:
         """Copy the parts this rank holds of bucket ``number`` straight from ``read``'s slots
@@ -209,9 +213,7 @@ class Copier:
                 byte_view(dest)[:] = host[slot.offset : slot.offset + slot.nbytes]
                 self.copied += slot.nbytes
                 continue
-            target = region(dest, seg.part.dst)
-            target.copy_(source(read, seg), non_blocking=True)
-            self._count(target.numel() * target.element_size(), dest)
+            self._into(dest, seg, source(read, seg))
 
     def pack(self, read: Read, segs: list[Segment], buf: torch.Tensor) -> None:
         """Pack parts of the read pieces into the send layout ``segs`` in ``buf`` (casting)."""

@@ -700,6 +700,17 @@ def load_experts(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _raised(exc: distload.DistLoadError, start: float) -> dict[str, Any]:
+    """What a rank reports of the error it raised."""
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "phase": exc.phase,
+        "ranks": list(exc.ranks),
+        "seconds": time.monotonic() - start,
+    }
+
+
 def disagreeing_load(args: dict[str, Any]) -> dict[str, Any]:
     """Every rank loads with ``cfg`` updated by its own ``per_rank`` overrides; reports the
     error each rank raised (the load must fail on every rank)."""
@@ -709,13 +720,7 @@ def disagreeing_load(args: dict[str, Any]) -> dict[str, Any]:
     try:
         load_and_verify(cfg)
     except distload.DistLoadError as exc:
-        return {
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "phase": exc.phase,
-            "ranks": list(exc.ranks),
-            "seconds": time.monotonic() - start,
-        }
+        return _raised(exc, start)
     raise AssertionError("the load did not fail")
 
 
@@ -751,13 +756,7 @@ def absent_rank_load(args: dict[str, Any]) -> dict[str, Any]:
     try:
         distload.load(args["source"], device="cpu", timeout=60)
     except distload.DistLoadError as exc:
-        return {
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "phase": exc.phase,
-            "ranks": list(exc.ranks),
-            "seconds": time.monotonic() - start,
-        }
+        return _raised(exc, start)
     raise AssertionError("the load did not fail")
 
 
@@ -794,11 +793,5 @@ def sabotaged_load(args: dict[str, Any]) -> dict[str, Any]:
             args["source"], device="cpu", timeout=30, bucket_bytes=20_000, progress=progress
         )
     except distload.DistLoadError as exc:
-        return {
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "phase": exc.phase,
-            "ranks": list(exc.ranks),
-            "seconds": time.monotonic() - start,
-        }
+        return _raised(exc, start)
     raise AssertionError("the load did not fail")
