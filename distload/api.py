@@ -41,6 +41,7 @@ from distload.materialize import (
     prepare_destinations,
     tie_groups,
     tp_mesh,
+    untie,
 )
 from distload.options import DEFAULT_STAGING_BYTES, LoadOptions, Progress, check_arguments
 from distload.placement.base import Placement
@@ -170,22 +171,25 @@ def run_load(
     if plan.hub is not None:
         clock.lap("download")
     with ExecutePhase(plan, net, shm=options.shm, timeout=options.timeout) as phase:
-        dests = phase.materialize(lambda: prepare_destinations(plan, rt.rank, rt.device, out))
+        dests = phase.materialize(
+            lambda: untie(prepare_destinations(plan, rt.rank, rt.device, out))
+        )
         clock.lap("materialize")
         on_bucket = _on_bucket(options.progress, rt.rank, len(plan.buckets))
         result = phase.run(
-            dests,
+            dests.tensors,
             root=fetched.root,
             contain=fetched.contain,
             read_threads=options.read_threads,
             on_bucket=on_bucket,
+            after=lambda: dests.check_ties(plan, rt.rank),
         )
     clock.lap("execute")
     clock.record("read", result.stats.read_seconds)  # inside execute: read-ahead thread
     clock.record("transfer", result.stats.transfer_seconds)
-    mine = _rank_report(rt.rank, dests, result, fetched, clock.finish())
+    mine = _rank_report(rt.rank, dests.result(), result, fetched, clock.finish())
     ranks = [RankReport.from_json(b) for b in gather_or_fail(net, "close", mine.to_json)]
-    state = LoadedState((plan.outputs[t].name, d) for t, d in dests.items())
+    state = LoadedState((plan.outputs[t].name, d) for t, d in dests.result().items())
     state.plan, state.rank, state.root, state.files = plan, rt.rank, fetched.root, fetched.files
     state.all_max = lambda value: net.all_reduce_max(value, "after load: agreement")
     state.report = load_report(_facts(plan, source, result.exchange), ranks)

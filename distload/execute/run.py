@@ -20,6 +20,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -33,6 +34,7 @@ from distload.shm import ShmExchange
 from distload.storage import Arenas, FileReader
 from distload.transport.base import Transport
 
+T = TypeVar("T")
 STAGING_ARENAS = PREFETCH_DEPTH + 2  # read ring + one receive + one pack buffer
 
 
@@ -83,12 +85,10 @@ class ExecutePhase:
         self.exchange.close(purge=exc is not None)
         self.exchange = None
 
-    def materialize(
-        self, make_dests: Callable[[], dict[int, torch.Tensor]]
-    ) -> dict[int, torch.Tensor]:
+    def materialize(self, make_dests: Callable[[], T]) -> T:
         """Collective: this rank's destinations (``make_dests``) and shared-memory slots."""
         error: BaseException | None = None
-        dests: dict[int, torch.Tensor] = {}
+        dests: T | None = None
         try:
             dests = make_dests()
             if use_shm(self.shm_choice, self.plan, self.net.device):
@@ -103,6 +103,7 @@ class ExecutePhase:
                 error = exc
             agree(self.net, "materialize", error)
             self.exchange.unlink_own()
+        assert dests is not None  # the agreement raised otherwise
         return dests
 
     def _open_multicast(self) -> bool:
@@ -130,8 +131,10 @@ class ExecutePhase:
         contain: Path | None,
         read_threads: int,
         on_bucket: Callable[[int], None] | None,
+        after: Callable[[], None] | None = None,
     ) -> ExecResult:
-        """Collective: read, move and copy every bucket; one closing agreement."""
+        """Collective: read, move and copy every bucket; ``after`` (local checks once every
+        byte is in, e.g. declared ties) runs before the one closing agreement."""
         host = Arenas(torch.device("cpu"), pin=self.net.device.type == "cuda")
         comm = Arenas(self.net.device) if self.net.device.type == "cuda" else host
         expect = {f.name: f for f in self.plan.index.files}
@@ -150,7 +153,13 @@ class ExecutePhase:
                 multicast=multicast,
             )
             stats = executor.run()
-            agree(self.net, "close", executor.pending)
+            error = executor.pending
+            if error is None and after is not None:
+                try:
+                    after()
+                except Exception as exc:  # shared with every rank by the agreement
+                    error = exc
+            agree(self.net, "close", error)
         finally:
             reader.close()
             self.net.close_groups()

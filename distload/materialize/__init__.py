@@ -5,7 +5,7 @@
 * :mod:`~distload.materialize.dtensor` -- DTensors in and out.
 """
 
-from distload.materialize.destinations import prepare_destinations
+from distload.materialize.destinations import Destinations, prepare_destinations, untie
 from distload.materialize.dtensor import as_dtensor_like, dtensor_from_layout, is_dtensor, tp_mesh
 from distload.materialize.model import (
     Entry,
@@ -18,6 +18,7 @@ from distload.materialize.model import (
 )
 
 __all__ = [
+    "Destinations",
     "Entry",
     "as_dtensor_like",
     "assign",
@@ -30,4 +31,5 @@ __all__ = [
     "prepare_destinations",
     "tie_groups",
     "tp_mesh",
+    "untie",
 ]

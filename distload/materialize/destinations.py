@@ -7,12 +7,77 @@ Runs on every rank after the plan arrives; failures are shared by the caller thr
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from distload.dtypes import to_torch
 from distload.errors import DistLoadError
 from distload.plan import LoadPlan
+
+
+@dataclass(frozen=True)
+class Tie:
+    """Two out= names given the very same tensor (a tie the caller declares, e.g. tied
+    embeddings): the second is loaded into ``scratch`` and must equal the first, bit for bit."""
+
+    first: int  # output index loaded into the caller's tensor
+    second: int  # output index loaded into ``scratch``
+    scratch: torch.Tensor
+
+
+@dataclass
+class Destinations:
+    """Where this rank's outputs land: ``tensors`` (what the executor writes into) and the
+    ties to check once every byte has arrived."""
+
+    tensors: dict[int, torch.Tensor]
+    ties: list[Tie] = field(default_factory=list)
+    returned: dict[int, torch.Tensor] = field(default_factory=dict)  # output -> caller's tensor
+
+    def check_ties(self, plan: LoadPlan, rank: int) -> None:
+        """Every declared tie holds identical bytes in the checkpoint, or a DistLoadError."""
+        for tie in self.ties:
+            a, b = self.tensors[tie.first], tie.scratch
+            if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+                first, second = plan.outputs[tie.first].name, plan.outputs[tie.second].name
+                raise DistLoadError(
+                    f"out[{first!r}] and out[{second!r}] on rank {rank} are one tensor (a tie), "
+                    "but the checkpoint holds different bytes for them: pass them as two "
+                    "tensors, or one of the names",
+                    tensor=second,
+                )
+
+    def result(self) -> dict[int, torch.Tensor]:
+        """Output -> the tensor the caller gets back (ties: the caller's own tensor)."""
+        return {t: self.returned.get(t, d) for t, d in self.tensors.items()}
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+    )
+
+
+def untie(dests: dict[int, torch.Tensor]) -> Destinations:
+    """Destinations where outputs given one and the same tensor load the second (and later)
+    into scratch tensors, to be checked against the first (:meth:`Destinations.check_ties`)."""
+    result = Destinations(dict(dests))
+    seen: list[int] = []
+    for t, dest in sorted(dests.items()):
+        first = next((f for f in seen if _same_memory(dests[f], dest)), None)
+        if first is None:
+            seen.append(t)
+            continue
+        scratch = torch.empty_like(dest)
+        result.tensors[t] = scratch
+        result.returned[t] = dest
+        result.ties.append(Tie(first, t, scratch))
+    return result
 
 
 def prepare_destinations(
@@ -79,16 +144,20 @@ def _extent(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 def check_separate(out: Mapping[str, torch.Tensor], rank: int) -> None:
-    """Refuse ``out=`` tensors that are not tensors, or that share memory: one would end up
-    holding the other's bytes. (Tied weights: pass one of the names; ``load_into`` ties
-    them itself.)"""
+    """Refuse ``out=`` tensors that are not tensors, or that share part of their memory: one
+    would end up holding the other's bytes. The very same tensor under two names is a tie
+    (tied embeddings): allowed, and checked to hold identical bytes (:func:`untie`)."""
     spans = []
+    seen: list[torch.Tensor] = []
     for name, tensor in out.items():
         if not isinstance(tensor, torch.Tensor):
             raise DistLoadError(
                 f"out[{name!r}] on rank {rank} is {type(tensor).__name__}, not a torch.Tensor",
                 tensor=name,
             )
+        if any(_same_memory(tensor, other) for other in seen):
+            continue  # the same tensor under two names: a tie, checked after loading
+        seen.append(tensor)
         if tensor.numel() and not tensor.is_meta:
             spans.append((*_extent(tensor), tensor.device, name))
     spans.sort(key=lambda s: (str(s[2]), s[0]))
@@ -98,7 +167,8 @@ def check_separate(out: Mapping[str, torch.Tensor], rank: int) -> None:
             raise DistLoadError(
                 f"out[{reach[2]!r}] and out[{name!r}] on rank {rank} share memory (their "
                 f"bytes overlap or interleave at {start:#x}): each out= tensor needs memory "
-                "of its own; for tied weights pass one of the names",
+                "of its own (one tensor under two names is a tie: it must hold identical "
+                "bytes for both)",
                 tensor=name,
             )
         if reach is None or reach[1] != device or end > reach[0]:

@@ -68,19 +68,32 @@ def test_overlapping_out_tensors_are_refused(llama_ckpt: Path) -> None:
     for n in names:
         out[n] = big[at : at + ref[n].numel()].view(ref[n].shape)
         at += ref[n].numel()
-    # separate views of one buffer are fine
-    state = distload.load(llama_ckpt, out=out, device="cpu")
+    state = distload.load(llama_ckpt, out=out, device="cpu")  # separate views of one buffer
     assert all(same_bits(state[n], ref[n]) for n in names)
     a, b = names[0], names[1]
-    out[b] = big[4 : 4 + ref[b].numel()].view(ref[b].shape)  # now inside a's bytes
-    with pytest.raises(
-        DistLoadError, match=rf"out\['{a}'\] and out\['{b}'\] on rank 0 share memory"
-    ):
-        distload.load(llama_ckpt, out=out, device="cpu")
-    out[b] = out[a] if ref[a].shape == ref[b].shape else out[b]
-    tied = dict(out, **{b: out[a]}) if ref[a].shape == ref[b].shape else out
-    with pytest.raises(DistLoadError, match="share memory"):
+    shifted = dict(out, **{b: big[4 : 4 + ref[b].numel()].view(ref[b].shape)})  # inside a
+    with pytest.raises(DistLoadError, match="share memory") as info:
+        distload.load(llama_ckpt, out=shifted, device="cpu")
+    assert f"out[{a!r}] and out[{b!r}] on rank 0" in str(info.value)
+    # the same tensor under two names is a tie: the checkpoint must hold identical bytes
+    norms = [n for n in names if n.endswith("layernorm.weight")]
+    tied = dict(out, **{norms[1]: out[norms[0]]})
+    with pytest.raises(DistLoadError, match="checkpoint holds different bytes") as info:
         distload.load(llama_ckpt, out=tied, device="cpu")
+    assert info.value.phase == "close" and norms[1] in str(info.value)
+
+
+def test_a_declared_tie_with_identical_bytes_loads(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    emb = torch.randn(8, 4)
+    tensors = {"embed.weight": emb, "head.weight": emb.clone(), "n": torch.ones(3)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    shared = torch.empty(8, 4)
+    out = {"embed.weight": shared, "head.weight": shared, "n": torch.empty(3)}
+    state = distload.load(tmp_path, out=out, device="cpu")
+    assert state["embed.weight"] is shared and state["head.weight"] is shared
+    assert torch.equal(shared, emb)
 
 
 @pytest.mark.parametrize(
