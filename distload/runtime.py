@@ -29,6 +29,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -284,6 +285,19 @@ def init_process_group(env: Environment, device: torch.device, timeout: float) -
     )
 
 
+def _group_of(group: Any) -> Any:
+    """``group=`` as a process group: a 1-d DeviceMesh stands for its group."""
+    if type(group).__name__ != "DeviceMesh":
+        return group
+    if group.ndim != 1:
+        names = getattr(group, "mesh_dim_names", None) or ()
+        example = f"mesh[{names[-1]!r}]" if names else "mesh['tp']"
+        raise DistLoadError(
+            f"group= is a {group.ndim}-d DeviceMesh: pass one of its dimensions, e.g. {example}"
+        )
+    return group.get_group()
+
+
 def setup(
     group: dist.ProcessGroup | None = None,
     device: str | torch.device | None = None,
@@ -299,6 +313,7 @@ def setup(
     """
     if transport not in ("auto", "torch", "mpi"):
         raise DistLoadError(f"unknown transport {transport!r}; valid: 'auto', 'torch', 'mpi'")
+    group = _group_of(group)
     env = detect()
     local_rank = env.local_rank
     dev = torch.device(device) if device is not None else default_device(local_rank)

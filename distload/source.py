@@ -81,7 +81,8 @@ def read_index(
     """Coordinator: the validated index of a local source, or of a pinned Hub source (its
     index and headers by range requests, before any shard is downloaded)."""
     if hub is None:
-        return read_checkpoint(source, max_header_bytes=max_header_bytes, allow_pickle=allow_pickle)
+        local = Path(source) / hub_options.subfolder if hub_options.subfolder else source
+        return read_checkpoint(local, max_header_bytes=max_header_bytes, allow_pickle=allow_pickle)
     return read_hub_index(hub_options.client(), hub, max_header_bytes=max_header_bytes)
 
 

@@ -60,13 +60,12 @@ def pin_hub_source(source: str | os.PathLike[str], options: HubOptions) -> Resol
     """Coordinator: the pinned Hub source ``source`` names, or None for a local path."""
     ref = parse_hub_source(source, options.revision, options.subfolder)
     if ref is None:
-        if options.revision is not None or options.subfolder is not None:
+        if options.revision is not None:
             raise CheckpointError(
-                f"{os.fspath(source)!r} is a local path; revision= and subfolder= apply to "
-                "Hub sources only",
+                f"{os.fspath(source)!r} is a local path; revision= applies to Hub sources only",
                 file=os.fspath(source),
             )
-        return None
+        return None  # a local path (subfolder=: a folder inside it)
     return options.client().resolve(ref)
 
 

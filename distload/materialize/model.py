@@ -161,9 +161,32 @@ def check_bound(
     if missing and strict:
         raise DistLoadError(
             f"checkpoint {source} lacks {len(missing)} tensor(s) of the model: {list(missing[:8])}"
-            f" (pass strict=False to load the rest){fused_hint(missing, skipped)}",
+            f" (pass strict=False to load the rest){fused_hint(missing, skipped)}"
+            f"{prefix_hint(missing, skipped)}",
             tensor=missing[0],
         )
+
+
+def prefix_hint(missing: Sequence[str], skipped: Sequence[str]) -> str:
+    """Advice when the model's names and the checkpoint's differ by a base-model prefix (a
+    ``BertModel`` checkpoint loaded into ``BertForSequenceClassification``, or the reverse):
+    transformers maps that prefix itself; here a ``Rename`` does."""
+    unused, wanted = set(skipped), set(missing)
+    for name in missing[:64]:
+        head, _, rest = name.partition(".")
+        if rest in unused:
+            return (
+                f"; the checkpoint's names lack the model's prefix {head!r} (e.g. {rest!r} for "
+                f"{name!r}): pass transforms=[distload.Rename(r'^', '{head}.')]"
+            )
+    for name in skipped[:64]:
+        head, _, rest = name.partition(".")
+        if rest in wanted:
+            return (
+                f"; the checkpoint's names carry a prefix {head!r} the model lacks (e.g. "
+                f"{name!r} for {rest!r}): pass transforms=[distload.Rename(r'^{head}\\.', '')]"
+            )
+    return ""
 
 
 def fused_hint(missing: Sequence[str], skipped: Sequence[str]) -> str:

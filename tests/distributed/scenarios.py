@@ -795,3 +795,21 @@ def sabotaged_load(args: dict[str, Any]) -> dict[str, Any]:
     except distload.DistLoadError as exc:
         return _raised(exc, start)
     raise AssertionError("the load did not fail")
+
+
+def mesh_group_load(args: dict[str, Any]) -> dict[str, Any]:
+    """``group=`` given as a DeviceMesh: a 1-d mesh stands for its group; a 2-d one is
+    refused with a clear error."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = _world()
+    mesh = init_device_mesh("cpu", (world,))
+    state = distload.load(args["source"], group=mesh, device="cpu", timeout=60)
+    reference = read_all(args["source"])
+    assert all(same_bits(state[n], reference[n]) for n in reference)
+    two = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    try:
+        distload.load(args["source"], group=two, device="cpu", timeout=60)
+    except distload.DistLoadError as exc:
+        return {"refused": str(exc)}
+    raise AssertionError("a 2-d mesh was accepted as group=")

@@ -105,3 +105,9 @@ def test_env_bootstrap_initialises_the_group(mixed_ckpt: Path) -> None:
     cfg = {"source": str(mixed_ckpt), "rules": MIXED_RULES}
     results = check_all_ok(run_group(2, "matrix", {"configs": [cfg]}, bootstrap="env", timeout=120))
     assert sum(results[0][0]["bytes_read"]) == results[0][0]["total_bytes"]
+
+
+def test_a_device_mesh_as_group(llama_ckpt: Path) -> None:
+    results = check_all_ok(run_group(2, "mesh_group_load", {"source": str(llama_ckpt)}))
+    for r in results:
+        assert "2-d DeviceMesh" in r["refused"] and "mesh['tp']" in r["refused"], r

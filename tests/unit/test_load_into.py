@@ -229,3 +229,39 @@ def test_fused_experts_from_per_expert_checkpoint(tmp_path: Path) -> None:
     assert verify_against_safetensors(state.plan, state, 0) == []
     state["layer.mlp.experts.down_proj"][1, 2, 3] += 1
     assert verify_against_safetensors(state.plan, state, 0) == ["layer.mlp.experts.down_proj"]
+
+
+def test_a_base_model_checkpoint_in_a_model_with_a_head_gets_a_hint(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    transformers.BertModel(config).save_pretrained(tmp_path)  # names without "bert."
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = transformers.BertForSequenceClassification(config)
+    with pytest.raises(distload.DistLoadError, match=r"lack the model's prefix 'bert'") as info:
+        distload.load_into(model, tmp_path, device="cpu")
+    assert "distload.Rename(r'^', 'bert.')" in str(info.value)
+    # and the hint's advice works: everything but the new head loads
+    with init_empty_weights():
+        model = transformers.BertForSequenceClassification(config)
+    result = distload.load_into(
+        model, tmp_path, device="cpu", strict=False, transforms=[distload.Rename(r"^", "bert.")]
+    )
+    assert all(k.startswith("classifier.") for k in result.missing_keys), result.missing_keys
+
+
+def test_local_subfolder(tmp_path: Path, ckpt: Path) -> None:
+    import shutil
+
+    shutil.copytree(ckpt, tmp_path / "weights")
+    state = distload.load(tmp_path, subfolder="weights", device="cpu")
+    ref = read_all(ckpt)
+    assert set(state) == set(ref) and all(same_bits(state[n], ref[n]) for n in ref)
