@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+from pathlib import Path
 from typing import Any
 
 from distload.placement import (
@@ -17,6 +19,8 @@ from distload.placement import (
 )
 from distload.placement.base import Placement
 from distload.planner import DEFAULT_BUCKET_BYTES
+
+log = logging.getLogger("distload")
 
 
 def dtype_arg(text: str) -> str:
@@ -93,13 +97,37 @@ def placement_of(args: argparse.Namespace) -> Placement | None:
         )
     if args.pp is not None or args.dp is not None:
         if not rules and args.tp:
-            rules = preset("llama")
+            rules = preset(default_preset(args.source))
         return Mesh(dp=args.dp or 1, pp=args.pp or 1, tp=args.tp or 1, tp_rules=rules)
     if not rules and args.tp is None:
         return None
     if not rules:
-        rules = preset("llama")
+        rules = preset(default_preset(args.source))
     return TensorParallel(rules, size=args.tp)
+
+
+def default_preset(source: str) -> str:
+    """The TP preset for ``--tp`` without rules: the checkpoint's ``config.json``
+    ``model_type`` (an unknown family is an error, never silently another family's rules);
+    a checkpoint without a config (synthetic ones) gets the llama preset, with a warning."""
+    if source.startswith("model:"):  # shapes of a model family (distload.shapes)
+        family = source.removeprefix("model:").split("-")[0]
+        return {"qwen3": "qwen3_moe", "deepseek": "deepseek_v3"}.get(family, "llama")
+    folder = Path(source)
+    config = (folder if folder.is_dir() else folder.parent) / "config.json"
+    if not config.is_file():
+        log.warning("%s has no config.json: --tp uses the llama preset (pass --preset)", source)
+        return "llama"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    if model_type in presets():
+        return str(model_type)
+    raise SystemExit(
+        f"distload: {config} says model_type {model_type!r}, which has no TP preset "
+        f"({', '.join(presets())}): pass --preset NAME or --rule PATTERN=SPEC"
+    )
 
 
 def add_placement_args(p: argparse.ArgumentParser) -> None:

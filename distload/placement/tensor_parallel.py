@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,6 +12,8 @@ from distload.index import TensorMeta
 from distload.placement.base import REPLICATED, Layout
 
 _STRING_RULES = ("colwise", "rowwise", "replicate")
+
+log = logging.getLogger(__name__)
 
 
 def _torch_placement_dim(spec: object) -> tuple[bool, int | None]:
@@ -24,6 +27,12 @@ def _torch_placement_dim(spec: object) -> tuple[bool, int | None]:
     if isinstance(spec, Replicate):
         return True, None
     return False, None
+
+
+def _shards(spec: Any) -> bool:
+    """Whether a rule's placement cuts tensors (``colwise``, ``rowwise``, ``Shard(d)``)."""
+    is_torch, dim = _torch_placement_dim(spec)
+    return dim is not None if is_torch else spec in ("colwise", "rowwise")
 
 
 class TensorParallel:
@@ -107,7 +116,28 @@ class TensorParallel:
         return Layout(dim % ndim, size, None)
 
     def layouts(self, tensors: Sequence[TensorMeta], world_size: int) -> list[Layout]:
-        return [self.layout(meta, world_size) for meta in tensors]
+        """Every tensor's layout. Rules that match no tensor are logged as a warning; rules
+        that would shard but shard nothing at all are an error (module paths such as
+        transformers' ``base_model_tp_plan`` keys match no tensor name)."""
+        layouts = [self.layout(meta, world_size) for meta in tensors]
+        matched = {found[0] for meta in tensors if (found := self.match(meta.name))}
+        unmatched = [p for p in self.rules if p not in matched]
+        if unmatched:
+            log.warning(
+                "TensorParallel: %d rule(s) match no tensor of the checkpoint: %s",
+                len(unmatched),
+                unmatched[:8],
+            )
+        sharding = [p for p, spec in self.rules.items() if _shards(spec)]
+        size = self.size or world_size
+        if tensors and sharding and size > 1 and all(lay.dim is None for lay in layouts):
+            example = tensors[0].name
+            raise PlacementError(
+                f"TensorParallel shards no tensor: none of its rules {sharding[:4]} matches a "
+                f"tensor name of the checkpoint (e.g. {example!r}); rules are fnmatch patterns "
+                "over full tensor names like 'model.layers.*.self_attn.q_proj.weight'"
+            )
+        return layouts
 
     def describe(self) -> str:
         rules = ", ".join(f"{p}: {s}" for p, s in self.rules.items())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.distributed.tensor import Replicate, Shard
@@ -155,3 +157,37 @@ def test_registered_preset_with_transforms() -> None:
     assert preset("mine") == {"*.w": "colwise"}
     assert len(preset_transforms("mine")) == 1
     assert preset_transforms("llama") == []
+
+
+def test_rules_that_shard_nothing_are_an_error_and_unmatched_ones_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from distload.errors import PlacementError
+
+    metas = [
+        TensorMeta("model.layers.0.self_attn.q_proj.weight", "f", "F32", (8, 4), 0, 128),
+        TensorMeta("model.norm.weight", "f", "F32", (4,), 128, 16),
+    ]
+    # transformers' base_model_tp_plan keys are module paths: they match no tensor name
+    plan = {"layers.*.self_attn.q_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"}
+    with pytest.raises(PlacementError, match="shards no tensor"):
+        TensorParallel(plan).layouts(metas, 2)
+    rules = {"*.q_proj.weight": "colwise", "*.no_such.weight": "rowwise"}
+    with caplog.at_level("WARNING"):
+        layouts = TensorParallel(rules).layouts(metas, 2)
+    assert layouts[0].dim == 0 and "'*.no_such.weight'" in caplog.text
+    assert TensorParallel(plan).layouts(metas, 1)  # a group of one shards nothing anyway
+
+
+def test_cli_tp_preset_follows_the_checkpoint_model_type(tmp_path: Path) -> None:
+    import json
+
+    from distload.cli.args import default_preset
+
+    assert default_preset(str(tmp_path)) == "llama"  # no config.json: llama, with a warning
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    assert default_preset(str(tmp_path)) == "qwen2"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(SystemExit, match="model_type 'bert', which has no TP preset"):
+        default_preset(str(tmp_path))
+    assert default_preset("model:deepseek-v3") == "deepseek_v3"
