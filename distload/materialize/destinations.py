@@ -53,25 +53,21 @@ class Destinations:
         return {t: self.returned.get(t, d) for t, d in self.tensors.items()}
 
 
-def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.data_ptr() == b.data_ptr()
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.dtype == b.dtype
-        and a.device == b.device
-    )
+def _memory_key(t: torch.Tensor) -> tuple[object, ...]:
+    """Equal for two tensors exactly when they are the same memory seen the same way."""
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device))
 
 
 def untie(dests: dict[int, torch.Tensor]) -> Destinations:
     """Destinations where outputs given one and the same tensor load the second (and later)
     into scratch tensors, to be checked against the first (:meth:`Destinations.check_ties`)."""
     result = Destinations(dict(dests))
-    seen: list[int] = []
+    seen: dict[tuple[object, ...], int] = {}  # memory -> the first output given it
     for t, dest in sorted(dests.items()):
-        first = next((f for f in seen if _same_memory(dests[f], dest)), None)
-        if first is None:
-            seen.append(t)
+        if dest.numel() == 0:
+            continue  # empty tensors hold no bytes to share
+        first = seen.setdefault(_memory_key(dest), t)
+        if first == t:
             continue
         scratch = torch.empty_like(dest)
         result.tensors[t] = scratch
@@ -148,16 +144,17 @@ def check_separate(out: Mapping[str, torch.Tensor], rank: int) -> None:
     would end up holding the other's bytes. The very same tensor under two names is a tie
     (tied embeddings): allowed, and checked to hold identical bytes (:func:`untie`)."""
     spans = []
-    seen: list[torch.Tensor] = []
+    seen: set[tuple[object, ...]] = set()
     for name, tensor in out.items():
         if not isinstance(tensor, torch.Tensor):
             raise DistLoadError(
                 f"out[{name!r}] on rank {rank} is {type(tensor).__name__}, not a torch.Tensor",
                 tensor=name,
             )
-        if any(_same_memory(tensor, other) for other in seen):
+        key = _memory_key(tensor)
+        if key in seen:
             continue  # the same tensor under two names: a tie, checked after loading
-        seen.append(tensor)
+        seen.add(key)
         if tensor.numel() and not tensor.is_meta:
             spans.append((*_extent(tensor), tensor.device, name))
     spans.sort(key=lambda s: (str(s[2]), s[0]))
