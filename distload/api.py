@@ -187,9 +187,10 @@ def run_load(
     clock.lap("execute")
     clock.record("read", result.stats.read_seconds)  # inside execute: read-ahead thread
     clock.record("transfer", result.stats.transfer_seconds)
-    mine = _rank_report(rt.rank, dests.result(), result, fetched, clock.finish())
+    delivered = dests.result()  # output -> the tensor the caller gets (ties: its own)
+    mine = _rank_report(rt.rank, delivered, result, fetched, clock.finish())
     ranks = [RankReport.from_json(b) for b in gather_or_fail(net, "close", mine.to_json)]
-    state = LoadedState((plan.outputs[t].name, d) for t, d in dests.result().items())
+    state = LoadedState((plan.outputs[t].name, d) for t, d in delivered.items())
     state.plan, state.rank, state.root, state.files = plan, rt.rank, fetched.root, fetched.files
     state.all_max = lambda value: net.all_reduce_max(value, "after load: agreement")
     state.report = load_report(_facts(plan, source, result.exchange), ranks)

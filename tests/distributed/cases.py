@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+# a small transformers Llama config (vocab 256, 2 layers, grouped-query attention)
+SMALL_LLAMA: dict[str, Any] = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    tie_word_embeddings=False,
+    max_position_embeddings=64,
+)
+
 # tiny Llama shape of the model tests (``tiny_ckpt`` in conftest.py)
 SHAPE = dict(vocab=120, hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2)
 

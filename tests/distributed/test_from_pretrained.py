@@ -9,21 +9,14 @@ from typing import Any
 import pytest
 import torch
 
+from tests.distributed.cases import SMALL_LLAMA
 from tests.distributed.launch import check_all_ok, run_group
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytestmark = pytest.mark.timeout(300)
 
-SMALL = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    max_position_embeddings=64,
-)
+SMALL = SMALL_LLAMA
 MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("llama", "LlamaForCausalLM", dict(SMALL, tie_word_embeddings=False)),
     "qwen2-tied": ("qwen2", "Qwen2ForCausalLM", dict(SMALL, tie_word_embeddings=True)),

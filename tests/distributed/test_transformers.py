@@ -8,22 +8,14 @@ from typing import Any
 import pytest
 import torch
 
+from tests.distributed.cases import SMALL_LLAMA
 from tests.distributed.launch import check_all_ok, run_group
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytestmark = pytest.mark.timeout(300)
 
-LLAMA = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    tie_word_embeddings=False,
-    max_position_embeddings=64,
-)
+LLAMA = SMALL_LLAMA
 MISTRAL = dict(LLAMA, num_key_value_heads=2, sliding_window=None)
 MISTRAL_KV4 = dict(MISTRAL, num_key_value_heads=4)
 GPT2 = dict(
