@@ -52,10 +52,12 @@ def parse_rule(text: str) -> tuple[str, Any]:
             raise argparse.ArgumentTypeError(
                 f"bad shard spec {spec!r}; use shard0, shard1 ..."
             ) from None
-    if spec in ("colwise", "rowwise", "replicate"):
+    from distload.placement.tensor_parallel import STRING_RULES
+
+    if spec in STRING_RULES:
         return pattern, spec
     raise argparse.ArgumentTypeError(
-        f"unknown spec {spec!r}; valid: colwise, rowwise, replicate, shardN"
+        f"unknown spec {spec!r}; valid: {', '.join(STRING_RULES)}, shardN"
     )
 
 
@@ -157,7 +159,8 @@ def add_placement_args(p: argparse.ArgumentParser) -> None:
         action="append",
         type=parse_rule,
         metavar="PATTERN=SPEC",
-        help="TP rule, e.g. '*.q_proj.weight=colwise' or 'lm_head.weight=shard1' (repeatable)",
+        help="TP rule over tensor names or module paths, e.g. '*.q_proj=colwise', "
+        "'model.embed_tokens=embedding_rowwise', 'lm_head.weight=shard1' (repeatable)",
     )
     p.add_argument(
         "--dtype",

@@ -25,7 +25,7 @@ class Preset:
 
 
 _LLAMA: dict[str, Any] = {
-    "model.embed_tokens.weight": "colwise",
+    "model.embed_tokens.weight": "embedding_rowwise",
     "*.self_attn.q_proj.*": "colwise",
     "*.self_attn.k_proj.*": "colwise",
     "*.self_attn.v_proj.*": "colwise",
@@ -59,7 +59,7 @@ _QWEN3_MOE: dict[str, Any] = {
 # one per 128 x 128 block) are cut on the same dim, so a rank's scales match its weight rows
 # wherever a TP rank's share is a whole number of blocks (TP 8 and 16 for V3's shapes).
 _DEEPSEEK_V3: dict[str, Any] = {
-    "model.embed_tokens.weight": "colwise",
+    "model.embed_tokens.weight": "embedding_rowwise",
     "*.self_attn.q_b_proj.*": "colwise",
     "*.self_attn.kv_b_proj.*": "colwise",
     "*.self_attn.o_proj.*": "rowwise",
@@ -126,7 +126,7 @@ _GPT2_TRANSFORMS: tuple[Transform, ...] = (
     Split(".attn.c_attn.bias", [".attn.q.bias", ".attn.k.bias", ".attn.v.bias"]),
 )
 _GPT2: dict[str, Any] = {
-    "transformer.wte.weight": "colwise",
+    "transformer.wte.weight": "embedding_rowwise",
     "*.attn.q.*": "colwise",
     "*.attn.k.*": "colwise",
     "*.attn.v.*": "colwise",

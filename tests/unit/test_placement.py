@@ -168,8 +168,8 @@ def test_rules_that_shard_nothing_are_an_error_and_unmatched_ones_a_warning(
         TensorMeta("model.layers.0.self_attn.q_proj.weight", "f", "F32", (8, 4), 0, 128),
         TensorMeta("model.norm.weight", "f", "F32", (4,), 128, 16),
     ]
-    # transformers' base_model_tp_plan keys are module paths: they match no tensor name
-    plan = {"layers.*.self_attn.q_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"}
+    # another family's rules (GPT-2's) match no tensor of a Llama checkpoint
+    plan = {"*.attn.c_attn.weight": "colwise", "*.mlp.c_proj.weight": "rowwise"}
     with pytest.raises(PlacementError, match="shards no tensor"):
         TensorParallel(plan).layouts(metas, 2)
     rules = {"*.q_proj.weight": "colwise", "*.no_such.weight": "rowwise"}
@@ -191,3 +191,68 @@ def test_cli_tp_preset_follows_the_checkpoint_model_type(tmp_path: Path) -> None
     with pytest.raises(SystemExit, match="model_type 'bert', which has no TP preset"):
         default_preset(str(tmp_path))
     assert default_preset("model:deepseek-v3") == "deepseek_v3"
+
+
+def _llama_metas() -> list[TensorMeta]:
+    shapes = {
+        "model.embed_tokens.weight": (32, 8),
+        "model.layers.0.self_attn.q_proj.weight": (8, 8),
+        "model.layers.0.self_attn.q_proj.bias": (8,),
+        "model.layers.0.self_attn.o_proj.weight": (8, 8),
+        "model.layers.0.self_attn.o_proj.bias": (8,),
+        "model.norm.weight": (8,),
+        "lm_head.weight": (32, 8),
+    }
+    out, offset = [], 0
+    for name, shape in shapes.items():
+        nbytes = 4 * (shape[0] * (shape[1] if len(shape) > 1 else 1))
+        out.append(TensorMeta(name, "f", "F32", shape, offset, nbytes))
+        offset += nbytes
+    return out
+
+
+def test_transformers_plans_shard_like_torch_styles() -> None:
+    """Module-path rules (transformers' tp_plan and the prefix-less base_model_tp_plan) apply
+    to the module's weight and bias with torch's styles: colwise -> weight and bias Shard(0),
+    rowwise -> weight Shard(-1), bias replicated; embedding_rowwise -> the vocabulary."""
+    metas = _llama_metas()
+    base_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+    }
+    model_plan = {"lm_head": "colwise_gather_output", "model.embed_tokens": "embedding_rowwise"}
+    dims = [lay.dim for lay in TensorParallel({**base_plan, **model_plan}).layouts(metas, 2)]
+    assert dims == [0, 0, 0, 1, None, None, 0]
+
+
+def test_colwise_and_rowwise_on_an_embedding_follow_torch() -> None:
+    """torch's ColwiseParallel on nn.Embedding shards the embedding dim (Shard(1)) and
+    RowwiseParallel the vocabulary (Shard(0)): the reverse of a Linear."""
+    metas = _llama_metas()
+    col = TensorParallel({"model.embed_tokens.weight": "colwise", "lm_head.weight": "colwise"})
+    assert [lay.dim for lay in col.layouts(metas, 2)][::6] == [1, 0]
+    row = TensorParallel({"model.embed_tokens": "rowwise", "lm_head": "rowwise"})
+    assert [lay.dim for lay in row.layouts(metas, 2)][::6] == [0, 1]
+
+
+def test_transformers_styles_without_a_contiguous_layout_are_refused() -> None:
+    from distload.errors import PlacementError
+
+    with pytest.raises(PlacementError, match="packed_colwise.*Split"):
+        TensorParallel({"*.mlp.experts.gate_up_proj": "packed_colwise"})
+    with pytest.raises(PlacementError, match="unknown placement 'colwize'"):
+        TensorParallel({"*": "colwize"})
+
+
+def test_cli_rules_take_transformers_strings() -> None:
+    import argparse
+
+    from distload.cli.args import parse_rule
+
+    assert parse_rule("model.embed_tokens=embedding_rowwise") == (
+        "model.embed_tokens",
+        "embedding_rowwise",
+    )
+    assert parse_rule("lm_head=colwise_gather_output")[1] == "colwise_gather_output"
+    with pytest.raises(argparse.ArgumentTypeError, match="embedding_rowwise"):
+        parse_rule("x=sideways")
