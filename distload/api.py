@@ -17,6 +17,7 @@ every rank.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -33,6 +34,7 @@ from distload.coordination import gather_or_fail
 from distload.errors import DistLoadError
 from distload.execute import ExecResult, ExecutePhase
 from distload.gcpause import gc_paused
+from distload.geometry import piece_bytes
 from distload.materialize import (
     bind,
     check_bound,
@@ -45,7 +47,9 @@ from distload.materialize import (
 )
 from distload.options import DEFAULT_STAGING_BYTES, LoadOptions, Progress, check_arguments
 from distload.placement.base import Placement
+from distload.placement.device_map import DeviceMap
 from distload.plan import LoadPlan
+from distload.planner import output_metas
 from distload.report import LoadFacts, LoadReport, PhaseClock, RankReport, load_report
 from distload.source import Coordinator, Fetched, agree_on_plan, fetch
 from distload.storage import DEFAULT_READ_THREADS
@@ -126,8 +130,9 @@ def load(
             (weights-only unpickler, metadata only). transport: ``"auto"``/``"torch"`` or
             ``"mpi"``. shm: shared buckets through same-node shared memory (default: when
             all ranks are on one node with a host-memory transport).
-        progress: ``progress(done_buckets, total)`` on rank 0; ``download_progress``: the
-            same in bytes for the download phase of a Hub source.
+        progress: ``progress(done_bytes, total_bytes)`` on rank 0 as buckets finish (bytes
+            of the checkpoint moved); ``download_progress``: the same for the download phase
+            of a Hub source.
         revision, subfolder, cache_dir, token, local_files_only, hub_cache, extra_files: Hub
             sources (:class:`~distload.hub.options.HubOptions`): rank 0 pins the revision to
             one commit; each shard is downloaded by one rank of one cache; ``extra_files``
@@ -175,7 +180,7 @@ def run_load(
             lambda: untie(prepare_destinations(plan, rt.rank, rt.device, out))
         )
         clock.lap("materialize")
-        on_bucket = _on_bucket(options.progress, rt.rank, len(plan.buckets))
+        on_bucket = _on_bucket(options.progress, rt.rank, plan)
         result = phase.run(
             dests.tensors,
             root=fetched.root,
@@ -224,11 +229,21 @@ def _arguments(
     }
 
 
-def _on_bucket(progress: Progress | None, rank: int, total: int) -> Callable[[int], None] | None:
-    """The per-bucket callback: ``progress(done, total)`` on rank 0."""
+def _on_bucket(
+    progress: Progress | None, rank: int, plan: LoadPlan
+) -> Callable[[int], None] | None:
+    """The per-bucket callback: ``progress(done_bytes, total_bytes)`` on rank 0, in bytes of
+    the checkpoint moved (each bucket counts when it is done)."""
     if progress is None or rank != 0:
         return None
-    return lambda number: progress(number + 1, total)
+    tensors = plan.index.tensors
+    done = list(
+        itertools.accumulate(
+            sum(piece_bytes(tensors[i.tensor], i) for i in b.items) for b in plan.buckets
+        )
+    )
+    total = done[-1] if done else 0
+    return lambda number: progress(done[number], total)
 
 
 def _rank_report(
@@ -327,6 +342,9 @@ def load_into(
     _check_dtensor_request(as_dtensor, placement, group)
     if placement is None:
         placement = _placement_from_model(entries, group)
+    for_model = getattr(placement, "for_model", None)
+    if for_model is not None:  # DeviceMap, PipelineParallel: the model's modules and ties
+        placement = for_model(model)
     state = load(
         source,
         placement,
@@ -344,6 +362,9 @@ def load_into(
         mesh = tp_mesh(device_type, dist.get_world_size(), size)
     missing = bind(entries, groups, state.plan, state, mesh)
     check_bound(entries, missing, strict=strict, source=source, skipped=state.plan.skipped)
+    if isinstance(placement, DeviceMap):  # as transformers sets it: module path -> rank/"cpu"
+        metas = output_metas(state.plan.outputs)
+        model.hf_device_map = placement.resolve(metas, state.plan.world_size)  # type: ignore[assignment]
     if missing:
         log.warning("checkpoint lacks %d model tensor(s): %s", len(missing), missing[:8])
     return LoadIntoResult(sorted(missing), sorted(state.plan.skipped), state.report)

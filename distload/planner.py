@@ -71,6 +71,16 @@ def destination_dtypes(stored: Sequence[str], dtype: str | None) -> tuple[str, .
     return tuple(dtype if d in FLOATING else d for d in stored)
 
 
+def output_metas(outputs: Sequence[Output]) -> list[TensorMeta]:
+    """What a placement sees of the outputs: name, stored dtype, shape and bytes."""
+    return [
+        TensorMeta(
+            o.name, "", o.stored_dtype, o.shape, 0, math.prod(o.shape) * ITEMSIZE[o.stored_dtype]
+        )
+        for o in outputs
+    ]
+
+
 def evaluate_layouts(
     tensors: Sequence[TensorMeta], placement: Placement, world_size: int
 ) -> tuple[Layout, ...]:
@@ -275,10 +285,7 @@ def make_plan(
         skipped = tuple(v.name for v in views if v.name not in wanted)
         views = [v for v in views if v.name in wanted]
     everyone, allowed_by_file = _reader_pools(readers, world_size, file_readers)
-    output_metas = [
-        TensorMeta(v.name, "", v.dtype, v.shape, 0, math.prod(v.shape) * ITEMSIZE[v.dtype])
-        for v in views
-    ]
+    outputs = tuple(Output(v.name, v.shape, v.dtype) for v in views)
     links = tuple((o, link) for o, v in enumerate(views) for link in v.links)
     used = sorted({link.stored for _, link in links})
     # the plan without its buckets: the geometry of pieces needs outputs, links and layouts
@@ -286,9 +293,9 @@ def make_plan(
         world_size=world_size,
         bucket_bytes=bucket_bytes,
         index=index,
-        outputs=tuple(Output(v.name, v.shape, v.dtype) for v in views),
+        outputs=outputs,
         links=links,
-        layouts=evaluate_layouts(output_metas, placement, world_size),
+        layouts=evaluate_layouts(output_metas(outputs), placement, world_size),
         dtypes=destination_dtypes([v.dtype for v in views], dtype),
         buckets=(),
         placement=placement.describe(),

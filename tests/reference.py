@@ -74,10 +74,17 @@ def chunk(full: torch.Tensor, dim: int, k: int, i: int) -> torch.Tensor:
 
 def rule_dim(rules: list[list[Any]], name: str, ndim: int) -> int | None:
     """Shard dim for ``name`` under JSON rules [[pattern, spec], ...] (None: replicated)."""
-    for pattern, spec in rules:
+    for pattern, rule in rules:
         if fnmatch.fnmatchcase(name, pattern):
-            if spec == "colwise":
+            parts = name.split(".")
+            embedding = ndim == 2 and len(parts) > 1 and "embed" in parts[-2]
+            spec = rule
+            if rule in ("colwise", "rowwise") and embedding:  # torch's styles on nn.Embedding
+                spec = "embedding_colwise" if rule == "colwise" else "embedding_rowwise"
+            if spec in ("colwise", "embedding_rowwise"):
                 return 0
+            if spec == "embedding_colwise":
+                return 1
             if spec == "rowwise":
                 return ndim - 1 if ndim >= 2 else None
             if spec == "replicate" or spec[0] == "replicate":

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from distload.errors import DistLoadError
 from distload.placement import (
     DeviceMap,
     ExpertParallel,
@@ -61,16 +62,33 @@ def parse_rule(text: str) -> tuple[str, Any]:
     )
 
 
-def device_map(text: str) -> DeviceMap:
-    if text in ("auto", "balanced", "sequential"):
-        return DeviceMap(text)
+def device_map(text: str) -> str | dict[str, Any]:
+    """``--device-map``: a strategy name or a JSON object (module prefix -> rank or "cpu")."""
+    if text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
     try:
         mapping = json.loads(text)
     except ValueError:
+        mapping = None
+    if not isinstance(mapping, dict):
         raise argparse.ArgumentTypeError(
-            f"--device-map {text!r}: use auto, balanced, sequential or a JSON object"
-        ) from None
-    return DeviceMap(mapping)
+            f"--device-map {text!r}: use auto, balanced, balanced_low_0, sequential or a JSON "
+            "object"
+        )
+    return mapping
+
+
+def max_memory(text: str) -> dict[str, str]:
+    """``--max-memory 0=10GiB,1=10GiB,cpu=40GiB``: limits per rank (or cpu) for device maps."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key or not value:
+            raise argparse.ArgumentTypeError(
+                f"--max-memory {part!r}: expected RANK=SIZE or cpu=SIZE, e.g. 0=10GiB,cpu=40GiB"
+            )
+        out[key.strip()] = value.strip()
+    return out
 
 
 def transforms_of(args: argparse.Namespace) -> list[Any]:
@@ -78,8 +96,11 @@ def transforms_of(args: argparse.Namespace) -> list[Any]:
 
 
 def placement_of(args: argparse.Namespace) -> Placement | None:
+    limits, whole = getattr(args, "max_memory", None), getattr(args, "no_split", None)
+    if args.device_map is None and (limits or whole):
+        raise DistLoadError("--max-memory and --no-split go with --device-map")
     if args.device_map is not None:
-        return args.device_map  # type: ignore[no-any-return]
+        return DeviceMap(args.device_map, max_memory=limits, no_split=whole or ())
     rules: dict[str, Any] = {}
     for pattern, spec in args.rule or []:
         rules[pattern] = spec
@@ -151,7 +172,20 @@ def add_placement_args(p: argparse.ArgumentParser) -> None:
         "--device-map",
         type=device_map,
         default=None,
-        help='auto | balanced | sequential | JSON {module prefix: rank or "cpu"}',
+        help='auto | balanced | balanced_low_0 | sequential | JSON {module prefix: rank or "cpu"}',
+    )
+    p.add_argument(
+        "--max-memory",
+        type=max_memory,
+        default=None,
+        metavar="RANK=SIZE,...",
+        help="limits for --device-map strategies, e.g. 0=10GiB,1=10GiB,cpu=40GiB",
+    )
+    p.add_argument(
+        "--no-split",
+        action="append",
+        metavar="PREFIX",
+        help="module prefix --device-map keeps whole (repeatable)",
     )
     p.add_argument("--preset", choices=presets(), help="TP rule preset (default with --tp: llama)")
     p.add_argument(

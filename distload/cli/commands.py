@@ -24,9 +24,11 @@ def cmd_load(args: argparse.Namespace) -> int:
 
     bars: dict[str, Any] = {}
 
-    def progress(done: int, total: int) -> None:  # buckets: shown as bucket counts
+    def progress(done: int, total: int) -> None:  # bytes of the checkpoint moved
         if "load" not in bars:
-            bars["load"] = tqdm(total=total, unit="bucket", desc="distload", disable=args.quiet)
+            bars["load"] = tqdm(
+                total=total, unit="B", unit_scale=True, desc="distload", disable=args.quiet
+            )
         bars["load"].update(done - bars["load"].n)
 
     def download_progress(done: int, total: int) -> None:

@@ -144,6 +144,7 @@ def from_pretrained(
     model_class: Any = None,
     tp_plan: Any = None,
     device_map: Any = None,
+    max_memory: Mapping[Any, int | str] | None = None,
     dtype: Any = "auto",
     torch_dtype: Any = None,
     revision: str | None = None,
@@ -158,7 +159,10 @@ def from_pretrained(
     transformers plan (``model._tp_plan``), a dict applies one in transformers' format
     (``{"model.layers.*.self_attn.q_proj": "colwise", ...}``); parameters become DTensors on
     a 1-d mesh over the world and the model runs tensor parallel. ``device_map`` takes
-    distload's ``DeviceMap`` forms (``"auto"``, ``{prefix: rank}``). ``dtype="auto"`` keeps the
+    distload's ``DeviceMap`` forms (``"auto"``, ``"balanced_low_0"``, ``{prefix: rank}``) with
+    ``max_memory`` (``{rank or "cpu": "10GiB"}``): whole modules of the model (its
+    ``_no_split_modules``) per rank, tied weights on every rank that uses them, the result in
+    ``model.hf_device_map``. ``dtype="auto"`` keeps the
     checkpoint's dtypes (``torch_dtype=`` is accepted as the older name). Other keywords go to
     :func:`distload.load_into` (``timeout``, ``staging_bytes``, ...).
 
@@ -192,7 +196,10 @@ def from_pretrained(
         mesh = init_device_mesh(rt.device.type, (rt.world_size,))
         parallelize_module(model, mesh, torch_styles(model, _plan_of(model, tp_plan)))
     elif device_map is not None:
-        placement = device_map if isinstance(device_map, DeviceMap) else DeviceMap(device_map)
+        if isinstance(device_map, DeviceMap):
+            placement = device_map
+        else:
+            placement = DeviceMap(device_map, max_memory=max_memory)
     result = load_into(
         model,
         source,

@@ -2,9 +2,10 @@
 
 Used by the pipeline and device-map placements to balance whole modules by bytes: a *block*
 is a decoder layer (the name up to its first integer component, e.g. ``model.layers.3``) or,
-for tensors outside numbered layers, the tensor's parent module (``model.embed_tokens``,
-``lm_head``). Blocks are ordered as a model runs: embeddings first, numbered layers in numeric
-order, then everything else (final norm, head).
+for tensors outside numbered layers, the module beside the layer stack that holds them
+(``model.embed_tokens``, ``bert.embeddings``, ``lm_head``). Blocks are ordered as a model
+runs: embeddings first, numbered layers in numeric order, then everything else (final norm,
+head).
 """
 
 from __future__ import annotations
@@ -27,13 +28,42 @@ class Block:
     nbytes: int = 0
 
 
-def block_key(name: str) -> tuple[str, int | None]:
-    """(block prefix, layer number or None) of a tensor name."""
+def block_key(name: str, roots: Sequence[tuple[str, ...]] = ()) -> tuple[str, int | None]:
+    """(block prefix, layer number or None) of a tensor name.
+
+    A tensor inside a numbered layer belongs to that layer (``model.layers.3``). Any other
+    belongs to the module one level below where its path leaves the layer stacks' paths
+    (``roots``, e.g. ``("bert", "encoder", "layer")``): ``bert.embeddings`` for all of BERT's
+    embedding tensors (word, position, type and their LayerNorm move as one), ``model.norm``,
+    ``lm_head``. Without roots: its parent module.
+    """
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part.isdigit():
             return ".".join(parts[: i + 1]), int(part)
+    if roots:
+        shared = max(_common(parts, root) for root in roots)
+        return ".".join(parts[: min(shared + 1, len(parts))]), None
     return ".".join(parts[:-1]) or name, None
+
+
+def _common(parts: Sequence[str], root: Sequence[str]) -> int:
+    n = 0
+    while n < min(len(parts) - 1, len(root)) and parts[n] == root[n]:
+        n += 1
+    return n
+
+
+def layer_roots(names: Iterable[str]) -> list[tuple[str, ...]]:
+    """The paths of numbered layer stacks (``("model", "layers")``), in first-seen order."""
+    roots: dict[tuple[str, ...], None] = {}
+    for name in names:
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                roots.setdefault(tuple(parts[:i]), None)
+                break
+    return list(roots)
 
 
 def is_embedding(prefix: str) -> bool:
@@ -44,8 +74,9 @@ def is_embedding(prefix: str) -> bool:
 def group_blocks(tensors: Sequence[TensorMeta]) -> list[Block]:
     """Blocks in execution order: embeddings, layers by number, the rest in checkpoint order."""
     blocks: dict[str, Block] = {}
+    roots = layer_roots(meta.name for meta in tensors)
     for i, meta in enumerate(tensors):
-        prefix, layer = block_key(meta.name)
+        prefix, layer = block_key(meta.name, roots)
         block = blocks.setdefault(prefix, Block(prefix, layer))
         block.tensors.append(i)
         block.nbytes += meta.nbytes

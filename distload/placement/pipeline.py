@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from distload.errors import PlacementError
 from distload.index import TensorMeta
 from distload.placement.base import Layout
@@ -21,8 +23,10 @@ class PipelineParallel:
             contiguous runs balanced by bytes; embeddings go to the first stage, everything
             after the layers (final norm, head) to the last.
         tie_word_embeddings: with ``num_stages``, also send the input embedding to the last
-            stage (its head reuses it). ``None``: do so when the checkpoint has no
-            ``lm_head`` tensor but has an embedding.
+            stage (its head reuses it). ``None``: given a model (``load_into``), when the
+            model ties its head to its embedding; without one, when the checkpoint has no
+            ``lm_head`` tensor and its layers are a decoder's (an encoder such as BERT has no
+            head to tie).
 
     With one rank per stage, stage ``s`` is rank ``s``; inside :class:`~distload.Mesh` a
     stage is a group of ranks.
@@ -89,17 +93,30 @@ class PipelineParallel:
         tie = self.tie_word_embeddings
         if tie is None:
             has_head = any(m.name.split(".")[0] in ("lm_head", "output") for m in tensors)
-            tie = not has_head
+            encoder = any("encoder" in b.prefix.split(".") for b in layers)
+            tie = not has_head and not encoder
         for block in blocks:
             if block.layer is not None:
                 continue
             if is_embedding(block.prefix):
-                owners = (0, last) if tie and last and "position" not in block.prefix else (0,)
+                owners = (0, last) if tie and last and _word_embedding(block.prefix) else (0,)
             else:
                 owners = (last,)
             for t in block.tensors:
                 stage_of[t] = owners
         return [stage_of[i] for i in range(len(tensors))]
+
+    def for_model(self, model: torch.nn.Module) -> PipelineParallel:
+        """With ``tie_word_embeddings=None``: decided by whether ``model`` ties its output
+        embedding to its input embedding (every rank calls it alike, no collective)."""
+        if self.tie_word_embeddings is not None or self.stages is not None:
+            return self
+        from distload.placement.model_tree import module_tree
+
+        embedding = getattr(model, "get_input_embeddings", lambda: None)()
+        names = {f"{n}.weight" for n, m in model.named_modules() if m is embedding}
+        tied = any(names & set(group) for group in module_tree(model, ()).ties)
+        return PipelineParallel(num_stages=self.num_stages, tie_word_embeddings=tied)
 
     def layouts(self, tensors: Sequence[TensorMeta], world_size: int) -> list[Layout]:
         if world_size != self.num_stages:
@@ -114,3 +131,9 @@ class PipelineParallel:
         if self.stages is not None:
             return f"pipeline, {self.num_stages} explicit stages"
         return f"pipeline, {self.num_stages} stages balanced by bytes"
+
+
+def _word_embedding(prefix: str) -> bool:
+    """An input embedding a head may reuse (not a position or token-type embedding)."""
+    last = prefix.rsplit(".", 1)[-1]
+    return "position" not in last and "type" not in last and last != "wpe"

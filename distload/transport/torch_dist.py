@@ -187,7 +187,7 @@ class TorchDistTransport:
             for members in groups:
                 ranks = sorted(self._global(r) for r in members)
                 pg = dist.new_group(ranks, timeout=self.timeout)
-                if self.rank in members:
+                if self.rank in members and isinstance(pg, dist.ProcessGroup):
                     self._groups[tuple(sorted(members))] = pg
         except Exception as exc:
             self.close_groups()

@@ -43,7 +43,7 @@ LLAMA_RULES: list[list[Any]] = [
     ["*.gate_proj.weight", "colwise"],
     ["*.up_proj.weight", "colwise"],
     ["*.down_proj.weight", "rowwise"],
-    ["model.embed_tokens.weight", "colwise"],
+    ["model.embed_tokens.weight", "embedding_rowwise"],
 ]
 
 

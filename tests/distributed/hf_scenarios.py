@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -376,3 +377,42 @@ def hf_from_pretrained_error(args: dict[str, Any]) -> dict[str, Any]:
     except distload.DistLoadError as exc:
         return {"type": type(exc).__name__, "message": str(exc)}
     raise AssertionError("from_pretrained did not refuse")
+
+
+def hf_from_pretrained_device_map(args: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained(device_map=...)``: each rank holds exactly the modules the map gives it
+    (bit for bit as stored, tied heads included), and ``hf_device_map`` says which."""
+    from safetensors import safe_open
+
+    model = distload.from_pretrained(
+        args["source"], device_map=args["device_map"], max_memory=args.get("max_memory"), timeout=60
+    )
+    rank = dist.get_rank()
+    mapping = model.hf_device_map
+    stored: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(args["source"]).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            stored.update({k: f.get_tensor(k) for k in f.keys()})
+    held, wrong = [], []
+    for name, param in model.state_dict(keep_vars=True).items():
+        owner = max(
+            (p for p in mapping if p == "" or name == p or name.startswith(p + ".")), key=len
+        )
+        target = mapping[owner]
+        mine = target == rank or (target == "cpu" and rank == 0)
+        tied = param is model.get_input_embeddings().weight
+        if param.is_meta:
+            if mine:
+                wrong.append(f"{name}: meta on its rank {rank}")
+            continue
+        held.append(name)
+        key = name if name in stored else "model.embed_tokens.weight" if tied else name
+        if key in stored and not same_bits(param.data, stored[key]):
+            wrong.append(f"{name}: differs from the stored tensor")
+    if wrong:
+        raise AssertionError(wrong)
+    return {
+        "map": {k: v for k, v in mapping.items()},
+        "held": held,
+        **read_figures(model.distload_report),
+    }

@@ -770,8 +770,8 @@ def sabotaged_load(args: dict[str, Any]) -> dict[str, Any]:
     if rank == 0 and kind == "raising_progress":
 
         def progress(done: int, total: int) -> None:
-            if done == 3:
-                raise ValueError(f"progress callback broke at bucket {done} of {total}")
+            if done > total // 3:
+                raise ValueError(f"progress callback broke at {done} of {total} bytes")
 
     if rank == 0 and kind == "rewrite_shard":
         from safetensors.torch import load_file, save_file

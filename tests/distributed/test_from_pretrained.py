@@ -97,3 +97,38 @@ def test_auto_plan_of_a_model_without_one_is_refused(saved: dict[str, Path]) -> 
     )
     for r in results:
         assert "has no tensor-parallel plan" in r["message"], r
+
+
+@pytest.mark.parametrize(
+    ("name", "device_map", "max_memory"),
+    [
+        ("qwen2-tied", "auto", None),
+        ("bert", "auto", None),
+        ("llama", "balanced_low_0", None),
+        ("llama", "auto", {"0": "60KB", "1": "60KB"}),
+    ],
+)
+def test_device_maps_of_the_model_tree(
+    name: str, device_map: str, max_memory: dict[str, str] | None, saved: dict[str, Path]
+) -> None:
+    args = {"source": str(saved[name]), "device_map": device_map, "max_memory": max_memory}
+    results = check_all_ok(
+        run_group(
+            2 if device_map == "auto" else 3,
+            "hf_from_pretrained_device_map",
+            args,
+            scenarios="tests.distributed.hf_scenarios",
+        )
+    )
+    mapping = results[0]["map"]
+    assert all(r["map"] == mapping for r in results)  # the same map on every rank
+    assert sum(results[0]["read"]) == results[0]["total"]  # each byte read once per job
+    if name == "bert":  # BertEmbeddings whole, on one rank
+        assert "embeddings" in mapping and "embeddings.word_embeddings" not in mapping
+    if name == "qwen2-tied":  # the tied head's rank holds the embedding too
+        assert mapping["lm_head"] == 1 and "lm_head.weight" in results[1]["held"]
+    if device_map == "balanced_low_0":
+        assert 0 not in mapping.values() and not results[0]["held"]
+    if max_memory is not None:  # offload keeps the model's order
+        order = list(mapping.values())
+        assert "cpu" in order and all(t == "cpu" for t in order[order.index("cpu") :])

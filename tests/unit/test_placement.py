@@ -238,7 +238,7 @@ def test_colwise_and_rowwise_on_an_embedding_follow_torch() -> None:
 def test_transformers_styles_without_a_contiguous_layout_are_refused() -> None:
     from distload.errors import PlacementError
 
-    with pytest.raises(PlacementError, match="packed_colwise.*Split"):
+    with pytest.raises(PlacementError, match=r"packed_colwise.*Split"):
         TensorParallel({"*.mlp.experts.gate_up_proj": "packed_colwise"})
     with pytest.raises(PlacementError, match="unknown placement 'colwize'"):
         TensorParallel({"*": "colwize"})

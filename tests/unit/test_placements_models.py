@@ -131,7 +131,7 @@ def test_device_map_uncovered_lists_names() -> None:
     [
         ({"a": -1}, "expected a rank or 'cpu'"),
         ({"a": "gpu"}, "expected a rank or 'cpu'"),
-        ("fastest", "valid: ['auto', 'balanced', 'sequential']"),
+        ("fastest", "valid: ['auto', 'balanced', 'balanced_low_0', 'sequential']"),
     ],
 )
 def test_device_map_errors(dm: object, message: str) -> None:
