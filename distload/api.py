@@ -94,6 +94,7 @@ def load(
     allow_pickle: bool = False,
     revision: str | None = None,
     subfolder: str | None = None,
+    variant: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     token: str | bool | None = None,
     local_files_only: bool = False,
@@ -133,6 +134,8 @@ def load(
         progress: ``progress(done_bytes, total_bytes)`` on rank 0 as buckets finish (bytes
             of the checkpoint moved); ``download_progress``: the same for the download phase
             of a Hub source.
+        variant: load ``model.{variant}.safetensors`` (or its index), as transformers saves
+            weight variants (``"fp16"``); local and Hub sources.
         revision, subfolder, cache_dir, token, local_files_only, hub_cache, extra_files: Hub
             sources (:class:`~distload.hub.options.HubOptions`): rank 0 pins the revision to
             one commit; each shard is downloaded by one rank of one cache; ``extra_files``
@@ -226,6 +229,7 @@ def _arguments(
         "verify": options.verify,
         "allow_pickle": options.allow_pickle,
         "hub": [hub.revision, hub.subfolder, hub.hub_cache, list(hub.extra_files)],
+        "variant": hub.variant,
     }
 
 

@@ -162,6 +162,7 @@ def read_checkpoint(
     *,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     allow_pickle: bool = False,
+    variant: str | None = None,
 ) -> CheckpointIndex:
     """Resolve ``source``, read and validate its index and headers (coordinator only).
 
@@ -169,7 +170,9 @@ def read_checkpoint(
     with the weights-only unpickler and never executed (see ``distload.pickled``).
     """
     src = (
-        source if isinstance(source, Source) else resolve_source(source, allow_pickle=allow_pickle)
+        source
+        if isinstance(source, Source)
+        else resolve_source(source, allow_pickle=allow_pickle, variant=variant)
     )
     root = src.root
     if src.index_file is None:

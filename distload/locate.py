@@ -7,6 +7,7 @@ are told apart earlier, in ``distload.source``.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,69 @@ class Source:
     single_file: str | None  # file name (relative to root) of a one-file checkpoint
 
 
-def resolve_source(source: str | os.PathLike[str], *, allow_pickle: bool = False) -> Source:
+def variant_names(variant: str | None) -> tuple[str, str]:
+    """(index name, single-file name) of a weights variant, named as transformers saves them:
+    ``model.safetensors.index.fp16.json`` and ``model.fp16.safetensors`` for ``"fp16"``."""
+    if not variant:
+        return INDEX_NAME, SINGLE_NAME
+    if "/" in variant or variant.startswith("."):
+        raise CheckpointError(f"variant {variant!r} must be a plain name such as 'fp16'")
+    return f"model.safetensors.index.{variant}.json", f"model.{variant}.safetensors"
+
+
+def _variants(names: list[str]) -> list[str]:
+    """Variants present among file names (``model.fp16.safetensors`` -> ``fp16``)."""
+    found = set()
+    for name in names:
+        for pattern in (r"model\.safetensors\.index\.(.+)\.json", r"model\.([^.-]+)\.safetensors"):
+            hit = re.fullmatch(pattern, name)
+            if hit:
+                found.add(hit.group(1))
+    return sorted(found)
+
+
+def choose_files(
+    names: list[str], variant: str | None, where: str
+) -> tuple[str | None, str | None] | None:
+    """(index name, single-file name) among a folder's file ``names``: the variant's files
+    when ``variant`` is given (an error naming the variants there when it is missing), else
+    ``model.safetensors.index.json``, ``model.safetensors``, or the only index or only
+    ``.safetensors`` file. None: nothing safetensors here."""
+    index_name, single_name = variant_names(variant)
+    if index_name in names:
+        return index_name, None
+    if single_name in names:
+        return None, single_name
+    present = _variants(names)
+    if variant:
+        raise CheckpointError(
+            f"{where} has no weights of variant {variant!r} ({index_name} or {single_name}); "
+            f"variants there: {present or 'none'}",
+            file=where,
+        )
+    indexes = [n for n in names if n.endswith(".safetensors.index.json")]
+    shards = [n for n in names if n.endswith(".safetensors")]
+    if len(indexes) == 1:
+        return indexes[0], None
+    if len(shards) == 1 and not indexes:
+        return None, shards[0]
+    if present:
+        raise CheckpointError(
+            f"{where} has no {INDEX_NAME} and no {SINGLE_NAME} but weight variants {present}: "
+            "pass variant= to choose one",
+            file=where,
+        )
+    return None
+
+
+def resolve_source(
+    source: str | os.PathLike[str], *, allow_pickle: bool = False, variant: str | None = None
+) -> Source:
     """Resolve a user ``source`` argument to a local checkpoint.
 
     Accepts a folder with ``model.safetensors.index.json``, a folder with ``model.safetensors``
-    (or exactly one ``*.safetensors`` file), or the path of one ``.safetensors`` file. Hub repo
+    (or exactly one ``*.safetensors`` file; ``variant="fp16"``: ``model.fp16.safetensors`` or
+    its index), or the path of one ``.safetensors`` file. Hub repo
     ids are resolved to a local folder before this is called (see ``distload.hub``).
     """
     path = Path(source).expanduser()
@@ -55,17 +114,11 @@ def resolve_source(source: str | os.PathLike[str], *, allow_pickle: bool = False
                 f"{path} is not a .safetensors file or an index .json", file=str(path)
             )
         return Source(path.parent, None, path.name)
-    if (path / INDEX_NAME).is_file():
-        return Source(path, path / INDEX_NAME, None)
-    if (path / SINGLE_NAME).is_file():
-        return Source(path, None, SINGLE_NAME)
-    found = sorted(p.name for p in path.iterdir())
-    shards = [n for n in found if n.endswith(".safetensors")]
-    indexes = [n for n in found if n.endswith(".safetensors.index.json")]
-    if len(indexes) == 1:
-        return Source(path, path / indexes[0], None)
-    if len(shards) == 1:
-        return Source(path, None, shards[0])
+    found = sorted(p.name for p in path.iterdir() if p.is_file())
+    chosen = choose_files(found, variant, str(path))
+    if chosen is not None:
+        index_name, single = chosen
+        return Source(path, path / index_name if index_name else None, single)
     if allow_pickle:
         if (path / "pytorch_model.bin.index.json").is_file():
             return Source(path, path / "pytorch_model.bin.index.json", None)

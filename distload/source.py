@@ -82,8 +82,15 @@ def read_index(
     index and headers by range requests, before any shard is downloaded)."""
     if hub is None:
         local = Path(source) / hub_options.subfolder if hub_options.subfolder else source
-        return read_checkpoint(local, max_header_bytes=max_header_bytes, allow_pickle=allow_pickle)
-    return read_hub_index(hub_options.client(), hub, max_header_bytes=max_header_bytes)
+        return read_checkpoint(
+            local,
+            max_header_bytes=max_header_bytes,
+            allow_pickle=allow_pickle,
+            variant=hub_options.variant,
+        )
+    return read_hub_index(
+        hub_options.client(), hub, max_header_bytes=max_header_bytes, variant=hub_options.variant
+    )
 
 
 def open_index(

@@ -212,5 +212,8 @@ def add_placement_args(p: argparse.ArgumentParser) -> None:
 
 def add_hub_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="Hub sources: branch, tag or commit")
-    p.add_argument("--subfolder", default=None, help="Hub sources: folder holding the weights")
+    p.add_argument("--subfolder", default=None, help="folder of the source holding the weights")
+    p.add_argument(
+        "--variant", default=None, help="weights variant: model.VARIANT.safetensors (e.g. fp16)"
+    )
     p.add_argument("--cache-dir", default=None, help="Hub cache (default: HF_HUB_CACHE)")

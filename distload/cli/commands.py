@@ -54,6 +54,7 @@ def cmd_load(args: argparse.Namespace) -> int:
             allow_pickle=args.allow_pickle,
             revision=args.revision,
             subfolder=args.subfolder,
+            variant=args.variant,
             cache_dir=args.cache_dir,
             hub_cache=args.hub_cache,
             extra_files=args.extra_file or (),

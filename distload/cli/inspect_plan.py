@@ -32,7 +32,12 @@ def _read_index(args: argparse.Namespace) -> CheckpointIndex:
         if name not in MODELS:
             raise SystemExit(f"distload: unknown model {name!r}; known: {', '.join(MODELS)}")
         return model_index(MODELS[name])
-    options = HubOptions(revision=args.revision, subfolder=args.subfolder, cache_dir=args.cache_dir)
+    options = HubOptions(
+        revision=args.revision,
+        subfolder=args.subfolder,
+        cache_dir=args.cache_dir,
+        variant=args.variant,
+    )
     index, hub = open_index(
         args.source,
         options,

@@ -37,6 +37,7 @@ class HubOptions:
     hub_cache: str = "auto"  # "auto" (probe), "shared" (one cache), "node" (one per node)
     extra_files: Sequence[str] = ()  # also fetch these (names or patterns): "config.json"
     endpoint: str | None = None  # default: HF_ENDPOINT
+    variant: str | None = None  # weights variant, local sources too: model.fp16.safetensors
 
     def __post_init__(self) -> None:
         if self.hub_cache not in CACHE_MODES:

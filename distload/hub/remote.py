@@ -19,7 +19,6 @@ from typing import Any
 
 from distload.checkpoint import (
     INDEX_NAME,
-    SINGLE_NAME,
     assemble_index,
     parse_index,
     single_file_index,
@@ -28,7 +27,7 @@ from distload.errors import CheckpointError
 from distload.headers import DEFAULT_MAX_HEADER_BYTES, parse_header
 from distload.hub.ref import HubRef, is_commit
 from distload.index import CheckpointIndex, FileMeta, TensorMeta
-from distload.locate import PICKLE_SUFFIXES
+from distload.locate import PICKLE_SUFFIXES, choose_files
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +98,19 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def is_network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the Hub could not be reached (no network, DNS, refused, timeout):
+    OS errors and the HTTP client libraries' transport errors."""
+    root = type(exc).__module__.split(".")[0]
+    return isinstance(exc, OSError | TimeoutError) or root in (
+        "httpx",
+        "httpx2",
+        "httpcore",
+        "requests",
+        "urllib3",
+    )
+
+
 class HubClient:
     """Hub access for the coordinator: token, endpoint, cache and offline mode in one place."""
 
@@ -133,7 +145,9 @@ class HubClient:
                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})",
                 file=ref.url(),
             ) from None
-        except OSError as exc:
+        except Exception as exc:
+            if not is_network_error(exc):
+                raise
             raise CheckpointError(
                 f"{ref.url()}: Hub unreachable ({type(exc).__name__}: {exc}); set "
                 "HF_HUB_OFFLINE=1 to load from the local cache",
@@ -305,9 +319,10 @@ def missing_offline(resolved: Resolved, name: str, cache_dir: str) -> Checkpoint
     )
 
 
-def choose_weights(resolved: Resolved) -> tuple[str | None, str | None]:
+def choose_weights(resolved: Resolved, variant: str | None = None) -> tuple[str | None, str | None]:
     """(index name, single-file name) of the weights in the ref's subfolder, names relative
-    to that subfolder. Refuses repositories with only pickle-based weights."""
+    to that subfolder (``variant``: that variant's). Refuses repositories with only
+    pickle-based weights."""
     sub = resolved.ref.subfolder
     prefix = f"{sub}/" if sub else ""
     here = sorted(
@@ -315,17 +330,11 @@ def choose_weights(resolved: Resolved) -> tuple[str | None, str | None]:
         for n in resolved.files
         if n.startswith(prefix) and "/" not in n.removeprefix(prefix)
     )
-    if INDEX_NAME in here:
-        return INDEX_NAME, None
-    if SINGLE_NAME in here:
-        return None, SINGLE_NAME
-    indexes = [n for n in here if n.endswith(".safetensors.index.json")]
-    shards = [n for n in here if n.endswith(".safetensors")]
-    if len(indexes) == 1:
-        return indexes[0], None
-    if len(shards) == 1:
-        return None, shards[0]
     where = resolved.ref.url(resolved.commit)
+    chosen = choose_files(here, variant, where)
+    if chosen is not None:
+        return chosen
+    shards = [n for n in here if n.endswith(".safetensors")]
     pickles = [n for n in here if n.endswith(PICKLE_SUFFIXES)]
     if pickles and not shards:
         raise CheckpointError(
@@ -345,9 +354,10 @@ def read_hub_index(
     resolved: Resolved,
     *,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    variant: str | None = None,
 ) -> CheckpointIndex:
     """Coordinator: the validated index of a pinned Hub source, before any shard download."""
-    index_name, single = choose_weights(resolved)
+    index_name, single = choose_weights(resolved, variant)
     root = resolved.ref.url(resolved.commit)
     if single is not None:
         return single_file_index(

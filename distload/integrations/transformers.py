@@ -149,6 +149,7 @@ def from_pretrained(
     torch_dtype: Any = None,
     revision: str | None = None,
     subfolder: str | None = None,
+    variant: str | None = None,
     device: str | torch.device | None = None,
     group: Any = None,
     **load_kwargs: Any,
@@ -209,6 +210,7 @@ def from_pretrained(
         group=group,
         revision=commit or revision,
         subfolder=subfolder,
+        variant=variant,
         **load_kwargs,
     )
     model.eval()
