@@ -98,17 +98,14 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+_HTTP_LIBRARIES = ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
 def is_network_error(exc: BaseException) -> bool:
     """Whether ``exc`` says the Hub could not be reached (no network, DNS, refused, timeout):
     OS errors and the HTTP client libraries' transport errors."""
     root = type(exc).__module__.split(".")[0]
-    return isinstance(exc, OSError | TimeoutError) or root in (
-        "httpx",
-        "httpx2",
-        "httpcore",
-        "requests",
-        "urllib3",
-    )
+    return isinstance(exc, OSError | TimeoutError) or root in _HTTP_LIBRARIES
 
 
 class HubClient:
@@ -320,9 +317,8 @@ def missing_offline(resolved: Resolved, name: str, cache_dir: str) -> Checkpoint
 
 
 def choose_weights(resolved: Resolved, variant: str | None = None) -> tuple[str | None, str | None]:
-    """(index name, single-file name) of the weights in the ref's subfolder, names relative
-    to that subfolder (``variant``: that variant's). Refuses repositories with only
-    pickle-based weights."""
+    """(index name, single-file name) of the (``variant``) weights in the ref's subfolder,
+    relative to it. Refuses repositories with only pickle-based weights."""
     sub = resolved.ref.subfolder
     prefix = f"{sub}/" if sub else ""
     here = sorted(
