@@ -31,19 +31,20 @@ from distload import runtime as runtime_mod
 from distload.agreement import agree_on_arguments
 from distload.checkpoint import DEFAULT_MAX_HEADER_BYTES
 from distload.coordination import gather_or_fail
-from distload.errors import DistLoadError
 from distload.execute import ExecResult, ExecutePhase
 from distload.gcpause import gc_paused
 from distload.geometry import piece_bytes
 from distload.materialize import (
     bind,
     check_bound,
+    check_dtensor_request,
     declared_ties,
+    destinations,
+    dtensor_outputs,
     model_entries,
-    prepare_destinations,
+    parallelize,
+    placement_of_dtensors,
     tie_groups,
-    tp_mesh,
-    untie,
 )
 from distload.options import DEFAULT_STAGING_BYTES, LoadOptions, Progress, check_arguments
 from distload.placement.base import Placement
@@ -165,8 +166,11 @@ def run_load(
 ) -> LoadedState:
     """The phases of :func:`load`, in order (collective: every rank of the group)."""
     check_arguments(placement, out, device)
+    out, dtensors = dtensor_outputs(out)  # DTensors: loaded into their local tensors
     clock = PhaseClock()
     rt, net = runtime_mod.setup(group, device, timeout=options.timeout, transport=options.transport)
+    if dtensors and placement is None:  # the shards the DTensors hold
+        placement = placement_of_dtensors(dtensors, group)
     nodes = runtime_mod.topology(net)
     clock.lap("runtime")
     names = agree_on_arguments(net, _arguments(source, placement, options), out)
@@ -179,9 +183,7 @@ def run_load(
     if plan.hub is not None:
         clock.lap("download")
     with ExecutePhase(plan, net, shm=options.shm, timeout=options.timeout) as phase:
-        dests = phase.materialize(
-            lambda: untie(prepare_destinations(plan, rt.rank, rt.device, out))
-        )
+        dests = phase.materialize(lambda: destinations(plan, rt.rank, rt.device, out, dtensors))
         clock.lap("materialize")
         on_bucket = _on_bucket(options.progress, rt.rank, plan)
         result = phase.run(
@@ -326,10 +328,12 @@ def load_into(
             ``missing_keys`` and stay as they are). Unexpected checkpoint tensors are never read.
         dtype: ``None``/``"auto"`` keeps each stored dtype; a floating dtype casts floating
             tensors only (integer and bool buffers keep theirs).
-        as_dtensor: with a :class:`~distload.TensorParallel` placement, make parameters
-            DTensors on a ``(dp, tp)`` DeviceMesh over the world (``Shard(dim)`` or
-            ``Replicate()`` on ``tp``, ``Replicate()`` on ``dp``). Models whose parameters are
-            already DTensors keep theirs without this flag.
+        as_dtensor: with a :class:`~distload.TensorParallel` placement, first parallelise
+            the model as torch does (``parallelize_module`` on the ``tp`` dim of a
+            ``(dp, tp)`` mesh over the world: ``ColwiseParallel`` / ``RowwiseParallel`` for each
+            Linear or Embedding whose weight the rules shard), then load its DTensors: the
+            model runs tensor parallel. Models whose parameters are already DTensors keep
+            theirs without this flag.
         transforms: key transforms mapping checkpoint names and layouts onto the model's
             (e.g. split a fused ``qkv``, transpose GPT-2 Conv1D weights).
         kwargs: passed to :func:`load` (``staging_bytes``, ``timeout``, ...).
@@ -341,11 +345,14 @@ def load_into(
     ``accelerate.init_empty_weights()``, which keeps buffers real); meta buffers that the
     checkpoint does not hold are an error naming them, never left silently unset.
     """
+    check_dtensor_request(as_dtensor, placement, group)
+    if as_dtensor:  # collective: every rank builds the mesh here, in the same order
+        parallelize(model, placement, device)
+        placement = None  # the model's DTensors say where each shard goes
     entries = model_entries(model)
     groups = tie_groups(entries, declared_ties(model))
-    _check_dtensor_request(as_dtensor, placement, group)
     if placement is None:
-        placement = _placement_from_model(entries, group)
+        placement = placement_of_dtensors(entries, group)
     for_model = getattr(placement, "for_model", None)
     if for_model is not None:  # DeviceMap, PipelineParallel: the model's modules and ties
         placement = for_model(model)
@@ -359,12 +366,7 @@ def load_into(
         transforms=transforms,
         **kwargs,
     )
-    mesh = None
-    if as_dtensor:  # collective: every rank builds the mesh here, in the same order
-        size = getattr(placement, "size", None) or dist.get_world_size()
-        device_type = next(iter(state.values())).device.type if state else "cpu"
-        mesh = tp_mesh(device_type, dist.get_world_size(), size)
-    missing = bind(entries, groups, state.plan, state, mesh)
+    missing = bind(entries, groups, state.plan, state)
     check_bound(entries, missing, strict=strict, source=source, skipped=state.plan.skipped)
     if isinstance(placement, DeviceMap):  # as transformers sets it: module path -> rank/"cpu"
         metas = output_metas(state.plan.outputs)
@@ -372,28 +374,3 @@ def load_into(
     if missing:
         log.warning("checkpoint lacks %d model tensor(s): %s", len(missing), missing[:8])
     return LoadIntoResult(sorted(missing), sorted(state.plan.skipped), state.report)
-
-
-def _check_dtensor_request(as_dtensor: bool, placement: Placement | None, group: Any) -> None:
-    from distload.placement.tensor_parallel import TensorParallel
-
-    if as_dtensor and not isinstance(placement, TensorParallel):
-        raise DistLoadError(
-            "as_dtensor=True needs a TensorParallel placement (models whose parameters are "
-            "already DTensors are loaded as DTensors without it)"
-        )
-    if as_dtensor and (group is not None or not dist.is_initialized()):
-        raise DistLoadError("as_dtensor=True needs an initialised world process group")
-
-
-def _placement_from_model(entries: Mapping[str, Any], group: Any) -> Placement | None:
-    """The placement a model's DTensor parameters already have (None: none are DTensors)."""
-    from distload.placement.from_model import FromModel, mesh_specs_of
-
-    group_rank_of = None
-    if group is not None:
-        group_rank_of = {
-            g: dist.get_group_rank(group, g) for g in dist.get_process_group_ranks(group)
-        }
-    specs = mesh_specs_of({n: e.tensor for n, e in entries.items()}, group_rank_of)
-    return FromModel(specs) if specs else None

@@ -5,8 +5,22 @@
 * :mod:`~distload.materialize.dtensor` -- DTensors in and out.
 """
 
-from distload.materialize.destinations import Destinations, prepare_destinations, untie
-from distload.materialize.dtensor import as_dtensor_like, dtensor_from_layout, is_dtensor, tp_mesh
+from distload.materialize.destinations import (
+    Destinations,
+    destinations,
+    prepare_destinations,
+    untie,
+)
+from distload.materialize.dtensor import (
+    as_dtensor_like,
+    check_dtensor_request,
+    check_dtensor_shapes,
+    dtensor_outputs,
+    is_dtensor,
+    parallelize,
+    placement_of_dtensors,
+    tp_mesh,
+)
 from distload.materialize.model import (
     Entry,
     assign,
@@ -24,10 +38,15 @@ __all__ = [
     "assign",
     "bind",
     "check_bound",
+    "check_dtensor_request",
+    "check_dtensor_shapes",
     "declared_ties",
-    "dtensor_from_layout",
+    "destinations",
+    "dtensor_outputs",
     "is_dtensor",
     "model_entries",
+    "parallelize",
+    "placement_of_dtensors",
     "prepare_destinations",
     "tie_groups",
     "tp_mesh",

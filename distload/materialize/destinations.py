@@ -13,6 +13,7 @@ import torch
 
 from distload.dtypes import to_torch
 from distload.errors import DistLoadError
+from distload.materialize.dtensor import check_dtensor_shapes
 from distload.plan import LoadPlan
 
 
@@ -130,6 +131,26 @@ def prepare_destinations(
                 tensor=extra[0],
             )
     return dests
+
+
+def destinations(
+    plan: LoadPlan,
+    rank: int,
+    device: torch.device,
+    out: Mapping[str, torch.Tensor] | None,
+    dtensors: Mapping[str, torch.Tensor],
+) -> Destinations:
+    """:func:`prepare_destinations`, ties untied; ``out=`` DTensors come as their local
+    tensors in ``out`` and as themselves in ``dtensors``: their global shapes are checked and
+    the caller gets them back."""
+    result = untie(prepare_destinations(plan, rank, device, out))
+    if dtensors:
+        check_dtensor_shapes(dtensors, plan, rank)
+        position = {o.name: t for t, o in enumerate(plan.outputs)}
+        for name, tensor in dtensors.items():
+            if name in position and position[name] in result.tensors:
+                result.returned.setdefault(position[name], tensor)
+    return result
 
 
 def _extent(tensor: torch.Tensor) -> tuple[int, int]:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from distload.errors import DistLoadError
-from distload.materialize.dtensor import as_dtensor_like, dtensor_from_layout, is_dtensor
+from distload.materialize.dtensor import as_dtensor_like, is_dtensor
 from distload.placement.expert import EXPERT_PATTERN
 from distload.plan import LoadPlan
 
@@ -100,14 +99,12 @@ def bind(
     groups: list[list[str]],
     plan: LoadPlan,
     loaded: Mapping[str, torch.Tensor],
-    mesh: Any = None,
 ) -> list[str]:
     """Make this rank's loaded pieces the model's tensors, one tie group at a time; returns
     the model names the checkpoint does not hold (their slots are left as they are).
 
-    Tensors placed on other ranks (pipeline stages, device maps) stay on meta here. With
-    ``mesh`` (``as_dtensor=True``) pieces become DTensors following their TP layout; model
-    tensors that already are DTensors keep their mesh and placements.
+    Tensors placed on other ranks (pipeline stages, device maps) stay on meta here; model
+    tensors that are DTensors keep their mesh and placements.
     """
     position = {t.name: i for i, t in enumerate(plan.outputs)}
     missing: list[str] = []
@@ -132,8 +129,6 @@ def bind(
             )
         if is_dtensor(like):
             value = as_dtensor_like(value, like)
-        elif mesh is not None:
-            value = dtensor_from_layout(value, mesh, plan.layouts[out], stored)
         assign(entries, names, value)
     return missing
 

@@ -9,6 +9,7 @@ shard; tensors that are not DTensors are replicated on every rank.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from distload.errors import PlacementError
 from distload.index import TensorMeta
@@ -90,20 +91,33 @@ def mesh_specs_of(
     for name, tensor in named.items():
         if not isinstance(tensor, DTensor):
             continue
-        mesh = tensor.device_mesh
+        mesh, dims = _root_of(tensor.device_mesh)
         ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
         if group_rank_of is not None:
             ranks = [group_rank_of[r] for r in ranks]
-        shards: list[int | None] = []
-        for placement in tensor.placements:
+        shards: list[int | None] = [None] * mesh.ndim
+        for dim, placement in zip(dims, tensor.placements, strict=True):
             if isinstance(placement, Shard):
-                shards.append(placement.dim)
-            elif isinstance(placement, Replicate):
-                shards.append(None)
-            else:
+                shards[dim] = placement.dim
+            elif not isinstance(placement, Replicate):
                 raise PlacementError(
                     f"{name}: placement {placement} cannot be loaded (only Shard and Replicate)",
                     tensor=name,
                 )
         specs[name] = MeshSpec(tuple(mesh.mesh.shape), tuple(ranks), tuple(shards))
     return specs
+
+
+def _root_of(mesh: Any) -> tuple[Any, list[int]]:
+    """The mesh a (sliced) DeviceMesh was cut from, and the dims of it the slice keeps.
+
+    ``mesh["tp"]`` of a ``(dp, tp)`` mesh holds only this rank's replica; its root holds every
+    replica, so each rank describes the same layout (the ranks agree on arguments)."""
+    get_root = getattr(mesh, "_get_root_mesh", None)
+    root = get_root() if get_root is not None else None
+    names, root_names = mesh.mesh_dim_names, getattr(root, "mesh_dim_names", None)
+    if root is None or root is mesh or not names or not root_names:
+        return mesh, list(range(mesh.ndim))
+    if not all(n in root_names for n in names):
+        return mesh, list(range(mesh.ndim))
+    return root, [root_names.index(n) for n in names]

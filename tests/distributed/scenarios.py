@@ -406,7 +406,8 @@ def load_transformed(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def dtensor_models(args: dict[str, Any]) -> dict[str, Any]:
-    """as_dtensor=True on a plain meta model, and placements inferred from fully_shard."""
+    """as_dtensor=True on a plain meta model (it runs tensor parallel, the same logits as the
+    model loaded whole), and placements inferred from fully_shard."""
     from torch.distributed.tensor import DTensor
 
     from distload.synthetic import LlamaShape
@@ -415,35 +416,56 @@ def dtensor_models(args: dict[str, Any]) -> dict[str, Any]:
 
     shape = LlamaShape(**args["shape"])
     world, rank = _world(), _rank()
-    ref = read_all(args["source"])
+    ref = {k: v.float() for k, v in read_all(args["source"]).items()}  # cast exactly
     tp = args["tp"]
     with torch.device("meta"):
         model = TinyLlama(shape)
     rules = {
+        "model.embed_tokens": "embedding_rowwise",
         "*.q_proj.weight": "colwise",
         "*.o_proj.weight": "rowwise",
-        "*.gate_proj.weight": "colwise",
-        "*.down_proj.weight": "rowwise",
+        "*.gate_proj": "colwise",
+        "*.up_proj": "colwise",
+        "*.down_proj": "rowwise",
+        "lm_head": "colwise_gather_output",
     }
     distload.load_into(
         model,
         args["source"],
         distload.TensorParallel(rules, size=tp),
         device="cpu",
+        dtype=torch.float32,  # float32 logits: the TP reductions' order is all that differs
         as_dtensor=True,
     )
     checked = 0
     for name, param in model.named_parameters():
-        if not isinstance(param, DTensor):
-            raise AssertionError(f"{name} is not a DTensor")
+        sharded = name.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight"))
+        sharded = sharded and ".k_proj" not in name and ".v_proj" not in name
+        if isinstance(param, DTensor) != sharded:
+            raise AssertionError(
+                f"{name}: DTensor {isinstance(param, DTensor)}, expected {sharded}"
+            )
+        if not sharded:
+            if not same_bits(param.data, ref[name]):
+                raise AssertionError(f"{name} differs")
+            continue
         local = param.to_local()
         shard = [p for p in param.placements if p.is_shard()]
         exp = chunk(ref[name], shard[0].dim, tp, rank % tp) if shard else ref[name]
         if not same_bits(local, exp) or not same_bits(param.full_tensor(), ref[name]):
             raise AssertionError(f"{name} differs")
         checked += 1
+    whole = TinyLlama(shape)
+    whole.load_state_dict(ref, strict=False)
+    ids = (torch.arange(24).reshape(2, 12) * 5 + 1) % shape.vocab
+    with torch.no_grad():
+        got, want = model(ids), whole(ids)
+    err = float((got - want).abs().max() / want.abs().max())
+    if err > 1e-5:
+        raise AssertionError(f"tensor-parallel logits differ by {err} (relative)")
 
     # FSDP2: parameters become Shard(0) DTensors over the data-parallel mesh
+    ref = read_all(args["source"])
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -813,3 +835,37 @@ def mesh_group_load(args: dict[str, Any]) -> dict[str, Any]:
     except distload.DistLoadError as exc:
         return {"refused": str(exc)}
     raise AssertionError("a 2-d mesh was accepted as group=")
+
+
+def dtensor_out(args: dict[str, Any]) -> dict[str, Any]:
+    """``load(out={name: DTensor})`` on a (dp, tp) mesh's tp dim: each DTensor's local shard
+    filled in place, the DTensors handed back; a wrong global shape fails every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import empty as dtensor_empty
+
+    world = _world()
+    ref = read_all(args["source"])
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))["tp"]
+    out = {}
+    for name, full in ref.items():
+        place = [Shard(0)] if full.dim() == 2 else [Replicate()]
+        out[name] = dtensor_empty(full.shape, dtype=full.dtype, device_mesh=mesh, placements=place)
+    state = distload.load(args["source"], out=out, device="cpu", timeout=60)
+    for name, full in ref.items():
+        got = state[name]
+        if got is not out[name] or not isinstance(got, DTensor):
+            raise AssertionError(f"{name}: not the caller's DTensor back")
+        if not same_bits(got.full_tensor(), full):
+            raise AssertionError(f"{name} differs")
+    name = next(n for n, t in ref.items() if t.dim() == 2)
+    wrong = dict(out)
+    shape = (ref[name].shape[0] + 2, *ref[name].shape[1:])
+    wrong[name] = dtensor_empty(
+        shape, dtype=ref[name].dtype, device_mesh=mesh, placements=[Shard(0)]
+    )
+    try:
+        distload.load(args["source"], out=wrong, device="cpu", timeout=60)
+    except distload.DistLoadError as exc:
+        return {"loaded": len(state), "error": str(exc), **read_figures(state.report)}
+    raise AssertionError("a DTensor of the wrong global shape was accepted")

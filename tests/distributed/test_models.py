@@ -47,3 +47,11 @@ def test_as_dtensor_and_fully_shard(tiny_ckpt: Path) -> None:
     results = check_all_ok(run_group(4, "dtensor_models", args))
     assert results[0]["checked"] > 10
     assert sum(results[0]["read"]) == results[0]["total"]
+
+
+def test_out_dtensors_are_filled_in_place(tiny_ckpt: Path) -> None:
+    results = check_all_ok(run_group(4, "dtensor_out", {"source": str(tiny_ckpt)}))
+    assert all(r["loaded"] > 10 for r in results)
+    assert sum(results[0]["read"]) == results[0]["total"]
+    for r in results:  # the wrong global shape is refused on every rank, naming it
+        assert "DTensor of global shape" in r["error"] or "local shape" in r["error"], r
