@@ -16,6 +16,16 @@ SMALL_LLAMA: dict[str, Any] = dict(
     max_position_embeddings=64,
 )
 
+# a small transformers BERT config (an encoder: no head, BertEmbeddings kept whole)
+SMALL_BERT: dict[str, Any] = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=96,
+    max_position_embeddings=64,
+)
+
 # tiny Llama shape of the model tests (``tiny_ckpt`` in conftest.py)
 SHAPE = dict(vocab=120, hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2)
 

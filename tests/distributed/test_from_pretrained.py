@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.distributed.cases import SMALL_LLAMA
+from tests.distributed.cases import SMALL_BERT, SMALL_LLAMA
 from tests.distributed.launch import check_all_ok, run_group
 
 transformers = pytest.importorskip("transformers")
@@ -25,18 +25,7 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "GPT2LMHeadModel",
         dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64),
     ),
-    "bert": (
-        "bert",
-        "BertModel",
-        dict(
-            vocab_size=256,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=96,
-            max_position_embeddings=64,
-        ),
-    ),
+    "bert": ("bert", "BertModel", SMALL_BERT),
 }
 
 

@@ -14,19 +14,12 @@ from distload.errors import DistLoadError, PlacementError
 from distload.index import TensorMeta
 from distload.placement import DeviceMap, PipelineParallel
 from distload.placement.device_map import parse_max_memory, parse_size
-from tests.distributed.cases import SMALL_LLAMA
+from tests.distributed.cases import SMALL_BERT, SMALL_LLAMA
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-BERT = dict(
-    vocab_size=256,
-    hidden_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    intermediate_size=96,
-    max_position_embeddings=64,
-)
+BERT = dict(SMALL_BERT, num_hidden_layers=4)
 
 
 def meta_model(kind: str, cls: str, **cfg: Any) -> torch.nn.Module:
