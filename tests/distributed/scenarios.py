@@ -599,7 +599,7 @@ PHASE_HOOKS: dict[str, tuple[str, str]] = {
     "index@0": ("distload.source.Coordinator", "read_index"),  # the coordinator's index work
     "plan": ("distload.plan.LoadPlan", "from_json"),
     "plan@0": ("distload.source", "make_plan"),
-    "materialize": ("distload.api", "prepare_destinations"),
+    "materialize": ("distload.api", "destinations"),
     "read": ("distload.storage.FileReader", "read"),
     "transfer": ("distload.transport.torch_dist.TorchDistTransport", "send"),
     "transfer@recv": ("distload.transport.torch_dist.TorchDistTransport", "recv"),
