@@ -81,7 +81,7 @@ def rule_dim(rules: list[list[Any]], name: str, ndim: int) -> int | None:
             spec = rule
             if rule in ("colwise", "rowwise") and embedding:  # torch's styles on nn.Embedding
                 spec = "embedding_colwise" if rule == "colwise" else "embedding_rowwise"
-            if spec in ("colwise", "embedding_rowwise"):
+            if spec in ("colwise", "colwise_gather_output", "embedding_rowwise"):
                 return 0
             if spec == "embedding_colwise":
                 return 1

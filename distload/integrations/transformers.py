@@ -158,12 +158,13 @@ def from_pretrained(
 
     Collective (every rank, same arguments). ``tp_plan="auto"`` applies the model's own
     transformers plan (``model._tp_plan``), a dict applies one in transformers' format
-    (``{"model.layers.*.self_attn.q_proj": "colwise", ...}``); parameters become DTensors on
-    a 1-d mesh over the world and the model runs tensor parallel. ``device_map`` takes
-    distload's ``DeviceMap`` forms (``"auto"``, ``"balanced_low_0"``, ``{prefix: rank}``) with
-    ``max_memory`` (``{rank or "cpu": "10GiB"}``): whole modules of the model (its
-    ``_no_split_modules``) per rank, tied weights on every rank that uses them, the result in
-    ``model.hf_device_map``. ``dtype="auto"`` keeps the
+    (``{"model.layers.*.self_attn.q_proj": "colwise", ...}``), a
+    :class:`~distload.TensorParallel` its rules (``load_into(as_dtensor=True)``); parameters
+    become DTensors on a 1-d mesh over the world and the model runs tensor parallel.
+    ``device_map`` takes distload's ``DeviceMap`` forms (``"auto"``, ``"balanced_low_0"``,
+    ``{prefix: rank}``) with ``max_memory`` (``{rank or "cpu": "10GiB"}``): whole modules of
+    the model (its ``_no_split_modules``) per rank, tied weights on every rank that uses them,
+    the result in ``model.hf_device_map``. ``dtype="auto"`` keeps the
     checkpoint's dtypes (``torch_dtype=`` is accepted as the older name). Other keywords go to
     :func:`distload.load_into` (``timeout``, ``staging_bytes``, ...).
 
@@ -174,7 +175,7 @@ def from_pretrained(
     from accelerate import init_empty_weights
 
     from distload.api import load_into
-    from distload.placement import DeviceMap
+    from distload.placement import DeviceMap, TensorParallel
 
     if torch_dtype is not None:
         dtype = torch_dtype
@@ -188,7 +189,10 @@ def from_pretrained(
     with init_empty_weights():  # parameters on meta, buffers real
         model = cls(config)
     placement = None
-    if tp_plan is not None:
+    as_dtensor = False
+    if isinstance(tp_plan, TensorParallel):  # distload rules: torch's styles from them
+        placement, as_dtensor = tp_plan, True
+    elif tp_plan is not None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import parallelize_module
 
@@ -210,6 +214,7 @@ def from_pretrained(
         group=group,
         revision=commit or revision,
         subfolder=subfolder,
+        as_dtensor=as_dtensor,
         variant=variant,
         **load_kwargs,
     )

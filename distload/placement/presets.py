@@ -33,7 +33,7 @@ _LLAMA: dict[str, Any] = {
     "*.mlp.gate_proj.*": "colwise",
     "*.mlp.up_proj.*": "colwise",
     "*.mlp.down_proj.weight": "rowwise",
-    "lm_head.weight": "colwise",
+    "lm_head.weight": "colwise_gather_output",
 }
 
 _MIXTRAL: dict[str, Any] = {
@@ -67,7 +67,7 @@ _DEEPSEEK_V3: dict[str, Any] = {
     "*.gate_proj.*": "colwise",
     "*.up_proj.*": "colwise",
     "*.down_proj.*": "rowwise",
-    "lm_head.weight": "colwise",
+    "lm_head.weight": "colwise_gather_output",
 }
 
 

@@ -348,9 +348,10 @@ def hf_from_pretrained(args: dict[str, Any]) -> dict[str, Any]:
 
     dtype = getattr(torch, args["dtype"])
     cls = getattr(transformers, args["class"])
-    model = distload.from_pretrained(
-        args["source"], tp_plan=args.get("tp_plan"), dtype=dtype, timeout=60
-    )
+    tp_plan = args.get("tp_plan")
+    if isinstance(tp_plan, str) and tp_plan.startswith("preset:"):  # distload's own rules
+        tp_plan = distload.TensorParallel(distload.preset(tp_plan.removeprefix("preset:")))
+    model = distload.from_pretrained(args["source"], tp_plan=tp_plan, dtype=dtype, timeout=60)
     if type(model) is not cls or model.training:
         raise AssertionError(f"got {type(model).__name__} (training={model.training})")
     ref = cls.from_pretrained(args["source"], dtype=dtype, attn_implementation="eager").eval()

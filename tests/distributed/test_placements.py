@@ -182,7 +182,7 @@ def _dense_dim(name: str, ndim: int) -> int | None:
     """The shard dim the qwen3_moe preset gives a tensor outside the routed experts."""
     for pattern, spec in distload.preset("qwen3_moe").items():
         if fnmatch.fnmatchcase(name, pattern):
-            if spec in ("colwise", "embedding_rowwise"):  # the preset's linears, vocabulary
+            if spec in ("colwise", "colwise_gather_output", "embedding_rowwise"):  # dim 0
                 return 0
             return ndim - 1 if spec == "rowwise" and ndim >= 2 else None
     return None
