@@ -26,6 +26,7 @@ from distload import runtime as runtime_mod
 from distload.coordination import from_coordinator
 from distload.errors import DistLoadError
 from distload.hub.options import HubOptions, pin_hub_source
+from distload.placement.base import Placement
 
 # transformers' tensor-parallel plan strings this integration maps onto torch's styles
 PLAN_STYLES = ("colwise", "rowwise", "colwise_gather_output", "embedding_rowwise", "replicate")
@@ -138,6 +139,35 @@ def _plan_of(model: torch.nn.Module, tp_plan: Any) -> Mapping[str, str]:
     raise DistLoadError(f"tp_plan must be None, 'auto' or a dict, got {type(tp_plan).__name__}")
 
 
+def _placement(
+    model: torch.nn.Module,
+    tp_plan: Any,
+    device_map: Any,
+    max_memory: Mapping[Any, int | str] | None,
+    device: torch.device,
+) -> tuple[Placement | None, bool]:
+    """(placement for load_into, as_dtensor) of from_pretrained's ``tp_plan`` / ``device_map``;
+    a transformers plan is applied to ``model`` here (collective: the mesh)."""
+    from distload.placement import DeviceMap, TensorParallel
+
+    if isinstance(tp_plan, TensorParallel):  # distload rules: torch's styles from them
+        return tp_plan, True
+    if tp_plan is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        if not torch.distributed.is_initialized():
+            raise DistLoadError("tp_plan needs a process group (launch with torchrun, srun ...)")
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        parallelize_module(model, mesh, torch_styles(model, _plan_of(model, tp_plan)))
+        return None, False
+    if isinstance(device_map, DeviceMap):
+        return device_map, False
+    if device_map is not None:
+        return DeviceMap(device_map, max_memory=max_memory), False
+    return None, False
+
+
 def from_pretrained(
     source: str | os.PathLike[str],
     *,
@@ -175,7 +205,6 @@ def from_pretrained(
     from accelerate import init_empty_weights
 
     from distload.api import load_into
-    from distload.placement import DeviceMap, TensorParallel
 
     if torch_dtype is not None:
         dtype = torch_dtype
@@ -188,23 +217,7 @@ def from_pretrained(
     cls = _model_class(config, model_class)
     with init_empty_weights():  # parameters on meta, buffers real
         model = cls(config)
-    placement = None
-    as_dtensor = False
-    if isinstance(tp_plan, TensorParallel):  # distload rules: torch's styles from them
-        placement, as_dtensor = tp_plan, True
-    elif tp_plan is not None:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor.parallel import parallelize_module
-
-        if not torch.distributed.is_initialized():
-            raise DistLoadError("tp_plan needs a process group (launch with torchrun, srun ...)")
-        mesh = init_device_mesh(rt.device.type, (rt.world_size,))
-        parallelize_module(model, mesh, torch_styles(model, _plan_of(model, tp_plan)))
-    elif device_map is not None:
-        if isinstance(device_map, DeviceMap):
-            placement = device_map
-        else:
-            placement = DeviceMap(device_map, max_memory=max_memory)
+    placement, as_dtensor = _placement(model, tp_plan, device_map, max_memory, rt.device)
     result = load_into(
         model,
         source,
