@@ -81,11 +81,13 @@ class CoordinatorKnobs:
 
     check_every: int = CHECK_EVERY
     multicast: bool = True
+    page_cache: bool = True
 
 
 def coordinator_knobs() -> CoordinatorKnobs:
-    """Rank 0 only: ``DISTLOAD_CHECK_EVERY`` (shared buckets between status checks) and
-    ``DISTLOAD_MULTICAST=0`` (no transport sub-groups)."""
+    """Rank 0 only: ``DISTLOAD_CHECK_EVERY`` (shared buckets between status checks),
+    ``DISTLOAD_MULTICAST=0`` (no transport sub-groups) and ``DISTLOAD_PAGE_CACHE=0`` (shared
+    buckets of cached files through slots anyway)."""
     every = os.environ.get("DISTLOAD_CHECK_EVERY")
     try:
         check_every = max(1, int(every)) if every is not None else CHECK_EVERY
@@ -94,7 +96,9 @@ def coordinator_knobs() -> CoordinatorKnobs:
             f"DISTLOAD_CHECK_EVERY must be an integer, got {every!r}", phase="plan"
         ) from None
     return CoordinatorKnobs(
-        check_every=check_every, multicast=os.environ.get("DISTLOAD_MULTICAST", "1") != "0"
+        check_every=check_every,
+        multicast=os.environ.get("DISTLOAD_MULTICAST", "1") != "0",
+        page_cache=os.environ.get("DISTLOAD_PAGE_CACHE", "1") != "0",
     )
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from distload.derived import Beside
+from distload.dtypes import ITEMSIZE
 from distload.hub.plan import HubPlan
 from distload.index import CheckpointIndex, TensorMeta
 from distload.placement.base import Box, Layout, box_shape, local_box
@@ -117,11 +118,31 @@ class LoadPlan:
     # whether classes of several receivers are served through sub-groups of the transport
     # (decided once, on rank 0, like every choice that changes which collectives run)
     multicast: bool = True
+    # files rank 0 found in the page cache when planning (all ranks on one node, a local
+    # source): their shared buckets go through shared memory without a slot -- each rank
+    # copies its parts straight from its own mapping of the file (see distload.execute)
+    cached_files: tuple[str, ...] = ()
 
     @property
     def tensors(self) -> tuple[TensorMeta, ...]:
         """The stored tensors (what pieces refer to)."""
         return self.index.tensors
+
+    def cached_buckets(self) -> frozenset[int]:
+        """Shared buckets whose pieces all lie in files of :attr:`cached_files`: copied from
+        the page cache by every rank that needs them (none with verify=: it checks the bytes
+        as they are read)."""
+        if not self.cached_files or self.digests:
+            return frozenset()
+        cached, tensors, out = set(self.cached_files), self.tensors, set()
+        for number, bucket in enumerate(self.buckets):
+            metas = [tensors[i.tensor] for i in bucket.items]
+            if bucket.kind == "local" or not all(m.file in cached for m in metas):
+                continue
+            # typed views of a mapping need each piece at a multiple of its element size
+            if all(m.offset % ITEMSIZE[m.dtype] == 0 for m in metas):
+                out.add(number)
+        return frozenset(out)
 
     def multicast_groups(self) -> tuple[tuple[int, ...], ...]:
         """Every distinct set of ranks some bucket multicasts to (sorted ranks, sorted list):
@@ -208,6 +229,7 @@ class LoadPlan:
                 "token": self.token,
                 "check_every": self.check_every,
                 "multicast": self.multicast,
+                "cached_files": list(self.cached_files),
             },
             separators=(",", ":"),
         ).encode()
@@ -266,6 +288,7 @@ class LoadPlan:
             token=raw.get("token", ""),
             check_every=int(raw.get("check_every", CHECK_EVERY)),
             multicast=bool(raw.get("multicast", True)),
+            cached_files=tuple(raw.get("cached_files", ())),
         )
         # identity_output's table without walking every tensor again: an output written as
         # one integer is its stored tensor's identity unless that tensor also feeds another

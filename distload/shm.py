@@ -74,8 +74,9 @@ def shm_dir() -> Path:
 def slot_sizes(plan: LoadPlan) -> dict[int, int]:
     """Bytes of one slot of each reader: its largest shared bucket's read layout."""
     sizes: dict[int, int] = {}
-    for bucket in plan.buckets:
-        if bucket.kind != "local":
+    cached = plan.cached_buckets()
+    for number, bucket in enumerate(plan.buckets):
+        if bucket.kind != "local" and number not in cached:
             size = read_bytes(plan, bucket)
             sizes[bucket.reader] = max(size, sizes.get(bucket.reader, 0))
     return sizes
@@ -133,8 +134,9 @@ class ShmExchange:
         self.previous: dict[int, int] = {}  # bucket index -> the bucket its slot held before
         counts: dict[int, int] = {}
         last: dict[tuple[int, str], int] = {}
+        self.cached = plan.cached_buckets()  # copied from the page cache: no slot
         for number, bucket in enumerate(plan.buckets):
-            if bucket.kind == "local":
+            if bucket.kind == "local" or number in self.cached:
                 continue
             k = counts.get(bucket.reader, 0)
             counts[bucket.reader] = k + 1

@@ -15,6 +15,7 @@ A failure on rank 0 in either step is raised on every rank (``distload.coordinat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -36,6 +37,7 @@ from distload.options import LoadOptions, coordinator_knobs
 from distload.placement.base import Placement
 from distload.plan import LoadPlan
 from distload.planner import make_plan
+from distload.storage import in_page_cache
 from distload.transforms import apply_transforms
 from distload.transport.base import Transport
 
@@ -172,7 +174,7 @@ class Coordinator:
             readers = opts.readers or range(self.world_size)
             hub, allowed = make_hub_plan(index, self.described.hub, domains, readers, opts.hub)
         knobs = coordinator_knobs()
-        return make_plan(
+        plan = make_plan(
             index,
             self.world_size,
             self.placement,
@@ -189,6 +191,11 @@ class Coordinator:
             check_every=knobs.check_every,
             multicast=knobs.multicast,
         )
+        if hub is None and knobs.page_cache and len(set(self.nodes)) == 1 and self.world_size > 1:
+            used = sorted({plan.tensors[i.tensor].file for b in plan.buckets for i in b.items})
+            cached = [f for f in used if in_page_cache(Path(index.root) / f)]
+            plan = dataclasses.replace(plan, cached_files=tuple(cached))
+        return plan
 
     def _names(self, index: CheckpointIndex) -> Collection[str] | None:
         """The outputs to load: ``keys`` present in the checkpoint, or every ``out=`` name

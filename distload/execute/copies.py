@@ -38,7 +38,7 @@ def view(buf: torch.Tensor, seg: Segment) -> torch.Tensor:
 
 def source(read: Read, seg: Segment) -> torch.Tensor:
     """The region of a read piece that ``seg`` describes, in output orientation."""
-    piece = view(read.staged(), read.slots[seg.item])
+    piece = view(read.buffer_of(seg.item), read.slots[seg.item])
     part = region(piece, seg.part.src)
     return part.t() if seg.part.transposed else part
 
@@ -196,14 +196,17 @@ class Copier:
         (this rank's own read, or a peer's shared-memory slot)."""
         if read.all_direct:
             return  # every piece was read straight into its destination
-        buffer = read.staged()
-        host = byte_view(buffer) if buffer.device.type == "cpu" else None
+        hosts: dict[int, memoryview | None] = {}  # buffer -> its bytes (host buffers)
         for seg in self.segments(number, self.rank)[0]:
             if seg.item in read.direct:
                 continue
             dest = self.dests.get(seg.part.output)
             if dest is None:
                 continue
+            buffer = read.buffer_of(seg.item)
+            if id(buffer) not in hosts:
+                hosts[id(buffer)] = byte_view(buffer) if buffer.device.type == "cpu" else None
+            host = hosts[id(buffer)]
             slot = read.slots[seg.item]
             if (
                 host is not None

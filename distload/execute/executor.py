@@ -27,6 +27,7 @@ from distload.coordination import agree
 from distload.errors import DistLoadError, failure_from_exception
 from distload.execute.copies import Copier
 from distload.execute.exchange import ShmBuckets, TransportExchange
+from distload.execute.pagecache import FileMaps
 from distload.execute.reader import Outcome, Read, ReadAhead, ReadFailure
 from distload.execute.status import ExecStats, Status, describe
 from distload.plan import Bucket, LoadPlan
@@ -69,12 +70,20 @@ class Executor:
             transport, self.copier, self.status, self.stats, comm_arenas, multicast=multicast
         )
         self.shm = (
-            ShmBuckets(shm, self.copier, self.status, self.stats, transport.world_size)
+            ShmBuckets(
+                shm,
+                self.copier,
+                self.status,
+                self.stats,
+                transport.world_size,
+                maps=FileMaps(reader),
+            )
             if shm is not None
             else None
         )
         self._shm = shm
         self.checks = plan.status_checks(shm=shm is not None)  # buckets a status check precedes
+        self.cached = shm.cached if shm is not None else frozenset()  # page-cached buckets
 
     @property
     def pending(self) -> BaseException | None:
@@ -102,7 +111,8 @@ class Executor:
         try:
             for number, bucket in enumerate(self.plan.buckets):
                 self.status.begin_bucket()
-                outcome = prefetch.next(bucket) if bucket.reader == self.rank else None
+                reads = bucket.reader == self.rank and number not in self.cached
+                outcome = prefetch.next(bucket) if reads else None
                 try:
                     self._guarded_step(number, bucket, outcome)
                 finally:
@@ -111,7 +121,9 @@ class Executor:
                 self._progress(number)
         finally:
             prefetch.stop()
-        self.stats.bytes_read = self.reader.bytes_read
+            if self.shm is not None:
+                self.shm.maps.close()
+        self.stats.bytes_read = self.reader.bytes_read + (self.shm.cached_read if self.shm else 0)
         self.stats.bytes_kernel_copied = self.reader.bytes_kernel_copied
         self.stats.bytes_copied = self.copier.copied
         self.stats.read_seconds = prefetch.stats.seconds
@@ -190,14 +202,19 @@ class Executor:
         status check (or the closing agreement); a peer found gone (PeerError) ends the load
         at once. Copies or not, this rank marks the slot done."""
         assert self.shm is not None
+        cached = number in self.cached
         try:
-            self.shm.bucket(number, bucket, read)
+            if cached:
+                self.shm.from_page_cache(number, bucket)
+            else:
+                self.shm.bucket(number, bucket, read)
         except DistLoadError:
             raise
         except Exception as exc:
             self.status.keep(exc, "transfer")
         finally:
-            self.shm.shm.mark_done(number, bucket.reader)
+            if not cached:
+                self.shm.shm.mark_done(number, bucket.reader)
 
     def _keep_schedule(self, number: int, bucket: Bucket, outcome: Outcome | None) -> None:
         """After a local failure in a bucket no status check precedes: take part in its

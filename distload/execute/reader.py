@@ -44,12 +44,20 @@ class Read:
     slots: dict[Item, Segment] = field(default_factory=dict)
     direct: set[Item] = field(default_factory=set)
     arena: str | None = None
+    # pieces whose bytes lie in another buffer than ``buffer`` (a page-cached bucket: each
+    # piece in the mapping of its own file, ``slots`` giving its offset there)
+    buffers: dict[Item, torch.Tensor] = field(default_factory=dict)
 
     def staged(self) -> torch.Tensor:
         """The staging buffer (only asked for when some piece is not direct)."""
         if self.buffer is None:
             raise RuntimeError(f"bucket of {len(self.bucket.items)} pieces has no staging buffer")
         return self.buffer
+
+    def buffer_of(self, item: Item) -> torch.Tensor:
+        """The buffer holding piece ``item`` (``slots[item]`` is its place there)."""
+        got = self.buffers.get(item)
+        return got if got is not None else self.staged()
 
     @property
     def all_direct(self) -> bool:
@@ -109,7 +117,12 @@ class ReadAhead:
         self.direct_targets = direct_targets
         self.stats = ReadStats()
         self.shm = shm
-        self.mine = [(n, b) for n, b in enumerate(plan.buckets) if b.reader == rank]
+        # buckets of cached files over shared memory are copied from the page cache by
+        # every rank that needs them: nothing to read here
+        skip = shm.cached if shm is not None else frozenset()
+        self.mine = [
+            (n, b) for n, b in enumerate(plan.buckets) if b.reader == rank and n not in skip
+        ]
         self.digests = {t: (rows, chunks) for t, rows, chunks in plan.digests}
         self.free: queue.Queue[str] = queue.Queue()
         for i in range(PREFETCH_DEPTH):
