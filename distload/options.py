@@ -81,13 +81,14 @@ class CoordinatorKnobs:
 
     check_every: int = CHECK_EVERY
     multicast: bool = True
-    page_cache: bool = True
+    page_cache: str = "auto"  # "auto": files found cached; "0": never; "force": every file
 
 
 def coordinator_knobs() -> CoordinatorKnobs:
     """Rank 0 only: ``DISTLOAD_CHECK_EVERY`` (shared buckets between status checks),
-    ``DISTLOAD_MULTICAST=0`` (no transport sub-groups) and ``DISTLOAD_PAGE_CACHE=0`` (shared
-    buckets of cached files through slots anyway)."""
+    ``DISTLOAD_MULTICAST=0`` (no transport sub-groups) and ``DISTLOAD_PAGE_CACHE``: ``0``
+    (shared buckets through slots always), ``force`` (every file taken as cached: same bytes,
+    for tests of that path), default ``auto`` (the files found cached)."""
     every = os.environ.get("DISTLOAD_CHECK_EVERY")
     try:
         check_every = max(1, int(every)) if every is not None else CHECK_EVERY
@@ -98,8 +99,16 @@ def coordinator_knobs() -> CoordinatorKnobs:
     return CoordinatorKnobs(
         check_every=check_every,
         multicast=os.environ.get("DISTLOAD_MULTICAST", "1") != "0",
-        page_cache=os.environ.get("DISTLOAD_PAGE_CACHE", "1") != "0",
+        page_cache=_page_cache_mode(os.environ.get("DISTLOAD_PAGE_CACHE", "auto")),
     )
+
+
+def _page_cache_mode(text: str) -> str:
+    if text in ("auto", "1", ""):
+        return "auto"
+    if text in ("0", "force"):
+        return text
+    raise DistLoadError(f"DISTLOAD_PAGE_CACHE must be auto, 0 or force, got {text!r}", phase="plan")
 
 
 def check_arguments(placement: object, out: object, device: object) -> None:

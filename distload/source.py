@@ -191,9 +191,11 @@ class Coordinator:
             check_every=knobs.check_every,
             multicast=knobs.multicast,
         )
-        if hub is None and knobs.page_cache and len(set(self.nodes)) == 1 and self.world_size > 1:
+        one_node = len(set(self.nodes)) == 1 and self.world_size > 1
+        if hub is None and knobs.page_cache != "0" and one_node:
             used = sorted({plan.tensors[i.tensor].file for b in plan.buckets for i in b.items})
-            cached = [f for f in used if in_page_cache(Path(index.root) / f)]
+            force = knobs.page_cache == "force"
+            cached = [f for f in used if force or in_page_cache(Path(index.root) / f)]
             plan = dataclasses.replace(plan, cached_files=tuple(cached))
         return plan
 

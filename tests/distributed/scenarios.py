@@ -604,6 +604,7 @@ PHASE_HOOKS: dict[str, tuple[str, str]] = {
     "transfer": ("distload.transport.torch_dist.TorchDistTransport", "send"),
     "transfer@recv": ("distload.transport.torch_dist.TorchDistTransport", "recv"),
     "transfer@shm": ("distload.execute.exchange.ShmBuckets", "bucket"),
+    "transfer@pagecache": ("distload.execute.exchange.ShmBuckets", "from_page_cache"),
     "close": ("distload.report.RankReport", "to_json"),
 }
 

@@ -32,8 +32,13 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # "download" (Hub sources) is covered in tests/hub; "shm-transfer" is the transfer phase
-# through same-node shared memory, "transfer" the one through the transport (gloo)
-MATRIX_PHASES = [p for p in PHASES if p != "download"] + ["shm-transfer"]
+# through same-node shared-memory slots, "pagecache-transfer" the one where every rank copies
+# from its own mapping of a cached file, "transfer" the one through the transport (gloo)
+MATRIX_PHASES = [p for p in PHASES if p != "download"] + ["shm-transfer", "pagecache-transfer"]
+SHM_HOOKS = {
+    "shm-transfer": ("transfer@shm", "0"),
+    "pagecache-transfer": ("transfer@pagecache", "force"),
+}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -41,13 +46,14 @@ MATRIX_PHASES = [p for p in PHASES if p != "download"] + ["shm-transfer"]
 def test_failure_matrix(phase: str, kind: str, ckpt: Path, tmp_path: Path) -> None:
     victim = 0 if kind == "exception@0" else 1
     base = kind.split("@", maxsplit=1)[0]
-    shm = phase == "shm-transfer"
+    shm = phase in SHM_HOOKS
+    hook, page_cache = SHM_HOOKS.get(phase, (None, "auto"))
     label, phase = phase, "transfer" if shm else phase
     args = {
         "source": str(ckpt),
         "phase": phase,
         "shm": True if shm else (False if phase == "transfer" else None),
-        "hook": "transfer@shm" if shm else None,
+        "hook": hook,
         "kind": base,
         "victim": victim,
         "timeout": TIMEOUT,
@@ -57,7 +63,11 @@ def test_failure_matrix(phase: str, kind: str, ckpt: Path, tmp_path: Path) -> No
     shm_dir = tmp_path / "shm"
     shm_dir.mkdir()
     outcomes = run_group(
-        WORLD, "failure_case", args, timeout=120, extra_env={"DISTLOAD_SHM_DIR": str(shm_dir)}
+        WORLD,
+        "failure_case",
+        args,
+        timeout=120,
+        extra_env={"DISTLOAD_SHM_DIR": str(shm_dir), "DISTLOAD_PAGE_CACHE": page_cache},
     )
     # shared-memory staging files are gone, also those of a killed rank
     assert not list(shm_dir.iterdir()), sorted(p.name for p in shm_dir.iterdir())
