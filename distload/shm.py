@@ -71,10 +71,10 @@ def shm_dir() -> Path:
     return path if path.is_dir() and os.access(path, os.W_OK) else Path(tempfile.gettempdir())
 
 
-def slot_sizes(plan: LoadPlan) -> dict[int, int]:
-    """Bytes of one slot of each reader: its largest shared bucket's read layout."""
+def slot_sizes(plan: LoadPlan, cached: frozenset[int]) -> dict[int, int]:
+    """Bytes of one slot of each reader: its largest shared bucket's read layout (``cached``:
+    the page-cached buckets, which use no slot)."""
     sizes: dict[int, int] = {}
-    cached = plan.cached_buckets()
     for number, bucket in enumerate(plan.buckets):
         if bucket.kind != "local" and number not in cached:
             size = read_bytes(plan, bucket)
@@ -146,7 +146,7 @@ class ShmExchange:
             if before is not None:
                 self.previous[number] = before
             last[(bucket.reader, slot)] = number
-        self.slot_bytes = slot_sizes(plan)  # reader -> bytes of each of its slots
+        self.slot_bytes = slot_sizes(plan, self.cached)  # reader -> bytes of one of its slots
         self.ctl_words = _HEAD + SLOTS + SLOTS * self.world
         size = self.slot_bytes.get(rank, 0)
         if size:

@@ -87,22 +87,17 @@ def torch_styles(model: torch.nn.Module, plan: Mapping[str, str]) -> dict[str, A
     """transformers' ``{module pattern: style}`` plan as torch ``ParallelStyle`` s per module
     name of ``model`` (``*`` matches one name part, as in transformers' plans). Embeddings
     follow torch's semantics: ``embedding_rowwise`` shards the vocabulary (``Shard(0)``)."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    from distload.materialize.dtensor import torch_style
+    from distload.placement.tensor_parallel import STRING_RULES
 
     def style(kind: str) -> Any:
-        if kind == "colwise":
-            return ColwiseParallel()
-        if kind == "rowwise":
-            return RowwiseParallel()
-        if kind == "colwise_gather_output":
-            return ColwiseParallel(output_layouts=Replicate())
-        if kind == "embedding_rowwise":
-            return RowwiseParallel(input_layouts=Replicate())
-        raise DistLoadError(
-            f"tensor-parallel style {kind!r} is not supported by distload.from_pretrained; "
-            f"supported: {list(PLAN_STYLES)}"
-        )
+        if kind not in PLAN_STYLES:
+            raise DistLoadError(
+                f"tensor-parallel style {kind!r} is not supported by distload.from_pretrained; "
+                f"supported: {list(PLAN_STYLES)}"
+            )
+        cut = STRING_RULES[kind]  # what the style shards: "col", "row", "vocab" or "dim"
+        return torch_style(kind, cut in ("vocab", "dim"), 0 if cut in ("col", "vocab") else 1)
 
     names = [n for n, _ in model.named_modules() if n]
     styles: dict[str, Any] = {}
