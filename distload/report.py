@@ -67,8 +67,9 @@ class LoadReport:
     nodes: int  # number of nodes the group spans
     ranks: list[RankReport]
     wall_seconds: float  # slowest rank, from the start of the load to its end
-    # how shared buckets moved: "none" (one rank), "shared memory", "point to point" or
-    # "multicast (<n> groups)" (classes of receivers served through sub-groups)
+    # how shared buckets moved: "none" (one rank), "shared memory" (with ", page cache for
+    # <n> of <m> shared buckets" where each rank read those from the page cache itself),
+    # "point to point" or "multicast (<n> groups)" (receivers served through sub-groups)
     exchange: str = "none"
     commit: str | None = None  # Hub sources: the commit every rank loaded
     hub_cache: str | None = None  # Hub sources: "shared" or "<n> caches"

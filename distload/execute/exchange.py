@@ -165,16 +165,16 @@ class ShmBuckets:
 
     def from_page_cache(self, number: int, bucket: Bucket) -> None:
         """A shared bucket of a page-cached file (``distload.execute.pagecache``): every rank
-        that needs its pieces copies them from its own mappings of the files; the reader counts
+        that needs its pieces reads them from the files itself; the reader counts
         the bucket as read and its peers' parts as sent, as if it had served them."""
         if bucket.reader == self.rank:
             self.cached_read += bucket_bytes(self.copier, bucket)
             self._count_sent(number, bucket, None)
         if self.status.failed:
             return  # this rank failed: its copies are moot
-        try:  # open and map the files (each checked against the plan): this rank's reads
+        try:  # open the files (each checked against the plan): this rank's reads
             for file in {self.copier.plan.tensors[i.tensor].file for i in bucket.items}:
-                self.maps.bytes_of(file)
+                self.maps.fd(file)
         except Exception as exc:
             self.status.keep(exc, "read")
             return

@@ -125,6 +125,9 @@ class Executor:
                 self.shm.maps.close()
         self.stats.bytes_read = self.reader.bytes_read + (self.shm.cached_read if self.shm else 0)
         self.stats.bytes_kernel_copied = self.reader.bytes_kernel_copied
+        if self.shm is not None:  # page-cached buckets: read by every rank for itself
+            gathered = self.shm.maps.gathered
+            self.stats.bytes_kernel_copied += gathered.delivered + gathered.gap
         self.stats.bytes_copied = self.copier.copied
         self.stats.read_seconds = prefetch.stats.seconds
         if self.comm_arenas.device.type == "cuda":

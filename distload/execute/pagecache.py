@@ -1,12 +1,15 @@
-"""Shared buckets of files already in the page cache: each rank copies its own parts from a
-mapping of the file (one CPU copy per byte it keeps), instead of its reader reading the bucket
-into a shared-memory slot and every rank copying out of that (two).
+"""Shared buckets of files already in the page cache: each rank reads its own parts straight
+from the file into its destinations (``distload.execute.gather``: one kernel copy per byte it
+keeps, plus the gaps between a column block's rows), instead of its reader reading the bucket
+into a shared-memory slot and every rank copying out of that (two copies, and a slot).
 
 Runs on every rank of a one-node load with shared memory, for the buckets
 :meth:`~distload.plan.LoadPlan.cached_buckets` names (rank 0 found their file resident when
-planning). A page that left the cache since is read back by the first rank touching it: the
-bytes are the same, only slower. Files are opened through the :class:`FileReader`, so each is
-checked against the plan (size, header digest) before any byte of it is used.
+planning). Parts that need a cast, a transpose or are scattered in runs too short to be
+buffers of their own are copied from a read-only mapping of the file instead. A page that left
+the cache since is read back by the first rank asking for it: the bytes are the same, only
+slower. Files are opened through the :class:`FileReader`, so each is checked against the plan
+(size, header digest) before any byte of it is used.
 """
 
 from __future__ import annotations
@@ -14,30 +17,45 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import mmap
+import os
 
 import torch
 
-from distload.execute.copies import Copier
+from distload.dtypes import to_torch
+from distload.execute.copies import Copier, region
+from distload.execute.gather import GatherStats, Runs, gather, runs_of
 from distload.execute.reader import Read
-from distload.geometry import piece_bytes, piece_offset, read_slots
-from distload.plan import Bucket
-from distload.storage import FileReader, byte_view
+from distload.geometry import Segment, piece_bytes, piece_offset, piece_shape, read_slots
+from distload.plan import Bucket, Item
+from distload.storage import FileReader
 
 
 class FileMaps:
-    """Read-only (copy-on-write, never written) mappings of the checkpoint's files, one per
-    file, made on first use and dropped by :meth:`close`."""
+    """The checkpoint's files as this rank reads them for page-cached buckets: a descriptor
+    of each (checked against the plan when first opened, kept until :meth:`close`), and
+    read-only (copy-on-write, never written) mappings for the parts gather reads cannot
+    take, made on first use. ``gathered`` counts what the gather reads cost."""
 
     def __init__(self, reader: FileReader) -> None:
         self.reader = reader
         self._maps: dict[str, tuple[mmap.mmap, torch.Tensor]] = {}
+        self._fds: dict[str, int] = {}
+        self.gathered = GatherStats()
+
+    def fd(self, file: str) -> int:
+        """This rank's descriptor of ``file`` (a duplicate of the reader's, so the reader's
+        open-file budget cannot close it under a read)."""
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = os.dup(self.reader.fd(file))  # opened and checked against the plan
+            self._fds[file] = fd
+        return fd
 
     def bytes_of(self, file: str) -> torch.Tensor:
         """The whole file as a uint8 tensor over its mapping."""
         got = self._maps.get(file)
         if got is None:
-            fd = self.reader.fd(file)  # opened and checked against the plan
-            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            mapping = mmap.mmap(self.fd(file), 0, access=mmap.ACCESS_COPY)
             got = (mapping, torch.frombuffer(mapping, dtype=torch.uint8))
             self._maps[file] = got
         return got[1]
@@ -48,33 +66,73 @@ class FileMaps:
             del tensor
             with contextlib.suppress(BufferError):  # a view still alive: the GC unmaps it
                 mapping.close()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
 
 
 def copy_from_page_cache(copier: Copier, number: int, bucket: Bucket, maps: FileMaps) -> int:
-    """Copy this rank's parts of shared bucket ``number`` out of its files' mappings; returns
-    the bytes this rank took (0: it needs nothing from the bucket)."""
+    """Read this rank's parts of shared bucket ``number`` from its files into its
+    destinations; returns the bytes this rank took (0: it needs nothing from the bucket)."""
     plan = copier.plan
     tensors = plan.tensors
     whole = copier.whole_layout(bucket, everyone=True) if bucket.kind == "broadcast" else None
     if whole is not None:
+        by_file: dict[str, list[tuple[int, torch.Tensor, str]]] = {}
         for piece in whole.pieces:
             meta = tensors[piece.item.tensor]
             start = piece_offset(meta, piece.item)
-            mapped = byte_view(maps.bytes_of(meta.file))
-            byte_view(piece.dest)[:] = mapped[start : start + piece.nbytes]
-            copier.copied += piece.nbytes
+            by_file.setdefault(meta.file, []).append((start, piece.dest, meta.name))
+        for file, pieces in by_file.items():
+            gather(maps.fd(file), Runs.of_tensors(pieces), maps.gathered, file=file)
         return whole.size
     segs, size = copier.segments(number, copier.rank)
     if not segs:
         return 0
-    slots, _ = read_slots(plan, bucket)
     read = Read(bucket)
-    for s in slots:
-        meta = tensors[s.item.tensor]
-        read.slots[s.item] = dataclasses.replace(s, offset=piece_offset(meta, s.item))
-        read.buffers[s.item] = maps.bytes_of(meta.file)
-    copier.own_parts(number, read)
+    by_item: dict[Item, list[Segment]] = {}
+    for seg in segs:
+        by_item.setdefault(seg.item, []).append(seg)
+    for item, parts in by_item.items():
+        if _gather_item(copier, item, parts, maps):
+            read.direct.add(item)
+    if len(read.direct) < len(by_item):  # the rest from mappings of the files
+        slots, _ = read_slots(plan, bucket)
+        for s in slots:
+            if s.item in by_item and s.item not in read.direct:
+                meta = tensors[s.item.tensor]
+                read.slots[s.item] = dataclasses.replace(s, offset=piece_offset(meta, s.item))
+                read.buffers[s.item] = maps.bytes_of(meta.file)
+        copier.own_parts(number, read)
     return size
+
+
+def _gather_item(copier: Copier, item: Item, segs: list[Segment], maps: FileMaps) -> bool:
+    """Read every part of piece ``item`` this rank holds (``segs``) straight into its
+    destinations; False (nothing read) when some part cannot be (a cast, a transpose,
+    runs too short), so the caller copies the piece's parts another way."""
+    meta = copier.plan.tensors[item.tensor]
+    try:
+        dtype = to_torch(meta.dtype)
+    except (KeyError, ValueError):
+        return False
+    piece = torch.empty(piece_shape(meta, item), dtype=dtype, device="meta")
+    start = piece_offset(meta, item)
+    todo: list[Runs] = []
+    for seg in segs:
+        dest = copier.dests.get(seg.part.output)
+        if dest is None:
+            continue
+        if seg.part.transposed or dest.device.type != "cpu":
+            return False
+        runs = runs_of(start, region(piece, seg.part.src), region(dest, seg.part.dst))
+        if runs is None:
+            return False
+        todo.append(runs)
+    fd = maps.fd(meta.file)
+    for runs in todo:
+        gather(fd, runs, maps.gathered, file=meta.file, tensor=meta.name)
+    return True
 
 
 def bucket_bytes(copier: Copier, bucket: Bucket) -> int:

@@ -174,7 +174,11 @@ class ExecutePhase:
         if self.plan.world_size == 1:
             return "none"
         if self.exchange is not None:
-            return "shared memory"
+            cached = len(self.exchange.cached)
+            if not cached:
+                return "shared memory"
+            shared = sum(1 for b in self.plan.buckets if b.kind != "local")
+            return f"shared memory, page cache for {cached} of {shared} shared buckets"
         if multicast:
             return f"multicast ({len(self.plan.multicast_groups())} groups)"
         return "point to point"

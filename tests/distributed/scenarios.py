@@ -60,6 +60,8 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
             out[name] = torch.full(exp.shape, 0, dtype=exp.dtype)
     if cfg.get("multicast") is False:
         os.environ["DISTLOAD_MULTICAST"] = "0"
+    if cfg.get("page_cache") is not None:  # "0": shared buckets through slots; "force"
+        os.environ["DISTLOAD_PAGE_CACHE"] = cfg["page_cache"]
     try:
         state = distload.load(
             cfg["source"],
@@ -73,6 +75,7 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
         )
     finally:
         os.environ.pop("DISTLOAD_MULTICAST", None)
+        os.environ.pop("DISTLOAD_PAGE_CACHE", None)
     if out is None:
         reference = read_all(cfg["source"])
     if set(state) != set(reference):
@@ -101,6 +104,8 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
         "bytes_received": [r.bytes_received for r in rep.ranks],
         "staging": [r.peak_staging_bytes for r in rep.ranks],
         "buckets": rep.buckets,
+        "kernel_copied": [r.bytes_kernel_copied for r in rep.ranks],
+        "copied": [r.bytes_copied for r in rep.ranks],
     }
 
 

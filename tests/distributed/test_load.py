@@ -41,6 +41,16 @@ def _configs(world: int, mixed: Path, llama: Path, single: Path) -> list[dict[st
             for c in configs
             if c["name"] in ("replicate", "tp-upcast-small-buckets", "tp-llama", "tp2-dp")
         ]
+        # shared buckets read by every rank from the page cache (gather reads straight into
+        # the destinations, casts and column blocks from mappings), and always through slots
+        paths = ("replicate", "replicate-small-buckets", "tp-mixed-out", "tp-llama")
+        configs += [
+            dict(c, name=f"{c['name']}-page-cache-{mode}", page_cache=mode)
+            for c in configs
+            for mode in ("force", "0")
+            if c["name"] in (*paths, "tp-upcast-small-buckets", "replicate-downcast-out")
+            and (mode == "force" or c["name"] in paths)
+        ]
     if world == 4:  # data-parallel replicas served member by member instead of by multicast
         configs.append(
             {
@@ -78,8 +88,17 @@ def test_loads_are_bit_exact(
         elif cfg.get("shm") is False:
             multicast = cfg.get("tp") == 2 and cfg.get("multicast") is not False
             assert first["exchange"].startswith("multicast") == multicast, (cfg, first)
-        else:
+        elif cfg.get("page_cache") == "force":
+            assert first["exchange"].startswith("shared memory, page cache for"), (cfg, first)
+        elif cfg.get("page_cache") == "0":
             assert first["exchange"] == "shared memory", (cfg, first)
+        else:
+            assert first["exchange"].startswith("shared memory"), (cfg, first)
+        if cfg["name"] == "replicate-page-cache-force":
+            # every rank read its whole copy itself, straight into its tensors: one kernel
+            # copy per byte, none by distload
+            assert first["copied"] == [0] * world, first
+            assert first["kernel_copied"] == [first["total_bytes"]] * world, first
         # staging stays within the read-ahead ring plus two buffers (pack and receive, or the
         # two shared-memory slots), one bucket each
         if cfg.get("bucket_bytes"):
