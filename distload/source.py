@@ -152,6 +152,13 @@ class Coordinator:
             allow_pickle=self.options.allow_pickle,
         )
 
+    def first_message(self) -> bytes:
+        """Rank 0's first message (:func:`frame`): the source, and for a local one (no cache
+        domains to find first) the plan too."""
+        described = self.describe()
+        assert self.described is not None
+        return frame(described, self.make(None) if self.described.hub is None else None)
+
     def make(self, domains: list[tuple[int, ...]] | None) -> bytes:
         """The finished plan, kept here and encoded for the other ranks."""
         assert self.described is not None
@@ -222,14 +229,17 @@ class Coordinator:
 def agree_on_plan(net: Transport, coordinator: Coordinator, nodes: Sequence[int]) -> LoadPlan:
     """Collective: every rank returns the same plan. Every rank passes its own
     :class:`Coordinator` (its Hub cache folder takes part in finding cache domains); its
-    ``describe`` and ``make`` run on rank 0 only."""
-    first = coordinator.describe if net.rank == COORDINATOR else _nothing
-    described = SourceDescriptor.from_json(from_coordinator(net, "index", first))
-    domains = None
-    if described.hub is not None:
+    ``describe`` and ``make`` run on rank 0 only.
+
+    A local source takes one message from rank 0 (the source and the plan together); a Hub
+    source two, since every rank takes part in finding the cache domains between them."""
+    first = coordinator.first_message if net.rank == COORDINATOR else _nothing
+    described_json, payload = unframe(from_coordinator(net, "plan", first))
+    described = SourceDescriptor.from_json(described_json)
+    if payload is None:  # a Hub source: the plan depends on the cache domains
         domains = find_domains(net, coordinator.options.hub, described.token, nodes)
-    second = (lambda: coordinator.make(domains)) if net.rank == COORDINATOR else _nothing
-    payload = from_coordinator(net, "plan", second)
+        second = (lambda: coordinator.make(domains)) if net.rank == COORDINATOR else _nothing
+        payload = from_coordinator(net, "plan", second)
     error: BaseException | None = None
     plan = coordinator.plan  # rank 0 keeps its own object: no JSON round trip for itself
     if plan is None:
@@ -241,6 +251,23 @@ def agree_on_plan(net: Transport, coordinator: Coordinator, nodes: Sequence[int]
         agree(net, "plan", error)
     assert plan is not None
     return plan
+
+
+def frame(described: bytes, plan: bytes | None) -> bytes:
+    """Rank 0's first message: the source descriptor and, for a local source, the plan."""
+    if plan is None:
+        return b"D" + described
+    return b"P" + len(described).to_bytes(8, "little") + described + plan
+
+
+def unframe(message: bytes) -> tuple[bytes, bytes | None]:
+    """The (descriptor, plan or None) of a :func:`frame` message."""
+    if message[:1] == b"D":
+        return message[1:], None
+    if message[:1] == b"P" and len(message) >= 9:
+        n = int.from_bytes(message[1:9], "little")
+        return message[9 : 9 + n], message[9 + n :]
+    raise DistLoadError("plan: malformed message from rank 0", phase="plan")
 
 
 def _nothing() -> bytes:  # pragma: no cover - only the coordinator's function runs

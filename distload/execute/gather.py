@@ -90,6 +90,25 @@ class GatherStats:
     calls: int = 0
 
 
+def worth_gathering(
+    shape: tuple[int, ...], box: tuple[tuple[int, int], ...], itemsize: int
+) -> bool:
+    """Whether region ``box`` of a row-major tensor of ``shape`` is runs that pay as gather
+    reads (:func:`runs_of`'s rule on the file side, from the geometry alone: no views)."""
+    if not box:
+        return True
+    inner = 1  # elements of the full dims after the last partial one
+    j = len(shape) - 1
+    while j >= 0 and box[j] == (0, shape[j]):
+        inner *= shape[j]
+        j -= 1
+    if j < 0 or all(b - a == 1 for a, b in box[:j]):
+        return True  # the region is one run
+    run = (box[j][1] - box[j][0]) * inner * itemsize
+    gap = (shape[j] - (box[j][1] - box[j][0])) * inner * itemsize
+    return run >= CALL_RUN_BYTES or gap <= min(GAP_BYTES, MAX_GAP_SHARE * run)
+
+
 def _squeeze(
     shape: tuple[int, ...], *strides: tuple[int, ...]
 ) -> tuple[list[int], list[list[int]]]:

@@ -23,7 +23,7 @@ import torch
 
 from distload.dtypes import to_torch
 from distload.execute.copies import Copier, region
-from distload.execute.gather import GatherStats, Runs, gather, runs_of
+from distload.execute.gather import GatherStats, Runs, gather, runs_of, worth_gathering
 from distload.execute.reader import Read
 from distload.geometry import Segment, piece_bytes, piece_offset, piece_shape, read_slots
 from distload.plan import Bucket, Item
@@ -116,7 +116,10 @@ def _gather_item(copier: Copier, item: Item, segs: list[Segment], maps: FileMaps
         dtype = to_torch(meta.dtype)
     except (KeyError, ValueError):
         return False
-    piece = torch.empty(piece_shape(meta, item), dtype=dtype, device="meta")
+    shape = piece_shape(meta, item)
+    if not all(worth_gathering(shape, s.part.src, meta.itemsize) for s in segs):
+        return False  # (cheap: decided from the boxes, before any view is made)
+    piece = torch.empty(shape, dtype=dtype, device="meta")
     start = piece_offset(meta, item)
     todo: list[Runs] = []
     for seg in segs:

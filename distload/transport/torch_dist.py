@@ -15,6 +15,11 @@ from distload.errors import Failure, PeerError
 
 log = logging.getLogger(__name__)
 
+# bytes of the first (often only) round of all_gather_bytes / broadcast_bytes: the length of
+# the data and its first bytes travel together (argument fingerprints, rank reports and plans
+# of a few hundred tensors fit; a plan of tens of thousands takes one more round)
+INLINE_BYTES = 64 * 1024
+
 
 class TorchDistTransport:
     """Collectives and point-to-point transfers on one process group.
@@ -140,36 +145,67 @@ class TorchDistTransport:
         )
         return int(t.item())
 
+    def _bytes_tensor(self, data: bytes, width: int) -> torch.Tensor:
+        """``width`` bytes on the transport's device: the length of ``data`` (8 bytes, little
+        endian), then as much of ``data`` as fits, then zeros."""
+        buf = torch.zeros(width, dtype=torch.uint8)
+        head = len(data).to_bytes(8, "little") + data[: width - 8]
+        buf[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        return buf.to(self.device)
+
     def all_gather_bytes(self, data: bytes, what: str) -> list[bytes]:
-        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
-        sizes = [torch.empty_like(size) for _ in range(self.world_size)]
-        self._wait(lambda: dist.all_gather(sizes, size, group=self.group, async_op=True), what)
-        lengths = [int(s.item()) for s in sizes]
-        width = max(lengths)
-        if width == 0:
-            return [b""] * self.world_size
-        mine = torch.zeros(width, dtype=torch.uint8)
-        if data:
-            mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        mine = mine.to(self.device)
-        outs = [torch.empty_like(mine) for _ in range(self.world_size)]
-        self._wait(lambda: dist.all_gather(outs, mine, group=self.group, async_op=True), what)
-        return [bytes(o.cpu()[:n].numpy().tobytes()) for o, n in zip(outs, lengths, strict=True)]
+        """Every rank's ``data``. One collective when every rank's fits in
+        :data:`INLINE_BYTES` (the common case: the length travels with the bytes); a second
+        one for the rest of longer ones."""
+        mine = self._bytes_tensor(data, INLINE_BYTES)
+        firsts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        self._wait(lambda: dist.all_gather(firsts, mine, group=self.group, async_op=True), what)
+        heads = [bytes(f.cpu().numpy().tobytes()) for f in firsts]
+        lengths = [int.from_bytes(h[:8], "little") for h in heads]
+        parts = [h[8 : 8 + n] for h, n in zip(heads, lengths, strict=True)]
+        rest = max(lengths) - (INLINE_BYTES - 8)
+        if rest <= 0:
+            return parts
+        tail = torch.zeros(rest, dtype=torch.uint8)
+        extra = data[INLINE_BYTES - 8 :]
+        if extra:
+            tail[: len(extra)] = torch.frombuffer(bytearray(extra), dtype=torch.uint8)
+        tail = tail.to(self.device)
+        outs = [torch.empty_like(tail) for _ in range(self.world_size)]
+        self._wait(lambda: dist.all_gather(outs, tail, group=self.group, async_op=True), what)
+        return [
+            part + bytes(o.cpu()[: max(0, n - (INLINE_BYTES - 8))].numpy().tobytes())
+            for part, o, n in zip(parts, outs, lengths, strict=True)
+        ]
 
     def broadcast_bytes(self, data: bytes | None, src: int, what: str) -> bytes:
-        size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
-        size = size.to(self.device)
-        self.broadcast(size, src, what)
-        n = int(size.item())
-        if self.rank == src:
-            assert data is not None
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if n else torch.empty(0)
-            buf = buf.to(torch.uint8).to(self.device)
-        else:
-            buf = torch.empty(n, dtype=torch.uint8, device=self.device)
-        if n:
-            self.broadcast(buf, src, what)
-        return data if self.rank == src and data is not None else bytes(buf.cpu().numpy())
+        """Rank ``src``'s ``data`` on every rank: one broadcast when it fits in
+        :data:`INLINE_BYTES`, a second one for the rest."""
+        sending = self.rank == src
+        if sending and data is None:
+            raise ValueError("broadcast_bytes: the source rank must pass its data")
+        payload = data if sending and data is not None else b""
+        head = (
+            self._bytes_tensor(payload, INLINE_BYTES)
+            if sending
+            else torch.empty(INLINE_BYTES, dtype=torch.uint8, device=self.device)
+        )
+        self.broadcast(head, src, what)
+        if sending:
+            extra = payload[INLINE_BYTES - 8 :]
+            if extra:
+                tail = torch.frombuffer(bytearray(extra), dtype=torch.uint8).to(self.device)
+                self.broadcast(tail, src, what)
+            return payload
+        first = bytes(head.cpu().numpy().tobytes())
+        n = int.from_bytes(first[:8], "little")
+        got = first[8 : 8 + n]
+        rest = n - (INLINE_BYTES - 8)
+        if rest <= 0:
+            return got
+        tail = torch.empty(rest, dtype=torch.uint8, device=self.device)
+        self.broadcast(tail, src, what)
+        return got + bytes(tail.cpu().numpy().tobytes())
 
     def open_groups(self, groups: Sequence[tuple[int, ...]], what: str) -> bool:
         """One ``new_group`` per rank set, called by every rank in the same order.

@@ -875,3 +875,27 @@ def dtensor_out(args: dict[str, Any]) -> dict[str, Any]:
     except distload.DistLoadError as exc:
         return {"loaded": len(state), "error": str(exc), **read_figures(state.report)}
     raise AssertionError("a DTensor of the wrong global shape was accepted")
+
+
+def transport_bytes(args: dict[str, Any]) -> dict[str, Any]:
+    """``all_gather_bytes`` and ``broadcast_bytes`` of payloads around the inline size: each
+    rank gets every rank's bytes exactly (one round or two)."""
+    from distload.transport.torch_dist import INLINE_BYTES, TorchDistTransport
+
+    rank, world = _rank(), _world()
+    net = TorchDistTransport(None, torch.device("cpu"), timeout=30)
+    sizes = [0, 1, INLINE_BYTES - 9, INLINE_BYTES - 8, INLINE_BYTES - 7, 3 * INLINE_BYTES]
+
+    def payload(r: int, n: int) -> bytes:
+        return bytes((r * 7 + i) % 251 for i in range(n))
+
+    gathered_ok, broadcast_ok = [], []
+    for n in sizes:
+        for spread in (0, 1):  # every rank the same size, or rank r sends n * r // world
+            size_of = [n * r // max(1, world - 1) if spread else n for r in range(world)]
+            got = net.all_gather_bytes(payload(rank, size_of[rank]), "test")
+            gathered_ok.append(got == [payload(r, size_of[r]) for r in range(world)])
+        src = n % world
+        got_b = net.broadcast_bytes(payload(src, n) if rank == src else None, src, "test")
+        broadcast_ok.append(got_b == payload(src, n))
+    return {"gathered": gathered_ok, "broadcast": broadcast_ok}

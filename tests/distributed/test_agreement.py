@@ -61,3 +61,10 @@ def test_each_stage_passes_out_for_its_own_tensors(llama_ckpt: Path) -> None:
     results = check_all_ok(run_group(WORLD, "stage_out_load", {"source": str(llama_ckpt)}))
     assert all(r["mine"] > 0 for r in results)
     assert sum(r["mine"] for r in results) >= results[0]["planned"]  # the union was planned
+
+
+def test_byte_collectives_carry_every_payload_size() -> None:
+    """The collectives agreements and plans travel by: one round up to the inline size, two
+    beyond it, exact at the boundary, with ranks sending different sizes."""
+    for result in check_all_ok(run_group(3, "transport_bytes", {}, timeout=90)):
+        assert all(result["gathered"]) and all(result["broadcast"]), result

@@ -150,3 +150,23 @@ def test_whole_tensors_back_to_back_are_one_call_and_errors_name_the_tensor(
     with pytest.raises(CheckpointError, match="'past_the_end'") as err:
         _read(path, beyond)
     assert err.value.tensor == "past_the_end" and err.value.file == "blob.bin"
+
+
+@pytest.mark.parametrize(
+    ("shape", "box"),
+    [
+        ((64, 96), ((8, 40), (0, 96))),
+        ((64, 4096), ((0, 64), (0, 3584))),
+        ((64, 4096), ((0, 64), (1024, 2048))),
+        ((2048, 5632), ((0, 2048), (1408, 2816))),  # a down_proj column block of TP 4
+        ((6, 8, 3000), ((1, 5), (1, 8), (0, 3000))),
+        ((1, 8192), ((0, 1), (0, 1024))),  # one row: one run
+        ((5,), ((1, 4),)),
+        ((), ()),
+    ],
+)
+def test_worth_gathering_agrees_with_runs_of(shape: tuple[int, ...], box: tuple) -> None:
+    piece = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    region = piece[tuple(slice(a, b) for a, b in box)] if box else piece
+    dest = torch.zeros(region.shape, dtype=torch.bfloat16)
+    assert g.worth_gathering(shape, box, 2) == (g.runs_of(0, region, dest) is not None)
