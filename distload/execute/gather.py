@@ -17,7 +17,6 @@ processes, 2 cores: 0.28 s against 0.22 s), so such regions are left to the mapp
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from distload.errors import CheckpointError
+from distload.storage import IOV_MAX
 
 # a gap between two runs up to this many bytes (and MAX_GAP_SHARE of a run) is read into
 # scratch, in the same call; a larger one starts another call
@@ -33,7 +33,6 @@ MAX_GAP_SHARE = 0.25
 # runs from this size on are worth a call each, whatever lies between them (a system call
 # costs about what copying a few KiB does)
 CALL_RUN_BYTES = 64 * 1024
-IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16))
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _preadv = getattr(_libc, "preadv", None)
@@ -161,8 +160,8 @@ def runs_of(
     low, high = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
     if int(addrs.min()) < low or int(addrs.max()) + run_bytes > high:  # never: a bad stride
         raise ValueError(f"runs of a {tuple(dest.shape)} region fall outside its storage")
-    order = np.argsort(offsets, kind="stable")
-    if math.prod(shape[:k]) > 1 and not np.all(order[:-1] < order[1:]):
+    if not np.all(offsets[:-1] <= offsets[1:]):  # (row-major regions come sorted)
+        order = np.argsort(offsets, kind="stable")
         offsets, addrs = offsets[order], addrs[order]
     lengths = np.full(len(offsets), run_bytes, np.int64)
     return Runs(offsets.astype(np.int64), addrs, lengths, (dest,))

@@ -23,7 +23,14 @@ import torch
 
 from distload.dtypes import to_torch
 from distload.execute.copies import Copier, region
-from distload.execute.gather import GatherStats, Runs, gather, runs_of, worth_gathering
+from distload.execute.gather import (
+    GatherStats,
+    Runs,
+    gather,
+    runs_of,
+    supported,
+    worth_gathering,
+)
 from distload.execute.reader import Read
 from distload.geometry import Segment, piece_bytes, piece_offset, piece_shape, read_slots
 from distload.plan import Bucket, Item
@@ -76,7 +83,12 @@ def copy_from_page_cache(copier: Copier, number: int, bucket: Bucket, maps: File
     destinations; returns the bytes this rank took (0: it needs nothing from the bucket)."""
     plan = copier.plan
     tensors = plan.tensors
-    whole = copier.whole_layout(bucket, everyone=True) if bucket.kind == "broadcast" else None
+    gathers = supported()  # without preadv every part comes from the mappings
+    whole = (
+        copier.whole_layout(bucket, everyone=True)
+        if bucket.kind == "broadcast" and gathers
+        else None
+    )
     if whole is not None:
         by_file: dict[str, list[tuple[int, torch.Tensor, str]]] = {}
         for piece in whole.pieces:
@@ -94,7 +106,7 @@ def copy_from_page_cache(copier: Copier, number: int, bucket: Bucket, maps: File
     for seg in segs:
         by_item.setdefault(seg.item, []).append(seg)
     for item, parts in by_item.items():
-        if _gather_item(copier, item, parts, maps):
+        if gathers and _gather_item(copier, item, parts, maps):
             read.direct.add(item)
     if len(read.direct) < len(by_item):  # the rest from mappings of the files
         slots, _ = read_slots(plan, bucket)
