@@ -11,6 +11,9 @@ silently given rank 0's choice.
 gives each rank its own tensors): the load then loads the union of all ranks' names, and each
 rank must pass exactly the tensors it holds of it. A rank passing ``out=`` while another
 passes none is an error (``None`` means "allocate every tensor").
+
+The same all_gather carries each rank's ``report`` of its machine (the first rank of each
+node lists the checkpoint files its page cache holds: ``distload.residency``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 import re
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from distload.coordination import gather_or_fail
@@ -69,25 +73,41 @@ def _names_digest(names: Collection[str] | None) -> str | None:
     return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class Agreed:
+    """What :func:`agree_on_arguments` found, the same on every rank."""
+
+    names: list[str] | None  # the ``out=`` names to plan for (the union over ranks), or None
+    reports: tuple[Any, ...]  # every rank's ``report`` (JSON values), in rank order
+
+
 def agree_on_arguments(
-    net: Transport, arguments: Mapping[str, Any], out_names: Collection[str] | None
-) -> list[str] | None:
-    """Collective: raise on every rank if any rank's ``arguments`` differ from rank 0's;
-    returns the ``out=`` names to plan for (the union over ranks), or None (no ``out=``)."""
+    net: Transport,
+    arguments: Mapping[str, Any],
+    out_names: Collection[str] | None,
+    *,
+    report: Any = None,
+) -> Agreed:
+    """Collective: raise on every rank if any rank's ``arguments`` differ from rank 0's.
+    ``report`` (a JSON value: what this rank found about its machine, e.g. the files its
+    page cache holds) travels in the same all_gather, so facts the plan needs from every
+    node cost no collective of their own."""
     mine = {
         "args": {k: _entry(v) for k, v in arguments.items()},
         "out": _names_digest(out_names),
+        "report": report,
     }
     if net.world_size == 1:
-        return sorted(out_names) if out_names is not None else None
+        return Agreed(sorted(out_names) if out_names is not None else None, (report,))
     gathered = [
         json.loads(b) for b in gather_or_fail(net, "plan", lambda: json.dumps(mine).encode())
     ]
     for key in arguments:
         _check_same(key, [g["args"][key] for g in gathered])
+    reports = tuple(g["report"] for g in gathered)
     digests = [g["out"] for g in gathered]
     if len(set(digests)) == 1:
-        return sorted(out_names) if out_names is not None else None
+        return Agreed(sorted(out_names) if out_names is not None else None, reports)
     without = [r for r, d in enumerate(digests) if d is None]
     if without:
         given = [r for r, d in enumerate(digests) if d is not None]
@@ -97,7 +117,7 @@ def agree_on_arguments(
             phase="plan",
         )
     lists = gather_or_fail(net, "plan", lambda: json.dumps(sorted(out_names or ())).encode())
-    return sorted({name for data in lists for name in json.loads(data)})
+    return Agreed(sorted({name for data in lists for name in json.loads(data)}), reports)
 
 
 def _check_same(key: str, entries: list[list[str]]) -> None:

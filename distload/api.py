@@ -52,6 +52,7 @@ from distload.placement.device_map import DeviceMap
 from distload.plan import LoadPlan
 from distload.planner import output_metas
 from distload.report import LoadFacts, LoadReport, PhaseClock, RankReport, load_report
+from distload.residency import node_leaders, node_report
 from distload.source import Coordinator, Fetched, agree_on_plan, fetch
 from distload.storage import DEFAULT_READ_THREADS
 from distload.transforms import Transform
@@ -173,9 +174,16 @@ def run_load(
         placement = placement_of_dtensors(dtensors, group)
     nodes = runtime_mod.topology(net)
     clock.lap("runtime")
-    names = agree_on_arguments(net, _arguments(source, placement, options), out)
+    report = node_report(source, net.rank, nodes) if net.device.type == "cpu" else None
+    agreed = agree_on_arguments(net, _arguments(source, placement, options), out, report=report)
     coordinator = Coordinator(
-        source, placement, options, world_size=rt.world_size, nodes=nodes, names=names
+        source,
+        placement,
+        options,
+        world_size=rt.world_size,
+        nodes=nodes,
+        names=agreed.names,
+        resident=[agreed.reports[r] for r in node_leaders(nodes).values()],
     )
     plan = agree_on_plan(net, coordinator, nodes)
     clock.lap("plan")

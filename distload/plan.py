@@ -118,9 +118,10 @@ class LoadPlan:
     # whether classes of several receivers are served through sub-groups of the transport
     # (decided once, on rank 0, like every choice that changes which collectives run)
     multicast: bool = True
-    # files rank 0 found in the page cache when planning (all ranks on one node, a local
-    # source): their shared buckets go through shared memory without a slot -- each rank
-    # copies its parts straight from its own mapping of the file (see distload.execute)
+    # files every node holds in its page cache (a local source; rank 0 probed them on one
+    # node, each node's first rank over several: distload.residency): their shared buckets
+    # need no reader and no transfer -- each rank reads its own parts from the page cache
+    # (distload.execute.pagecache) on host-memory transports
     cached_files: tuple[str, ...] = ()
 
     @property
@@ -144,23 +145,33 @@ class LoadPlan:
                 out.add(number)
         return frozenset(out)
 
-    def multicast_groups(self) -> tuple[tuple[int, ...], ...]:
+    def multicast_groups(self, skip: frozenset[int] = frozenset()) -> tuple[tuple[int, ...], ...]:
         """Every distinct set of ranks some bucket multicasts to (sorted ranks, sorted list):
-        the sub-groups a transport creates, in this order on every rank, before executing."""
-        found = {tuple(sorted(c)) for b in self.buckets for c in b.multicasts()}
+        the sub-groups a transport creates, in this order on every rank, before executing.
+        ``skip``: buckets that move no bytes over the transport (read from the page cache)."""
+        found = {
+            tuple(sorted(c))
+            for n, b in enumerate(self.buckets)
+            if n not in skip
+            for c in b.multicasts()
+        }
         return tuple(sorted(found, key=lambda g: (len(g), g)))
 
-    def status_checks(self, *, shm: bool = False) -> frozenset[int]:
+    def status_checks(
+        self, *, shm: bool = False, cached: frozenset[int] = frozenset()
+    ) -> frozenset[int]:
         """Numbers of the shared buckets before which all ranks agree on a status flag (the
         same on every rank): every ``check_every``-th shared bucket, and over the transport
-        (not ``shm``) also every broadcast bucket. Buckets in between involve only their own
-        ranks (p2p) or need no collective at all (shared memory)."""
+        (not ``shm``) also every broadcast bucket that moves over it (not in ``cached``: read
+        from the page cache). Buckets in between involve only their own ranks (p2p) or need
+        no collective at all (shared memory, the page cache)."""
         shared = [n for n, b in enumerate(self.buckets) if b.kind != "local"]
         every = max(1, self.check_every)
         return frozenset(
             n
             for i, n in enumerate(shared)
-            if i % every == 0 or (not shm and self.buckets[n].kind == "broadcast")
+            if i % every == 0
+            or (not shm and n not in cached and self.buckets[n].kind == "broadcast")
         )
 
     def links_of(self, stored: int) -> list[tuple[int, Link]]:

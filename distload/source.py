@@ -33,11 +33,11 @@ from distload.hub.options import HubOptions, find_domains, make_hub_plan, pin_hu
 from distload.hub.remote import Resolved, read_hub_index
 from distload.index import CheckpointIndex
 from distload.manifest import load_digests
-from distload.options import LoadOptions, coordinator_knobs
+from distload.options import CoordinatorKnobs, LoadOptions, coordinator_knobs
 from distload.placement.base import Placement
 from distload.plan import LoadPlan
 from distload.planner import make_plan
-from distload.storage import in_page_cache
+from distload.residency import choose_cached, in_page_cache
 from distload.transforms import apply_transforms
 from distload.transport.base import Transport
 
@@ -129,9 +129,12 @@ class Coordinator:
         world_size: int,
         nodes: Sequence[int],
         names: Collection[str] | None,
+        resident: Sequence[Collection[str] | None] = (),
     ) -> None:
         self.source, self.placement, self.options = source, placement, options
         self.world_size, self.nodes, self.names = world_size, nodes, names
+        # over several nodes: the files each node's first rank found in its page cache
+        self.resident = resident
         self.described: SourceDescriptor | None = None
         self.plan: LoadPlan | None = None
 
@@ -198,13 +201,19 @@ class Coordinator:
             check_every=knobs.check_every,
             multicast=knobs.multicast,
         )
-        one_node = len(set(self.nodes)) == 1 and self.world_size > 1
-        if hub is None and knobs.page_cache != "0" and one_node:
-            used = sorted({plan.tensors[i.tensor].file for b in plan.buckets for i in b.items})
-            force = knobs.page_cache == "force"
-            cached = [f for f in used if force or in_page_cache(Path(index.root) / f)]
-            plan = dataclasses.replace(plan, cached_files=tuple(cached))
+        if hub is None and knobs.page_cache != "0" and self.world_size > 1:
+            plan = dataclasses.replace(plan, cached_files=tuple(self._cached(plan, knobs)))
         return plan
+
+    def _cached(self, plan: LoadPlan, knobs: CoordinatorKnobs) -> list[str]:
+        """The planned files every node holds in its page cache (``distload.residency``):
+        on one node rank 0 probes them; over several, each node's first rank reported."""
+        used = sorted({plan.tensors[i.tensor].file for b in plan.buckets for i in b.items})
+        if knobs.page_cache == "force":
+            return used
+        if len(set(self.nodes)) <= 1:
+            return [f for f in used if in_page_cache(Path(plan.index.root) / f)]
+        return choose_cached(used, self.resident)
 
     def _names(self, index: CheckpointIndex) -> Collection[str] | None:
         """The outputs to load: ``keys`` present in the checkpoint, or every ``out=`` name

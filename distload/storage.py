@@ -73,28 +73,6 @@ def open_file_budget() -> int:
     return max(16, min(1024, soft // 8))
 
 
-def in_page_cache(path: str | os.PathLike[str], *, samples: int = 64) -> bool:
-    """Whether ``path`` looks resident in the page cache: ``samples`` pages spread over the
-    file all read without waiting (``preadv2(RWF_NOWAIT)``). False where the platform or
-    the filesystem cannot tell (then the load reads as if cold)."""
-    flag = getattr(os, "RWF_NOWAIT", None)
-    if flag is None or not hasattr(os, "preadv"):
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return False
-    try:
-        size = os.fstat(fd).st_size
-        page = bytearray(4096)
-        step = max(4096, size // max(1, samples))
-        return all(os.preadv(fd, [page], offset, flag) > 0 for offset in range(0, size, step))
-    except OSError:  # BlockingIOError: not cached; EOPNOTSUPP: cannot tell
-        return False
-    finally:
-        os.close(fd)
-
-
 class FileReader:
     """Reads byte ranges of the checkpoint's files. Runs on reader ranks (any thread).
 

@@ -131,6 +131,23 @@ class Copier:
             cursor = aligned(cursor + nbytes)
         return WholeLayout(pieces, cursor)
 
+    def peers_take(self, number: int, bucket: Bucket, whole: WholeLayout | None = None) -> int:
+        """What this rank's peers take of shared bucket ``number`` (its reader's figure of
+        bytes sent when each peer copies or reads its own parts: shared memory, the page
+        cache); ``whole``: the bucket's :meth:`whole_layout` for everyone, when known."""
+        world = self.plan.world_size
+        if bucket.kind == "broadcast" and whole is None:
+            whole = self.whole_layout(bucket, everyone=True)
+        if whole is not None:
+            return whole.size * (world - 1)
+        sent = 0
+        if bucket.kind == "broadcast":
+            sent += self.segments(number, self.rank)[1] * (world - 1)
+        for members in bucket.classes:
+            size = self.segments(number, members[0])[1]
+            sent += size * sum(1 for r in members if r != self.rank)
+        return sent
+
     def copy_whole(self, layout: WholeLayout, buf: torch.Tensor) -> None:
         """Copy each piece of a :meth:`whole_layout` out of ``buf`` (plain memory copies)."""
         host = byte_view(buf)

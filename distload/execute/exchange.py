@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from distload.execute.copies import Copier, WholeLayout
-from distload.execute.pagecache import FileMaps, bucket_bytes, copy_from_page_cache
 from distload.execute.reader import Read
 from distload.execute.status import ExecStats, Status
 from distload.geometry import Segment, read_slots
@@ -154,39 +153,9 @@ class ShmBuckets:
         copier: Copier,
         status: Status,
         stats: ExecStats,
-        world_size: int,
-        *,
-        maps: FileMaps,
     ) -> None:
         self.shm, self.copier, self.status, self.stats = shm, copier, status, stats
-        self.rank, self.world_size = copier.rank, world_size
-        self.maps = maps
-        self.cached_read = 0  # bytes of page-cached buckets this rank was the reader of
-
-    def from_page_cache(self, number: int, bucket: Bucket) -> None:
-        """A shared bucket of a page-cached file (``distload.execute.pagecache``): every rank
-        that needs its pieces reads them from the files itself; the reader counts
-        the bucket as read and its peers' parts as sent, as if it had served them."""
-        if bucket.reader == self.rank:
-            self.cached_read += bucket_bytes(self.copier, bucket)
-            self._count_sent(number, bucket, None)
-        if self.status.failed:
-            return  # this rank failed: its copies are moot
-        try:  # open the files (each checked against the plan): this rank's reads
-            for file in {self.copier.plan.tensors[i.tensor].file for i in bucket.items}:
-                self.maps.fd(file)
-        except Exception as exc:
-            self.status.keep(exc, "read")
-            return
-        size = 0
-
-        def copy() -> None:
-            nonlocal size
-            size = copy_from_page_cache(self.copier, number, bucket, self.maps)
-
-        self.status.guard(copy)
-        if bucket.reader != self.rank:
-            self.stats.bytes_received += size
+        self.rank = copier.rank
 
     def bucket(self, number: int, bucket: Bucket, read: Read | None) -> None:
         """Take part in shared bucket ``number`` (``read``: this rank's read, as its reader)."""
@@ -226,18 +195,4 @@ class ShmBuckets:
             self.status.guard(lambda: self.copier.copy_whole(whole, read.staged()))
         else:
             self.status.guard(lambda: self.copier.own_parts(number, read))
-        self._count_sent(number, bucket, whole)
-
-    def _count_sent(self, number: int, bucket: Bucket, whole: WholeLayout | None) -> None:
-        """The reader's figures: what its peers take of bucket ``number``."""
-        if bucket.kind == "broadcast" and whole is None:
-            whole = self.copier.whole_layout(bucket, everyone=True)
-        if whole is not None:
-            self.stats.bytes_sent += whole.size * (self.world_size - 1)
-            return
-        if bucket.kind == "broadcast":
-            size = self.copier.segments(number, self.rank)[1]
-            self.stats.bytes_sent += size * (self.world_size - 1)
-        for members in bucket.classes:
-            size = self.copier.segments(number, members[0])[1]
-            self.stats.bytes_sent += size * sum(1 for r in members if r != self.rank)
+        self.stats.bytes_sent += self.copier.peers_take(number, bucket, whole)

@@ -2,7 +2,9 @@
 
 * a ``local`` bucket concerns its reader only (no communication); pieces that land unchanged
   in a contiguous region of the destination are read straight into it;
-* ``broadcast`` and ``p2p`` buckets move over the transport or through shared memory
+* a shared bucket of files every node holds in its page cache is read by every rank that
+  needs it, each its own parts (``distload.execute.pagecache``): no reader, no transfer;
+* other ``broadcast`` and ``p2p`` buckets move over the transport or through shared memory
   (``distload.execute.exchange``); a ``p2p`` bucket involves only its *participants* (reader
   and receivers): other ranks go straight on, so buckets with disjoint participants (pipeline
   stages, data-parallel replicas) move at the same time. Every rank still takes its buckets in
@@ -27,7 +29,7 @@ from distload.coordination import agree
 from distload.errors import DistLoadError, failure_from_exception
 from distload.execute.copies import Copier
 from distload.execute.exchange import ShmBuckets, TransportExchange
-from distload.execute.pagecache import FileMaps
+from distload.execute.pagecache import PageCacheBuckets, page_cached
 from distload.execute.reader import Outcome, Read, ReadAhead, ReadFailure
 from distload.execute.status import ExecStats, Status, describe
 from distload.plan import Bucket, LoadPlan
@@ -70,20 +72,16 @@ class Executor:
             transport, self.copier, self.status, self.stats, comm_arenas, multicast=multicast
         )
         self.shm = (
-            ShmBuckets(
-                shm,
-                self.copier,
-                self.status,
-                self.stats,
-                transport.world_size,
-                maps=FileMaps(reader),
-            )
-            if shm is not None
-            else None
+            ShmBuckets(shm, self.copier, self.status, self.stats) if shm is not None else None
         )
         self._shm = shm
-        self.checks = plan.status_checks(shm=shm is not None)  # buckets a status check precedes
-        self.cached = shm.cached if shm is not None else frozenset()  # page-cached buckets
+        # buckets every rank reads from the page cache itself (no reader, no transfer)
+        self.cached = page_cached(plan, transport.device, shm=shm is not None)
+        self.page_cache = (
+            PageCacheBuckets(self.copier, self.status, self.stats, reader) if self.cached else None
+        )
+        # buckets a status check precedes
+        self.checks = plan.status_checks(shm=shm is not None, cached=self.cached)
 
     @property
     def pending(self) -> BaseException | None:
@@ -106,6 +104,7 @@ class Executor:
             arenas=self.host_arenas,
             direct_targets=self.copier.direct_targets,
             shm=self._shm,
+            skip=self.cached,
             cuda=self._cuda_device(),
         )
         try:
@@ -121,13 +120,13 @@ class Executor:
                 self._progress(number)
         finally:
             prefetch.stop()
-            if self.shm is not None:
-                self.shm.maps.close()
-        self.stats.bytes_read = self.reader.bytes_read + (self.shm.cached_read if self.shm else 0)
+            if self.page_cache is not None:
+                self.page_cache.close()
+        self.stats.bytes_read = self.reader.bytes_read
         self.stats.bytes_kernel_copied = self.reader.bytes_kernel_copied
-        if self.shm is not None:  # page-cached buckets: read by every rank for itself
-            gathered = self.shm.maps.gathered
-            self.stats.bytes_kernel_copied += gathered.delivered + gathered.gap
+        if self.page_cache is not None:  # read by every rank for itself
+            self.stats.bytes_read += self.page_cache.bytes_read
+            self.stats.bytes_kernel_copied += self.page_cache.bytes_kernel_copied
         self.stats.bytes_copied = self.copier.copied
         self.stats.read_seconds = prefetch.stats.seconds
         if self.comm_arenas.device.type == "cuda":
@@ -182,15 +181,20 @@ class Executor:
         if number in self.checks:
             # a peer lost here may have been lost in an earlier transfer (shared memory has
             # no collective of its own) or in its reads
-            phase = "transfer" if self.status.shm_started else "read"
+            phase = "transfer" if self.status.collective_free else "read"
             agree(self.transport, phase, self.status.pending)
             self.status.agreed = True
-        if self.shm is None and self.rank not in bucket.participants(self.transport.world_size):
+        cached = number in self.cached
+        if (
+            self.shm is None
+            and not cached
+            and self.rank not in bucket.participants(self.transport.world_size)
+        ):
             return  # a p2p bucket between other ranks: they move it meanwhile
         start = time.perf_counter()
-        if self.shm is not None:
-            self.status.shm_started = True
-            self._shm_step(number, bucket, read)
+        if cached or self.shm is not None:
+            self.status.collective_free = True
+            self._local_step(number, bucket, read, cached=cached)
         else:
             self.status.moving = True
             if bucket.kind == "broadcast":
@@ -200,29 +204,32 @@ class Executor:
         self.stats.transfer_seconds += time.perf_counter() - start
         self.stats.buckets += 1
 
-    def _shm_step(self, number: int, bucket: Bucket, read: Read | None) -> None:
-        """A shared-memory bucket: no collective inside it, so a failure is shared at the next
-        status check (or the closing agreement); a peer found gone (PeerError) ends the load
-        at once. Copies or not, this rank marks the slot done."""
-        assert self.shm is not None
-        cached = number in self.cached
+    def _local_step(self, number: int, bucket: Bucket, read: Read | None, *, cached: bool) -> None:
+        """A shared bucket with no collective inside it (through shared memory, or read from
+        the page cache by every rank), so a failure is shared at the next status check (or
+        the closing agreement); a peer found gone (PeerError) ends the load at once. Copies
+        or not, this rank marks a shared-memory slot done."""
         try:
             if cached:
-                self.shm.from_page_cache(number, bucket)
+                assert self.page_cache is not None
+                self.page_cache.bucket(number, bucket)
             else:
+                assert self.shm is not None
                 self.shm.bucket(number, bucket, read)
         except DistLoadError:
             raise
         except Exception as exc:
             self.status.keep(exc, "transfer")
         finally:
-            if not cached:
+            if not cached and self.shm is not None:
                 self.shm.shm.mark_done(number, bucket.reader)
 
     def _keep_schedule(self, number: int, bucket: Bucket, outcome: Outcome | None) -> None:
         """After a local failure in a bucket no status check precedes: take part in its
         transfers anyway (sends unfilled, receives dropped, since ``pending`` is set), so no
         peer waits on this rank before the next check shares the failure."""
+        if number in self.cached:
+            return  # read from the page cache: no peer waits on this rank in it
         if bucket.kind == "p2p" and self.rank in bucket.participants(self.transport.world_size):
             self.status.moving = True
             read = outcome if isinstance(outcome, Read) else None

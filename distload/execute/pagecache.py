@@ -1,15 +1,17 @@
-"""Shared buckets of files already in the page cache: each rank reads its own parts straight
-from the file into its destinations (``distload.execute.gather``: one kernel copy per byte it
-keeps, plus the gaps between a column block's rows), instead of its reader reading the bucket
-into a shared-memory slot and every rank copying out of that (two copies, and a slot).
+"""Shared buckets of files already in every node's page cache: each rank reads its own parts
+straight from the file into its destinations (``distload.execute.gather``: one kernel copy
+per byte it keeps, plus the gaps between a column block's rows), instead of a reader reading
+the bucket and serving it -- through a shared-memory slot on one node (two copies, and a
+slot), over the network between nodes.
 
-Runs on every rank of a one-node load with shared memory, for the buckets
-:meth:`~distload.plan.LoadPlan.cached_buckets` names (rank 0 found their file resident when
-planning). Parts that need a cast, a transpose or are scattered in runs too short to be
-buffers of their own are copied from a read-only mapping of the file instead. A page that left
-the cache since is read back by the first rank asking for it: the bytes are the same, only
-slower. Files are opened through the :class:`FileReader`, so each is checked against the plan
-(size, header digest) before any byte of it is used.
+Runs on every rank, for the buckets :func:`page_cached` names: those of
+:meth:`~distload.plan.LoadPlan.cached_buckets` (the files every node holds:
+``distload.residency``) on a host-memory transport. No collective runs inside such a bucket;
+a failure is kept for the next status check. Parts that need a cast, a transpose or are
+scattered in runs too short to be buffers of their own are copied from a read-only mapping of
+the file instead. A page that left the cache since is read back by the first rank asking for
+it: the bytes are the same, only slower. Files are opened through the :class:`FileReader`, so
+each is checked against the plan (size, header digest) before any byte of it is used.
 """
 
 from __future__ import annotations
@@ -32,9 +34,20 @@ from distload.execute.gather import (
     worth_gathering,
 )
 from distload.execute.reader import Read
+from distload.execute.status import ExecStats, Status
 from distload.geometry import Segment, piece_bytes, piece_offset, piece_shape, read_slots
-from distload.plan import Bucket, Item
+from distload.plan import Bucket, Item, LoadPlan
 from distload.storage import FileReader
+
+
+def page_cached(plan: LoadPlan, device: torch.device, *, shm: bool) -> frozenset[int]:
+    """The shared buckets every rank reads from the page cache itself, the same on every rank:
+    the plan's :meth:`~distload.plan.LoadPlan.cached_buckets` when the transport works in
+    host memory (a CUDA transport moves every bucket itself, from pinned staging), on one
+    node only alongside shared memory (``shm=False`` asks for the transport there)."""
+    if device.type != "cpu" or not (shm or len(set(plan.nodes)) > 1):
+        return frozenset()
+    return plan.cached_buckets()
 
 
 class FileMaps:
@@ -154,3 +167,48 @@ def bucket_bytes(copier: Copier, bucket: Bucket) -> int:
     """Stored bytes of a bucket (what its reader accounts as read)."""
     tensors = copier.plan.tensors
     return sum(piece_bytes(tensors[i.tensor], i) for i in bucket.items)
+
+
+class PageCacheBuckets:
+    """This rank's side of the page-cached buckets (main thread): its parts read from its own
+    descriptors and mappings (:class:`FileMaps`, closed by :meth:`close`). The figures are
+    kept as if the bucket's reader had served it: the reader counts the bucket as read and
+    its peers' parts as sent, every other rank what it took as received."""
+
+    def __init__(self, copier: Copier, status: Status, stats: ExecStats, reader: FileReader):
+        self.copier, self.status, self.stats = copier, status, stats
+        self.rank = copier.rank
+        self.maps = FileMaps(reader)
+        self.bytes_read = 0  # stored bytes of the page-cached buckets this rank is reader of
+
+    @property
+    def bytes_kernel_copied(self) -> int:
+        """What this rank's gather reads made the kernel copy (kept bytes and gaps)."""
+        return self.maps.gathered.delivered + self.maps.gathered.gap
+
+    def bucket(self, number: int, bucket: Bucket) -> None:
+        """Read this rank's parts of page-cached bucket ``number``; a failure is kept in
+        ``status`` for the next status check (no peer waits on this rank here)."""
+        if bucket.reader == self.rank:
+            self.bytes_read += bucket_bytes(self.copier, bucket)
+            self.stats.bytes_sent += self.copier.peers_take(number, bucket)
+        if self.status.failed:
+            return  # this rank failed: its copies are moot
+        try:  # open the files (each checked against the plan): this rank's reads
+            for file in {self.copier.plan.tensors[i.tensor].file for i in bucket.items}:
+                self.maps.fd(file)
+        except Exception as exc:
+            self.status.keep(exc, "read")
+            return
+        size = 0
+
+        def copy() -> None:
+            nonlocal size
+            size = copy_from_page_cache(self.copier, number, bucket, self.maps)
+
+        self.status.guard(copy)
+        if bucket.reader != self.rank:
+            self.stats.bytes_received += size
+
+    def close(self) -> None:
+        self.maps.close()

@@ -107,6 +107,7 @@ class ReadAhead:
         arenas: Arenas,
         direct_targets: DirectTargets,
         shm: ShmExchange | None = None,
+        skip: frozenset[int] = frozenset(),
         cuda: torch.device | None = None,
     ) -> None:
         self.plan, self.rank, self.reader, self.arenas = plan, rank, reader, arenas
@@ -117,9 +118,7 @@ class ReadAhead:
         self.direct_targets = direct_targets
         self.stats = ReadStats()
         self.shm = shm
-        # buckets of cached files over shared memory are copied from the page cache by
-        # every rank that needs them: nothing to read here
-        skip = shm.cached if shm is not None else frozenset()
+        # ``skip``: buckets every rank reads from the page cache itself (nothing to read here)
         self.mine = [
             (n, b) for n, b in enumerate(plan.buckets) if b.reader == rank and n not in skip
         ]

@@ -27,6 +27,7 @@ import torch
 from distload.coordination import agree
 from distload.errors import DistLoadError
 from distload.execute.executor import Executor
+from distload.execute.pagecache import page_cached
 from distload.execute.reader import PREFETCH_DEPTH
 from distload.execute.status import ExecStats
 from distload.plan import LoadPlan
@@ -106,12 +107,16 @@ class ExecutePhase:
         assert dests is not None  # the agreement raised otherwise
         return dests
 
+    def _page_cached(self) -> frozenset[int]:
+        """The buckets every rank reads from the page cache itself (no transfer)."""
+        return page_cached(self.plan, self.net.device, shm=self.exchange is not None)
+
     def _open_multicast(self) -> bool:
         """Collective: open the sub-groups the plan multicasts to, when it asks for them (not
         with shared memory, where ranks copy from the reader's slot). False also where the
         transport cannot open groups (MPI, a caller's sub-group): classes are then sent to
         member by member."""
-        groups = self.plan.multicast_groups()
+        groups = self.plan.multicast_groups(skip=self._page_cached())
         if self.exchange is not None or not groups or not self.plan.multicast:
             return False
         error: BaseException | None = None
@@ -171,14 +176,20 @@ class ExecutePhase:
         return ExecResult(stats, staging, self._mode(multicast))
 
     def _mode(self, multicast: bool) -> str:
+        """How shared buckets moved, for the report: ``shared memory``, ``multicast (N
+        groups)`` or ``point to point``, and ``page cache for N of M shared buckets`` when
+        some were read from the page cache by every rank (only that, when all were)."""
         if self.plan.world_size == 1:
             return "none"
+        cached = self._page_cached()
         if self.exchange is not None:
-            cached = len(self.exchange.cached)
-            if not cached:
-                return "shared memory"
-            shared = sum(1 for b in self.plan.buckets if b.kind != "local")
-            return f"shared memory, page cache for {cached} of {shared} shared buckets"
-        if multicast:
-            return f"multicast ({len(self.plan.multicast_groups())} groups)"
-        return "point to point"
+            way = "shared memory"
+        elif multicast:
+            way = f"multicast ({len(self.plan.multicast_groups(skip=cached))} groups)"
+        else:
+            way = "point to point"
+        if not cached:
+            return way
+        shared = sum(1 for b in self.plan.buckets if b.kind != "local")
+        page = f"page cache for {len(cached)} of {shared} shared buckets"
+        return page if len(cached) == shared and self.exchange is None else f"{way}, {page}"

@@ -42,7 +42,8 @@ class Status:
     pending: BaseException | None = None  # a local failure not yet shared with the peers
     agreed: bool = False  # the current bucket's status check has passed
     moving: bool = False  # the current bucket's sends / receives have started
-    shm_started: bool = False  # some shared bucket went through shared memory already
+    # some shared bucket ran without a collective of its own already (shared memory, page cache)
+    collective_free: bool = False
 
     @property
     def failed(self) -> bool:

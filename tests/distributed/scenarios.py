@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import Replicate
 
 import distload
+from distload import residency
 from distload.planner import traffic
 from tests.distributed.cases import tp_rules
 from tests.reference import expected_local, read_all, same_bits
@@ -62,6 +63,12 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
         os.environ["DISTLOAD_MULTICAST"] = "0"
     if cfg.get("page_cache") is not None:  # "0": shared buckets through slots; "force"
         os.environ["DISTLOAD_PAGE_CACHE"] = cfg["page_cache"]
+    if cfg.get("nodes"):  # simulated nodes: the node index of every rank
+        os.environ["DISTLOAD_NODE_ID"] = f"node{cfg['nodes'][rank]}"
+    probe = residency.in_page_cache
+    if cfg.get("resident") is not None:  # what each rank's page-cache probe answers
+        answer = bool(cfg["resident"][rank])
+        residency.in_page_cache = lambda *a, **k: answer  # type: ignore[assignment]
     try:
         state = distload.load(
             cfg["source"],
@@ -76,6 +83,8 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
     finally:
         os.environ.pop("DISTLOAD_MULTICAST", None)
         os.environ.pop("DISTLOAD_PAGE_CACHE", None)
+        os.environ.pop("DISTLOAD_NODE_ID", None)
+        residency.in_page_cache = probe  # type: ignore[assignment]
     if out is None:
         reference = read_all(cfg["source"])
     if set(state) != set(reference):
@@ -609,7 +618,7 @@ PHASE_HOOKS: dict[str, tuple[str, str]] = {
     "transfer": ("distload.transport.torch_dist.TorchDistTransport", "send"),
     "transfer@recv": ("distload.transport.torch_dist.TorchDistTransport", "recv"),
     "transfer@shm": ("distload.execute.exchange.ShmBuckets", "bucket"),
-    "transfer@pagecache": ("distload.execute.exchange.ShmBuckets", "from_page_cache"),
+    "transfer@pagecache": ("distload.execute.pagecache.PageCacheBuckets", "bucket"),
     "close": ("distload.report.RankReport", "to_json"),
 }
 
@@ -633,6 +642,8 @@ def failure_case(args: dict[str, Any]) -> dict[str, Any]:
     """One cell of the failure matrix: inject ``kind`` into ``phase`` on rank ``victim``."""
     rank = _rank()
     phase, kind, victim, timeout = args["phase"], args["kind"], args["victim"], args["timeout"]
+    if args.get("nodes"):  # simulated nodes: the node index of every rank
+        os.environ["DISTLOAD_NODE_ID"] = f"node{args['nodes'][rank]}"
     if rank == victim:
         hook = phase
         if rank == 0 and f"{phase}@0" in PHASE_HOOKS:

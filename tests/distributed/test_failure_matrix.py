@@ -32,13 +32,16 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # "download" (Hub sources) is covered in tests/hub; "shm-transfer" is the transfer phase
-# through same-node shared-memory slots, "pagecache-transfer" the one where every rank copies
-# from its own mapping of a cached file, "transfer" the one through the transport (gloo)
-MATRIX_PHASES = [p for p in PHASES if p != "download"] + ["shm-transfer", "pagecache-transfer"]
-SHM_HOOKS = {
-    "shm-transfer": ("transfer@shm", "0"),
-    "pagecache-transfer": ("transfer@pagecache", "force"),
+# through same-node shared-memory slots, "pagecache-transfer" the one where every rank reads
+# its parts of a cached file itself (one node, beside shared memory), "pagecache-2node-transfer"
+# the same over two simulated nodes (no shared memory), "transfer" the one through the
+# transport (gloo)
+LOCAL_TRANSFERS = {  # phase -> (hook, DISTLOAD_PAGE_CACHE, shm, node of every rank)
+    "shm-transfer": ("transfer@shm", "0", True, None),
+    "pagecache-transfer": ("transfer@pagecache", "force", True, None),
+    "pagecache-2node-transfer": ("transfer@pagecache", "force", None, [0, 0, 1]),
 }
+MATRIX_PHASES = [p for p in PHASES if p != "download"] + list(LOCAL_TRANSFERS)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -46,13 +49,16 @@ SHM_HOOKS = {
 def test_failure_matrix(phase: str, kind: str, ckpt: Path, tmp_path: Path) -> None:
     victim = 0 if kind == "exception@0" else 1
     base = kind.split("@", maxsplit=1)[0]
-    shm = phase in SHM_HOOKS
-    hook, page_cache = SHM_HOOKS.get(phase, (None, "auto"))
-    label, phase = phase, "transfer" if shm else phase
+    local = phase in LOCAL_TRANSFERS
+    hook, page_cache, shm, nodes = LOCAL_TRANSFERS.get(
+        phase, (None, "auto", False if phase == "transfer" else None, None)
+    )
+    label, phase = phase, "transfer" if local else phase
     args = {
         "source": str(ckpt),
         "phase": phase,
-        "shm": True if shm else (False if phase == "transfer" else None),
+        "shm": shm,
+        "nodes": nodes,
         "hook": hook,
         "kind": base,
         "victim": victim,

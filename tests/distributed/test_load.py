@@ -51,6 +51,27 @@ def _configs(world: int, mixed: Path, llama: Path, single: Path) -> list[dict[st
             if c["name"] in (*paths, "tp-upcast-small-buckets", "replicate-downcast-out")
             and (mode == "force" or c["name"] in paths)
         ]
+        # two simulated nodes, every file cached on both: each rank reads its own parts
+        # (no reader, no transfer); and the same files through the transport
+        nodes = [r * 2 // world for r in range(world)]
+        configs += [
+            dict(c, name=f"{c['name']}-2node-page-cache-{mode}", nodes=nodes, page_cache=mode)
+            for c in configs
+            for mode in ("force", "0")
+            if c["name"] in ("replicate", "tp-mixed-out", "tp-llama", "tp-upcast-small-buckets")
+        ]
+        # what decides (default mode): each node's first rank reports its page cache, and a
+        # file counts only when every node holds it (the probes' answers are set here)
+        second = nodes.index(1)  # the first rank of node 1
+        configs += [
+            dict(c, name=f"{c['name']}-2node-{name}", nodes=nodes, resident=resident)
+            for c in configs
+            if c["name"] == "tp-mixed-out"
+            for name, resident in (
+                ("resident-everywhere", [True] * world),
+                ("not-resident-on-node-1", [r != second for r in range(world)]),
+            )
+        ]
     if world == 4:  # data-parallel replicas served member by member instead of by multicast
         configs.append(
             {
@@ -85,6 +106,16 @@ def test_loads_are_bit_exact(
         # how shared buckets moved
         if world == 1:
             assert first["exchange"] == "none"
+        elif cfg.get("nodes") and (
+            cfg.get("page_cache") == "force" or cfg["name"].endswith("resident-everywhere")
+        ):
+            # every shared bucket read from the page cache by every rank itself
+            cached, _, shared = first["exchange"].removeprefix("page cache for ").partition(" of ")
+            assert cached == shared.removesuffix(" shared buckets"), (cfg, first)
+            assert first["exchange"].startswith("page cache for"), (cfg, first)
+        elif cfg.get("nodes"):
+            assert "page cache" not in first["exchange"], (cfg, first)
+            assert not first["exchange"].startswith("shared memory"), (cfg, first)
         elif cfg.get("shm") is False:
             multicast = cfg.get("tp") == 2 and cfg.get("multicast") is not False
             assert first["exchange"].startswith("multicast") == multicast, (cfg, first)
@@ -94,7 +125,7 @@ def test_loads_are_bit_exact(
             assert first["exchange"] == "shared memory", (cfg, first)
         else:
             assert first["exchange"].startswith("shared memory"), (cfg, first)
-        if cfg["name"] == "replicate-page-cache-force":
+        if cfg["name"] in ("replicate-page-cache-force", "replicate-2node-page-cache-force"):
             # every rank read its whole copy itself, straight into its tensors: one kernel
             # copy per byte, none by distload
             assert first["copied"] == [0] * world, first

@@ -37,6 +37,24 @@ def test_status_checks_every_nth_shared_bucket_and_every_broadcast() -> None:
     assert len(shared) == 12 and all(plan.buckets[n].kind == "broadcast" for n in shared)
     assert plan.status_checks(shm=True) == frozenset(shared[::4])
     assert plan.status_checks(shm=False) == frozenset(shared)  # before every broadcast
+    # broadcast buckets read from the page cache by every rank move nothing over the
+    # transport: only the periodic checks remain before them
+    cached = frozenset(shared[:6])
+    want = frozenset(shared[0:6:4]) | frozenset(shared[6:])
+    assert plan.status_checks(shm=False, cached=cached) == want
+
+
+def test_multicast_groups_skip_buckets_read_from_the_page_cache() -> None:
+    plan = make_plan(
+        index_of([((8, 8), "F32")] * 4),
+        4,
+        TensorParallel({"t*": "colwise"}, size=2),
+        bucket_bytes=256,
+    )
+    groups = plan.multicast_groups()
+    assert groups == ((0, 2), (1, 3))
+    shared = frozenset(n for n, b in enumerate(plan.buckets) if b.kind != "local")
+    assert plan.multicast_groups(skip=shared) == ()
 
 
 def test_identity_outputs_are_derived_beside_the_plan_and_dropped_with_it() -> None:

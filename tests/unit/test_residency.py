@@ -1,0 +1,72 @@
+"""Which files count as page cached: each node's report, rank 0's intersection."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from distload.residency import (
+    choose_cached,
+    in_page_cache,
+    node_leaders,
+    node_report,
+    resident_files,
+)
+
+
+def _write(path: Path, size: int) -> None:
+    path.write_bytes(os.urandom(size))
+    path.read_bytes()  # in the page cache now
+
+
+def test_a_file_counts_only_when_every_node_holds_it() -> None:
+    used = ["a.safetensors", "b.safetensors", "c.safetensors"]
+    reports = [["a.safetensors", "b.safetensors"], ["b.safetensors", "c.safetensors"]]
+    assert choose_cached(used, reports) == ["b.safetensors"]
+    assert choose_cached(used, [used, used]) == used
+    # a file no node holds, a node that could not tell, no report at all: nothing cached
+    assert choose_cached(["d.safetensors"], reports) == []
+    assert choose_cached(used, [used, None]) == []
+    assert choose_cached(used, []) == []
+
+
+def test_node_leaders_are_the_first_rank_of_each_node() -> None:
+    assert node_leaders([0, 0, 1, 1]) == {0: 0, 1: 2}
+    assert node_leaders([0, 1, 0, 1]) == {0: 0, 1: 1}
+    assert node_leaders([]) == {}
+
+
+def test_resident_files_lists_the_cached_safetensors_of_a_folder(tmp_path: Path) -> None:
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("preadv2(RWF_NOWAIT) unavailable: residency cannot be told here")
+    _write(tmp_path / "model-1.safetensors", 64 * 1024)
+    _write(tmp_path / "model-2.safetensors", 64 * 1024)
+    _write(tmp_path / "notes.txt", 100)
+    assert in_page_cache(tmp_path / "model-1.safetensors")
+    found = resident_files(tmp_path)
+    assert found == ["model-1.safetensors", "model-2.safetensors"]
+    # a file of the folder names the same folder
+    assert resident_files(tmp_path / "model-2.safetensors") == found
+
+
+def test_resident_files_of_something_not_local_is_unknown(tmp_path: Path) -> None:
+    assert resident_files("org/model-that-is-not-here") is None
+    assert resident_files(tmp_path / "missing") is None
+    assert not in_page_cache(tmp_path / "missing.safetensors")
+
+
+def test_only_node_leaders_of_a_multi_node_job_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("preadv2(RWF_NOWAIT) unavailable: residency cannot be told here")
+    _write(tmp_path / "model.safetensors", 8192)
+    nodes = [0, 0, 1, 1]
+    assert node_report(tmp_path, 0, nodes) == ["model.safetensors"]
+    assert node_report(tmp_path, 2, nodes) == ["model.safetensors"]
+    assert node_report(tmp_path, 1, nodes) is None  # not its node's first rank
+    assert node_report(tmp_path, 0, [0, 0]) is None  # one node: rank 0 probes when planning
+    monkeypatch.setenv("DISTLOAD_PAGE_CACHE", "0")
+    assert node_report(tmp_path, 0, nodes) is None
