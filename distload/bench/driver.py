@@ -5,6 +5,7 @@ sequential reader and several parallel ones, page cache evicted), then runs each
 torchrun for each scenario, methods interleaved round by round:
 
 * ``tpN``: tensor parallel over N processes on this machine;
+* ``dpN``: N processes on this machine, each loading a full copy (data-parallel replicas);
 * ``2node``: two torchrun "nodes" of 2 processes each on this machine; node 1 runs in its own
   mount namespace where a copy of the checkpoint is bound over the same path, so each node
   reads its own storage and storage traffic is counted per node (needs root for ``unshare``).
@@ -99,16 +100,33 @@ def predicted(ckpt: Path, scenario: str, storage: float, copy: float, net: float
     from distload.simulate import Bandwidths, simulate
 
     index = read_checkpoint(ckpt)
-    world = 4 if scenario == "2node" else int(scenario.removeprefix("tp"))
+    world = world_of(scenario)
     nodes = [r // 2 for r in range(world)] if scenario == "2node" else [0] * world
-    plan = make_plan(index, world, distload.TensorParallel(preset("llama")), nodes=nodes)
+    placement = None if scenario.startswith("dp") else distload.TensorParallel(preset("llama"))
+    plan = make_plan(index, world, placement, nodes=nodes)
     # one physical disk: the two simulated nodes share it
     bw = Bandwidths(node_storage=storage, shared_storage=storage, nic=net, intra=copy)
     return simulate(plan, bw).seconds
 
 
+def world_of(kind: str) -> int:
+    """Processes of a scenario kind: ``tpN`` / ``dpN`` -> N, ``2node`` -> 4."""
+    if kind == "2node":
+        return 4
+    if kind[:2] in ("tp", "dp") and kind[2:].isdigit() and int(kind[2:]) > 0:
+        return int(kind[2:])
+    raise SystemExit(f"distload bench: unknown scenario {kind!r} (tpN, dpN or 2node)")
+
+
 def _worker_cmd(
-    method: str, ckpt: Path, out: Path, tag: str, staging_mb: float, *, warm: bool = False
+    method: str,
+    ckpt: Path,
+    out: Path,
+    tag: str,
+    staging_mb: float,
+    *,
+    warm: bool = False,
+    replicate: bool = False,
 ) -> list[str]:
     return [
         "-m",
@@ -121,13 +139,23 @@ def _worker_cmd(
         "--staging-mb",
         str(staging_mb),
         *(["--warm"] if warm else []),
+        *(["--placement", "replicate"] if replicate else []),
     ]
 
 
 def run_single(
-    method: str, nproc: int, ckpt: Path, *, out: Path, tag: str, staging_mb: float, warm: bool
+    method: str,
+    nproc: int,
+    ckpt: Path,
+    *,
+    out: Path,
+    tag: str,
+    staging_mb: float,
+    warm: bool,
+    replicate: bool = False,
 ) -> None:
-    torchrun(nproc, _worker_cmd(method, ckpt, out, tag, staging_mb, warm=warm), env=_env())
+    work = _worker_cmd(method, ckpt, out, tag, staging_mb, warm=warm, replicate=replicate)
+    torchrun(nproc, work, env=_env())
 
 
 def run_two_nodes(
@@ -249,8 +277,17 @@ def _one_run(
         run_two_nodes(method, ckpt, copy, out=out, tag=tag, staging_mb=args.staging_mb, warm=warm)
         nproc = 4
     else:
-        nproc = int(kind.removeprefix("tp"))
-        run_single(method, nproc, ckpt, out=out, tag=tag, staging_mb=args.staging_mb, warm=warm)
+        nproc = world_of(kind)
+        run_single(
+            method,
+            nproc,
+            ckpt,
+            out=out,
+            tag=tag,
+            staging_mb=args.staging_mb,
+            warm=warm,
+            replicate=kind.startswith("dp"),
+        )
     return [json.loads((out / f"{tag}-{method}-{r}.json").read_text()) for r in range(nproc)]
 
 
@@ -260,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     notes: list[str] = []
     kinds = args.scenarios.split(",")
+    for kind in kinds:
+        world_of(kind)  # an unknown scenario fails before any work
     ckpt = _checkpoints(args, kinds, notes)
     files = sorted(ckpt.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)

@@ -1,8 +1,9 @@
 """One rank of one benchmark run: ``python -m distload.bench.worker METHOD CKPT OUT``.
 
 Started by torchrun from ``distload.bench.driver``. The rank preallocates and touches its
-tensor-parallel part, then loads it with one method while a thread samples the memory it
-holds (private pages plus the shared-memory staging it created) every 2 ms; it counts the
+tensor-parallel part (or, ``--placement replicate``, a full copy), then loads it with one
+method while a thread samples the memory it holds (private pages plus the shared-memory
+staging it created) every 2 ms; it counts the
 bytes it read from storage (``/proc/self/io``), checks its part bit for bit against
 safetensors single-process reads, and writes one JSON row. Rank 0 of each node evicts the
 checkpoint from the page cache first.
@@ -158,6 +159,12 @@ def _parser(methods: list[str], staging_bytes: int) -> argparse.ArgumentParser:
     parser.add_argument("--staging-mb", type=float, default=staging_bytes / 2**20, help="per rank")
     parser.add_argument("--tag", default="run")
     parser.add_argument("--warm", action="store_true", help="keep the page cache (no eviction)")
+    parser.add_argument(
+        "--placement",
+        choices=("tp", "replicate"),
+        default="tp",
+        help="tp: each rank its tensor-parallel part; replicate: every rank a full copy",
+    )
     return parser
 
 
@@ -179,7 +186,7 @@ def main() -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     root = Path(args.ckpt)
     index = read_checkpoint(root)
-    placement = distload.TensorParallel(preset("llama"))
+    placement = distload.TensorParallel(preset("llama")) if args.placement == "tp" else None
     plan = make_plan(index, world, placement)
     wanted = {}
     for out, o in enumerate(plan.outputs):

@@ -28,7 +28,7 @@ def test_bench_runs_every_method_bit_exact(tmp_path: Path) -> None:
             "--shard-mb",
             "2",
             "--scenarios",
-            "tp2",
+            "tp2,dp2",
             "--cache",
             "cold,warm",
             "--rounds",
@@ -48,7 +48,7 @@ def test_bench_runs_every_method_bit_exact(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     table = (tmp_path / "RESULTS.md").read_text()
     expected = {m for m in METHODS if available(m)}
-    for scenario in ("tp2 cold", "tp2 warm"):
+    for scenario in ("tp2 cold", "tp2 warm", "dp2 cold", "dp2 warm"):
         section = table.split(f"## {scenario}\n", 1)[1].split("\n## ", 1)[0]
         rows: dict[str, list[str]] = {}
         for line in section.splitlines():
@@ -64,7 +64,8 @@ def test_bench_runs_every_method_bit_exact(tmp_path: Path) -> None:
         ratios = section.split("fastest alternative per round: ", 1)[1].split(" (")[0]
         assert len(ratios.split(", ")) == 1, section  # one round: one pair
     summary = table.split("## Summary\n", 1)[1].split("\n## ", 1)[0]
-    assert "| tp2 cold |" in summary and "| tp2 warm |" in summary
+    for scenario in ("tp2 cold", "tp2 warm", "dp2 cold", "dp2 warm"):
+        assert f"| {scenario} |" in summary, summary
     assert "machine limits, same run" in table and "command: `distload bench" in table
 
 
@@ -83,3 +84,12 @@ def test_ratios_are_taken_pair_by_pair() -> None:
     assert cpu == [2.0, 2.0, 0.5]
     assert fastest == {"get_slice": 2, "load_file": 1}
     assert spread(ratios) == "0.60 [0.50-1.20]"
+
+
+def test_scenario_kinds_name_their_process_count() -> None:
+    from distload.bench.driver import world_of
+
+    assert [world_of(k) for k in ("tp2", "tp4", "dp4", "2node")] == [2, 4, 4, 4]
+    for bad in ("tp", "dp0", "pp4", "tpx"):
+        with pytest.raises(SystemExit, match="unknown scenario"):
+            world_of(bad)
