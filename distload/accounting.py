@@ -28,20 +28,27 @@ class RankTraffic:
     staging: int  # largest staging buffer this rank needs, in bytes
 
 
-def traffic(plan: LoadPlan, *, multicast: bool = True) -> list[RankTraffic]:
+def traffic(
+    plan: LoadPlan, *, multicast: bool = True, page_cached: frozenset[int] = frozenset()
+) -> list[RankTraffic]:
     """Per-rank byte accounting of a plan (what ``distload plan`` prints).
 
     With ``multicast`` a class of several receivers is served as the executor does when the
     transport opened its group: the reader sends its bytes once (to the class's root, or
     within the class when it is a member itself) and the root sends one copy to every other
     member, as a broadcast inside the class does logically. Without, the reader sends to
-    every member (shared memory, or a transport without sub-groups).
+    every member (shared memory, or a transport without sub-groups). Buckets of
+    ``page_cached`` (``distload.execute.pagecache``) count as read by their reader -- once per
+    job, as the page cache filled once -- and move nothing between ranks: every rank reads
+    its own parts.
     """
     world = plan.world_size
     read, sent, recv, staging = [0] * world, [0] * world, [0] * world, [0] * world
     for number, bucket in enumerate(plan.buckets):
         size = read_bytes(plan, bucket)
         read[bucket.reader] += sum(piece_bytes(plan.tensors[i.tensor], i) for i in bucket.items)
+        if number in page_cached:
+            continue
         staging[bucket.reader] = max(staging[bucket.reader], size)
         for members, nbytes in receiving_classes(plan, number):
             if multicast or bucket.kind == "broadcast":

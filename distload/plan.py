@@ -163,8 +163,9 @@ class LoadPlan:
         """Numbers of the shared buckets before which all ranks agree on a status flag (the
         same on every rank): every ``check_every``-th shared bucket, and over the transport
         (not ``shm``) also every broadcast bucket that moves over it (not in ``cached``: read
-        from the page cache). Buckets in between involve only their own ranks (p2p) or need
-        no collective at all (shared memory, the page cache)."""
+        from the page cache by every rank). Buckets in between involve only their own ranks
+        (p2p) or need no collective at all (shared memory, the page cache); the periodic
+        checks bound how long a failure there goes unnoticed."""
         shared = [n for n, b in enumerate(self.buckets) if b.kind != "local"]
         every = max(1, self.check_every)
         return frozenset(

@@ -171,9 +171,9 @@ def bucket_bytes(copier: Copier, bucket: Bucket) -> int:
 
 class PageCacheBuckets:
     """This rank's side of the page-cached buckets (main thread): its parts read from its own
-    descriptors and mappings (:class:`FileMaps`, closed by :meth:`close`). The figures are
-    kept as if the bucket's reader had served it: the reader counts the bucket as read and
-    its peers' parts as sent, every other rank what it took as received."""
+    descriptors and mappings (:class:`FileMaps`, closed by :meth:`close`). The bucket's
+    reader counts it as read (the page cache filled once per job); nothing counts as sent or
+    received, since nothing moves between ranks (``distload.accounting.traffic`` alike)."""
 
     def __init__(self, copier: Copier, status: Status, stats: ExecStats, reader: FileReader):
         self.copier, self.status, self.stats = copier, status, stats
@@ -191,7 +191,6 @@ class PageCacheBuckets:
         ``status`` for the next status check (no peer waits on this rank here)."""
         if bucket.reader == self.rank:
             self.bytes_read += bucket_bytes(self.copier, bucket)
-            self.stats.bytes_sent += self.copier.peers_take(number, bucket)
         if self.status.failed:
             return  # this rank failed: its copies are moot
         try:  # open the files (each checked against the plan): this rank's reads
@@ -200,15 +199,7 @@ class PageCacheBuckets:
         except Exception as exc:
             self.status.keep(exc, "read")
             return
-        size = 0
-
-        def copy() -> None:
-            nonlocal size
-            size = copy_from_page_cache(self.copier, number, bucket, self.maps)
-
-        self.status.guard(copy)
-        if bucket.reader != self.rank:
-            self.stats.bytes_received += size
+        self.status.guard(lambda: copy_from_page_cache(self.copier, number, bucket, self.maps))
 
     def close(self) -> None:
         self.maps.close()

@@ -61,7 +61,7 @@ class Status:
         if self.pending is None:
             self.pending = exc
 
-    def guard(self, fn: Callable[[], None]) -> None:
+    def guard(self, fn: Callable[[], object]) -> None:
         """Run a local copy; a failure is kept for the next agreement. Once this rank has
         failed its copies are moot (the load ends at the next check) and are skipped."""
         if self.pending is not None:

@@ -18,6 +18,7 @@ from torch.distributed.tensor import Replicate
 
 import distload
 from distload import residency
+from distload.execute.pagecache import page_cached
 from distload.planner import traffic
 from tests.distributed.cases import tp_rules
 from tests.reference import expected_local, read_all, same_bits
@@ -43,6 +44,16 @@ def read_figures(report: Any) -> dict[str, Any]:
 
 def _dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name else None
+
+
+def planned_traffic(state: Any) -> list[Any]:
+    """The plan's accounting of a finished load, under the exchange its report names."""
+    exchange = state.report.exchange
+    cached: frozenset[int] = frozenset()
+    if "page cache" in exchange:  # the buckets every rank read from the page cache itself
+        shm = exchange.startswith("shared memory")
+        cached = page_cached(state.plan, torch.device("cpu"), shm=shm)
+    return traffic(state.plan, multicast=exchange.startswith("multicast"), page_cached=cached)
 
 
 def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +112,7 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
             )
     rep = state.report
     # what the executor moved must be what the plan's accounting says it moves
-    accounted = traffic(state.plan, multicast=rep.exchange.startswith("multicast"))
+    accounted = planned_traffic(state)
     return {
         "exchange": rep.exchange,
         "planned_sent": [t.sent for t in accounted],
@@ -266,7 +277,7 @@ def load_placement(args: dict[str, Any]) -> dict[str, Any]:
     covered = {n for names in gathered for n in names}
     if rank == 0 and covered != set(reference):
         raise AssertionError(f"not covered by any rank: {sorted(set(reference) - covered)[:5]}")
-    accounted = traffic(state.plan, multicast=state.report.exchange.startswith("multicast"))
+    accounted = planned_traffic(state)
     plan = state.plan
     shared = [b for b in plan.buckets if b.kind != "local"]
     return {
