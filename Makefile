@@ -29,7 +29,7 @@ lint: install
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
 
 bench: install
-	$(PYTHON) -m distload bench --size-mb 1500 --shard-mb 400 --scenarios tp4,2node --cache cold,warm --rounds 5 --methods load_file,get_slice,fastsafetensors,distload --results benchmarks/RESULTS.md
+	$(PYTHON) -m distload bench --size-mb 1500 --shard-mb 400 --scenarios tp4,dp4,2node --cache cold,warm --rounds 5 --methods load_file,get_slice,fastsafetensors,distload --results benchmarks/RESULTS.md
 
 bench-concurrency: install
 	$(PYTHON) benchmarks/concurrency.py --rounds 7

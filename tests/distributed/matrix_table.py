@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from distload.errors import PHASES
+
 COLUMNS = {
     "exception": "exception on rank 1",
     "exception@0": "exception on the coordinator (rank 0)",
@@ -72,6 +74,13 @@ def render_cases(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _phase_order(phase: str) -> tuple[int, bool, str]:
+    """Rows in the order a load runs its phases; a transfer's variants (``shm-transfer``,
+    ``pagecache-transfer``, ...) after the plain one."""
+    base = phase.rsplit("-", 1)[-1]
+    return (PHASES.index(base) if base in PHASES else len(PHASES), base != phase, phase)
+
+
 def render(path: Path) -> str:
     everything = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     records = [r for r in everything if "case" not in r]
@@ -86,6 +95,7 @@ def render(path: Path) -> str:
         "| phase | " + " | ".join(COLUMNS.values()) + " |",
         "|---" * (len(COLUMNS) + 1) + "|",
     ]
+    phases.sort(key=_phase_order)
     for phase in phases:
         cells = [cell(by_case[(phase, k)]) if (phase, k) in by_case else "-" for k in COLUMNS]
         lines.append(f"| {phase} | " + " | ".join(cells) + " |")
