@@ -69,7 +69,7 @@ def _header(args: argparse.Namespace, total: int, nfiles: int, limits: dict) -> 
         f"{os.cpu_count()} cores, {platform.system()} {platform.release()}; gloo on CPU",
         f"- checkpoint: synthetic Llama-shaped bf16, {total / MiB:.0f} MiB in {nfiles} shards; "
         "TP with the llama preset into preallocated destinations; cold = page cache evicted "
-        "before every run, warm = checkpoint in the page cache",
+        "before every run, warm = every shard read into the page cache before every run",
         f"- machine limits, same run: storage {limits['one'] / 1e9:.2f} GB/s with one reader, "
         f"{limits['many'] / 1e9:.2f} GB/s with 4 (cold: {total / limits['many']:.2f} s for the "
         f"checkpoint at best); host copy {limits['copy'] / 1e9:.2f} GB/s; loopback TCP "

@@ -5,6 +5,7 @@ Runs on every rank of the load; building a mesh (:func:`tp_mesh`) is collective.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,9 +15,11 @@ from distload.errors import DistLoadError
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
+    """Whether ``tensor`` is a DTensor, without importing ``torch.distributed.tensor`` (about
+    1.7 s of imports in a fresh process, sympy among them): a DTensor cannot exist before
+    that module is imported, so a process that has not imported it holds none."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def as_dtensor_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

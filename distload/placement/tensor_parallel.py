@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,13 +57,14 @@ _UNSUPPORTED = {
 
 def _torch_placement_dim(spec: object) -> tuple[bool, int | None]:
     """(is a torch placement, shard dim or None) for torch's Shard/Replicate objects."""
-    try:
-        from torch.distributed.tensor import Replicate, Shard
-    except ImportError:  # pragma: no cover - torch without distributed
+    # Shard and Replicate objects exist only once torch.distributed.tensor is imported:
+    # looking it up instead of importing it spares a fresh process ~1.7 s of imports.
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:
         return False, None
-    if isinstance(spec, Shard):
+    if isinstance(spec, module.Shard):
         return True, spec.dim
-    if isinstance(spec, Replicate):
+    if isinstance(spec, module.Replicate):
         return True, None
     return False, None
 

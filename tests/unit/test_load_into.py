@@ -265,3 +265,37 @@ def test_local_subfolder(tmp_path: Path, ckpt: Path) -> None:
     state = distload.load(tmp_path, subfolder="weights", device="cpu")
     ref = read_all(ckpt)
     assert set(state) == set(ref) and all(same_bits(state[n], ref[n]) for n in ref)
+
+
+def test_a_load_without_dtensors_never_imports_torch_distributed_tensor(ckpt: Path) -> None:
+    """Importing ``torch.distributed.tensor`` costs a fresh process about 1.7 s (sympy among
+    its imports); a load with no DTensor anywhere must not pay it (the bench runs a fresh
+    process per load). Checked in a fresh interpreter: out=, a TP placement, load_into."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import sys, torch, distload
+        from distload.placement import preset
+        from tests.models import TinyLlama
+        from distload.synthetic import LlamaShape
+        SHAPE = LlamaShape(vocab=120, hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2)
+        root = {str(ckpt)!r}
+        ref = distload.load(root)
+        out = {{n: torch.empty_like(t) for n, t in ref.items()}}
+        distload.load(root, distload.TensorParallel(preset("llama")), out=out)
+        from tests.reference import same_bits
+        assert all(same_bits(out[n], ref[n]) for n in ref)
+        model = TinyLlama(SHAPE)  # (built under torch.device("meta"), torch imports it itself)
+        distload.load_into(model, root)
+        loaded = sorted(m for m in sys.modules if m.startswith("torch.distributed.tensor"))
+        assert not loaded, loaded
+        """
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -12,6 +12,7 @@ from distload.residency import (
     in_page_cache,
     node_leaders,
     node_report,
+    resident_fraction,
     resident_files,
 )
 
@@ -49,6 +50,39 @@ def test_resident_files_lists_the_cached_safetensors_of_a_folder(tmp_path: Path)
     assert found == ["model-1.safetensors", "model-2.safetensors"]
     # a file of the folder names the same folder
     assert resident_files(tmp_path / "model-2.safetensors") == found
+
+
+def _drop(path: Path, start: int, length: int) -> None:
+    """Evict ``length`` bytes of ``path`` from ``start`` out of the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_mostly_resident_file_counts_as_cached(tmp_path: Path) -> None:
+    """A warm file with a few pages reclaimed takes the page-cache path (it faults those
+    pages in); one with much of it evicted reads as cold."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("preadv2(RWF_NOWAIT) unavailable: residency cannot be told here")
+    path = tmp_path / "model.safetensors"
+    size = 8 * 1024 * 1024
+    _write(path, size)
+    assert resident_fraction(path) == 1.0
+    _drop(path, 0, size)
+    if resident_fraction(path) != 0.0:
+        pytest.skip("this filesystem keeps its pages (tmpfs?): nothing can be evicted")
+    path.read_bytes()
+    _drop(path, size // 2, size // 50)  # 2% gone
+    assert 0.9 < resident_fraction(path) < 1.0  # type: ignore[operator]
+    assert in_page_cache(path)
+    _drop(path, 0, size // 2)  # half gone
+    assert resident_fraction(path) <= 0.5  # type: ignore[operator]
+    assert not in_page_cache(path)
+    assert in_page_cache(path, enough=0.4)
+    assert resident_fraction(tmp_path / "missing") is None
 
 
 def test_resident_files_of_something_not_local_is_unknown(tmp_path: Path) -> None:
