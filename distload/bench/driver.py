@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from distload.api import DEFAULT_STAGING_BYTES
-from distload.bench.limits import copy_limit, loopback_limit, storage_limit
+from distload.bench.limits import copy_limit, loopback_limit, storage_probe
 from distload.bench.methods import METHODS, available
 from distload.bench.worker import evict
 from distload.shm import shm_dir
@@ -305,13 +305,20 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if available(m)]
     notes += [f"{m} not installed: skipped" for m in args.methods.split(",") if m not in methods]
     SHM_DIR.mkdir(parents=True, exist_ok=True)
+    one, many = storage_probe(ckpt, 1), storage_probe(ckpt, 4)
+    direct = storage_probe(ckpt, 4, direct=True)
+    assert one is not None and many is not None  # buffered reads work everywhere
+    copy, net = copy_limit(), loopback_limit()
     limits = {
-        "one": storage_limit(ckpt, 1),
-        "many": storage_limit(ckpt, 4),
-        "copy": copy_limit(),
-        "net": loopback_limit(),
+        "one": one.rate,
+        "many": many.rate,
+        "many_cpu": many.cpu_per_gb,
+        "direct": direct.rate if direct else None,
+        "direct_cpu": direct.cpu_per_gb if direct else None,
+        "copy": copy,
+        "net": net,
     }
-    model = {k: predicted(ckpt, k, limits["many"], limits["copy"], limits["net"]) for k in kinds}
+    model = {k: predicted(ckpt, k, many.rate, copy, net) for k in kinds}
     scenarios = [f"{k} {c}" for c in args.cache.split(",") for k in kinds]
     out = Path(args.workdir).resolve() / "rows"
     shutil.rmtree(out, ignore_errors=True)

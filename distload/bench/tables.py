@@ -54,6 +54,16 @@ def pairwise(
     return ratios, cpu_ratios, fastest
 
 
+def _direct(limits: dict) -> str:
+    """The O_DIRECT probe's clause of the limits line (empty where it was refused)."""
+    if limits.get("direct") is None:
+        return ", O_DIRECT refused here"
+    return (
+        f", {limits['direct'] / 1e9:.2f} GB/s with 4 O_DIRECT readers "
+        f"({limits['direct_cpu']:.2f} CPU s per GB)"
+    )
+
+
 def _header(args: argparse.Namespace, total: int, nfiles: int, limits: dict) -> list[str]:
     command = (
         f"distload bench --size-mb {args.size_mb:g} --shard-mb {args.shard_mb:g} --scenarios "
@@ -72,7 +82,8 @@ def _header(args: argparse.Namespace, total: int, nfiles: int, limits: dict) -> 
         "before every run, warm = every shard read into the page cache before every run",
         f"- machine limits, same run: storage {limits['one'] / 1e9:.2f} GB/s with one reader, "
         f"{limits['many'] / 1e9:.2f} GB/s with 4 (cold: {total / limits['many']:.2f} s for the "
-        f"checkpoint at best); host copy {limits['copy'] / 1e9:.2f} GB/s; loopback TCP "
+        f"checkpoint at best; {limits.get('many_cpu', 0.0):.2f} CPU s per GB through the "
+        f"page cache){_direct(limits)}; host copy {limits['copy'] / 1e9:.2f} GB/s; loopback TCP "
         f"{limits['net'] / 1e9:.2f} GB/s",
         f"- {args.rounds} rounds, methods interleaved within each round; figures are "
         "`median [min-max]` over rounds; time = slowest rank; CPU = user + system seconds of "

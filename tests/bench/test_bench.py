@@ -5,6 +5,7 @@ Tiny sizes: this checks the harness, not the speed (speed lives in benchmarks/RE
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,8 @@ def test_bench_runs_every_method_bit_exact(tmp_path: Path) -> None:
     for scenario in ("tp2 cold", "tp2 warm", "dp2 cold", "dp2 warm"):
         assert f"| {scenario} |" in summary, summary
     assert "machine limits, same run" in table and "command: `distload bench" in table
+    assert "CPU s per GB through the page cache" in table
+    assert "O_DIRECT readers" in table or "O_DIRECT refused here" in table
 
 
 def test_ratios_are_taken_pair_by_pair() -> None:
@@ -93,3 +96,28 @@ def test_scenario_kinds_name_their_process_count() -> None:
     for bad in ("tp", "dp0", "pp4", "tpx"):
         with pytest.raises(SystemExit, match="unknown scenario"):
             world_of(bad)
+
+
+def test_storage_probes_read_every_byte_buffered_and_direct(tmp_path: Path) -> None:
+    """Both probes read the whole checkpoint (EOF ends the last block short) and say what it
+    cost in CPU; O_DIRECT either reads it all or says it is refused (None), never half."""
+    from distload.bench.limits import BLOCK, storage_probe
+
+    (tmp_path / "a.safetensors").write_bytes(os.urandom(BLOCK + 12345))
+    (tmp_path / "b.safetensors").write_bytes(os.urandom(4096 * 3))
+    size = BLOCK + 12345 + 4096 * 3
+    buffered = storage_probe(tmp_path, 2)
+    assert buffered is not None and buffered.nbytes == size
+    assert buffered.rate > 0 and buffered.cpu_per_gb >= 0
+    direct = storage_probe(tmp_path, 2, direct=True)
+    if direct is not None:
+        assert direct.nbytes == size and direct.rate > 0 and direct.cpu_per_gb >= 0
+    elif hasattr(os, "O_DIRECT"):
+        with pytest.raises(OSError):  # refused for real: opening or reading fails
+            fd = os.open(tmp_path / "a.safetensors", os.O_RDONLY | os.O_DIRECT)
+            try:
+                import mmap
+
+                os.preadv(fd, [mmap.mmap(-1, 4096)], 0)
+            finally:
+                os.close(fd)

@@ -12,8 +12,8 @@ from distload.residency import (
     in_page_cache,
     node_leaders,
     node_report,
-    resident_fraction,
     resident_files,
+    resident_fraction,
 )
 
 
