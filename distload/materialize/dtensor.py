@@ -5,20 +5,19 @@ Runs on every rank of the load; building a mesh (:func:`tp_mesh`) is collective.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from distload.errors import DistLoadError
+from distload.placement.from_model import FromModel, loaded_dtensor, mesh_specs_of
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor, without importing ``torch.distributed.tensor`` (about
-    1.7 s of imports in a fresh process, sympy among them): a DTensor cannot exist before
-    that module is imported, so a process that has not imported it holds none."""
-    module = sys.modules.get("torch.distributed.tensor")
+    """Whether ``tensor`` is a DTensor, without importing ``torch.distributed.tensor``
+    (:func:`~distload.placement.from_model.loaded_dtensor`)."""
+    module = loaded_dtensor()
     return module is not None and isinstance(tensor, module.DTensor)
 
 
@@ -157,8 +156,6 @@ def check_dtensor_request(as_dtensor: bool, placement: Any, group: Any) -> None:
 
 def placement_of_dtensors(named: Mapping[str, Any], group: Any) -> Any:
     """The placement DTensors already have (model entries or out= tensors; None: none are)."""
-    from distload.placement.from_model import FromModel, mesh_specs_of
-
     group_rank_of = None
     if group is not None:
         group_rank_of = {
