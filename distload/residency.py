@@ -31,8 +31,8 @@ def in_page_cache(path: str | os.PathLike[str], *, enough: float = ENOUGH) -> bo
     pages. A warm file often has some pages reclaimed (0.5-5% of each 400 MB shard a few
     minutes after reading it, seen on a machine with 20 GB free); the page-cache path
     faults those in as it copies, which costs far less than taking the whole file down the
-    cold path. False where the platform or
-    the filesystem cannot tell (then the load reads as if cold). Runs on any rank."""
+    cold path. False where the platform or the filesystem cannot tell (then the load reads
+    as if cold). Runs on any rank."""
     fraction = resident_fraction(path)
     return fraction is not None and fraction >= enough
 

@@ -255,6 +255,11 @@ def _node1_copy(ckpt: Path) -> Path:
     return ckpt.parent / f"{ckpt.name}-node1"
 
 
+def _folders(ckpt: Path, scenario: str) -> list[Path]:
+    """The checkpoint copies a scenario reads: node 1's own copy only in ``2node``."""
+    return [ckpt, _node1_copy(ckpt)] if scenario.startswith("2node") else [ckpt]
+
+
 def _warm(*folders: Path) -> None:
     """Read every shard once so the next runs find it in the page cache."""
     for folder in folders:
@@ -328,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             for method in methods:
                 sys.stderr.write(f"[bench] {scenario} round {rnd}: {method}\n")
                 if scenario.endswith("warm"):  # before every run: idle cached pages get
-                    _warm(ckpt, _node1_copy(ckpt))  # reclaimed (a few % per minute here)
+                    _warm(*_folders(ckpt, scenario))  # reclaimed (a few % per minute here)
                 tag = f"{scenario.replace(' ', '-')}-r{rnd}"
                 run = _one_run(args, scenario, method, ckpt, out=out, tag=tag)
                 rows[scenario][method].append(run)

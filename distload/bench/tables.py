@@ -82,7 +82,7 @@ def _header(args: argparse.Namespace, total: int, nfiles: int, limits: dict) -> 
         "before every run, warm = every shard read into the page cache before every run",
         f"- machine limits, same run: storage {limits['one'] / 1e9:.2f} GB/s with one reader, "
         f"{limits['many'] / 1e9:.2f} GB/s with 4 (cold: {total / limits['many']:.2f} s for the "
-        f"checkpoint at best; {limits.get('many_cpu', 0.0):.2f} CPU s per GB through the "
+        f"checkpoint at best; {limits['many_cpu']:.2f} CPU s per GB through the "
         f"page cache){_direct(limits)}; host copy {limits['copy'] / 1e9:.2f} GB/s; loopback TCP "
         f"{limits['net'] / 1e9:.2f} GB/s",
         f"- {args.rounds} rounds, methods interleaved within each round; figures are "
