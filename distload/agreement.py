@@ -12,8 +12,10 @@ gives each rank its own tensors): the load then loads the union of all ranks' na
 rank must pass exactly the tensors it holds of it. A rank passing ``out=`` while another
 passes none is an error (``None`` means "allocate every tensor").
 
-The same all_gather carries each rank's ``report`` of its machine (the first rank of each
-node lists the checkpoint files its page cache holds: ``distload.residency``).
+The same all_gather carries each rank's node (so the job's topology costs no collective of
+its own). Over several nodes a second one then carries each rank's ``report`` of its machine
+(the first rank of each node lists the checkpoint files its page cache holds:
+``distload.residency``); on one node rank 0 finds that out itself when planning.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +81,14 @@ class Agreed:
 
     names: list[str] | None  # the ``out=`` names to plan for (the union over ranks), or None
     reports: tuple[Any, ...]  # every rank's ``report`` (JSON values), in rank order
+    nodes: tuple[int, ...] = (0,)  # node index of every rank (numbered by first rank)
+
+
+def node_order(identities: Sequence[str]) -> tuple[int, ...]:
+    """Node index of every rank from each rank's node identity, nodes numbered in order of
+    their first rank."""
+    order: dict[str, int] = {}
+    return tuple(order.setdefault(n, len(order)) for n in identities)
 
 
 def agree_on_arguments(
@@ -86,28 +96,39 @@ def agree_on_arguments(
     arguments: Mapping[str, Any],
     out_names: Collection[str] | None,
     *,
-    report: Any = None,
+    node: str = "",
+    report: Callable[[tuple[int, ...]], Any] | None = None,
 ) -> Agreed:
     """Collective: raise on every rank if any rank's ``arguments`` differ from rank 0's.
-    ``report`` (a JSON value: what this rank found about its machine, e.g. the files its
-    page cache holds) travels in the same all_gather, so facts the plan needs from every
-    node cost no collective of their own."""
+    ``node`` (this rank's node identity: ``distload.runtime.node_identity``) travels in the
+    same all_gather and gives :attr:`Agreed.nodes`. ``report(nodes)`` (a JSON value: what
+    this rank found about its machine, e.g. the files its page cache holds; None where it
+    has nothing to tell) is gathered in a second all_gather, only over several nodes (one
+    node has nothing to tell its coordinator that rank 0 cannot find out itself)."""
     mine = {
         "args": {k: _entry(v) for k, v in arguments.items()},
         "out": _names_digest(out_names),
-        "report": report,
+        "node": node,
     }
+    names = sorted(out_names) if out_names is not None else None
     if net.world_size == 1:
-        return Agreed(sorted(out_names) if out_names is not None else None, (report,))
+        return Agreed(names, (report((0,)) if report is not None else None,))
     gathered = [
         json.loads(b) for b in gather_or_fail(net, "plan", lambda: json.dumps(mine).encode())
     ]
     for key in arguments:
         _check_same(key, [g["args"][key] for g in gathered])
-    reports = tuple(g["report"] for g in gathered)
+    nodes = node_order([g["node"] for g in gathered])
+    reports: tuple[Any, ...] = (None,) * net.world_size
+    if report is not None and len(set(nodes)) > 1:
+        probe = report
+        reports = tuple(
+            json.loads(b)
+            for b in gather_or_fail(net, "plan", lambda: json.dumps(probe(nodes)).encode())
+        )
     digests = [g["out"] for g in gathered]
     if len(set(digests)) == 1:
-        return Agreed(sorted(out_names) if out_names is not None else None, reports)
+        return Agreed(names, reports, nodes)
     without = [r for r, d in enumerate(digests) if d is None]
     if without:
         given = [r for r, d in enumerate(digests) if d is not None]
@@ -117,7 +138,7 @@ def agree_on_arguments(
             phase="plan",
         )
     lists = gather_or_fail(net, "plan", lambda: json.dumps(sorted(out_names or ())).encode())
-    return Agreed(sorted({name for data in lists for name in json.loads(data)}), reports)
+    return Agreed(sorted({name for data in lists for name in json.loads(data)}), reports, nodes)
 
 
 def _check_same(key: str, entries: list[list[str]]) -> None:

@@ -30,7 +30,6 @@ import torch.distributed as dist
 from distload import runtime as runtime_mod
 from distload.agreement import agree_on_arguments
 from distload.checkpoint import DEFAULT_MAX_HEADER_BYTES
-from distload.coordination import gather_or_fail
 from distload.execute import ExecResult, ExecutePhase
 from distload.gcpause import gc_paused
 from distload.geometry import piece_bytes
@@ -172,10 +171,17 @@ def run_load(
     rt, net = runtime_mod.setup(group, device, timeout=options.timeout, transport=options.transport)
     if dtensors and placement is None:  # the shards the DTensors hold
         placement = placement_of_dtensors(dtensors, group)
-    nodes = runtime_mod.topology(net)
     clock.lap("runtime")
-    report = node_report(source, net.rank, nodes) if net.device.type == "cpu" else None
-    agreed = agree_on_arguments(net, _arguments(source, placement, options), out, report=report)
+    agreed = agree_on_arguments(
+        net,
+        _arguments(source, placement, options),
+        out,
+        node=runtime_mod.node_identity(),
+        report=(lambda nodes: node_report(source, net.rank, nodes))
+        if net.device.type == "cpu"
+        else None,
+    )
+    nodes = agreed.nodes
     coordinator = Coordinator(
         source,
         placement,
@@ -190,6 +196,7 @@ def run_load(
     fetched = fetch(net, plan, options)
     if plan.hub is not None:
         clock.lap("download")
+    delivered: dict[int, torch.Tensor] = {}
     with ExecutePhase(plan, net, shm=options.shm, timeout=options.timeout) as phase:
         dests = phase.materialize(lambda: destinations(plan, rt.rank, rt.device, out, dtensors))
         clock.lap("materialize")
@@ -202,12 +209,19 @@ def run_load(
             on_bucket=on_bucket,
             after=lambda: dests.check_ties(plan, rt.rank),
         )
-    clock.lap("execute")
-    clock.record("read", result.stats.read_seconds)  # inside execute: read-ahead thread
-    clock.record("transfer", result.stats.transfer_seconds)
-    delivered = dests.result()  # output -> the tensor the caller gets (ties: its own)
-    mine = _rank_report(rt.rank, delivered, result, fetched, clock.finish())
-    ranks = [RankReport.from_json(b) for b in gather_or_fail(net, "close", mine.to_json)]
+        clock.lap("execute")
+        clock.record("read", result.stats.read_seconds)  # inside execute: read-ahead thread
+        clock.record("transfer", result.stats.transfer_seconds)
+
+        def report() -> bytes:
+            delivered.update(dests.result())  # output -> the tensor the caller gets (ties)
+            mine = _rank_report(rt.rank, delivered, result, fetched, clock.finish())
+            mine.cpu_seconds, mine.operations = clock.cpu(), net.operations
+            return mine.to_json()
+
+        # the closing step: every rank's report, or the same error on every rank
+        ranks = [RankReport.from_json(b) for b in phase.close(result, report)]
+    mine = ranks[net.rank]
     state = LoadedState((plan.outputs[t].name, d) for t, d in delivered.items())
     state.plan, state.rank, state.root, state.files = plan, rt.rank, fetched.root, fetched.files
     state.all_max = lambda value: net.all_reduce_max(value, "after load: agreement")

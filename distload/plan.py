@@ -161,17 +161,19 @@ class LoadPlan:
         self, *, shm: bool = False, cached: frozenset[int] = frozenset()
     ) -> frozenset[int]:
         """Numbers of the shared buckets before which all ranks agree on a status flag (the
-        same on every rank): every ``check_every``-th shared bucket, and over the transport
-        (not ``shm``) also every broadcast bucket that moves over it (not in ``cached``: read
-        from the page cache by every rank). Buckets in between involve only their own ranks
-        (p2p) or need no collective at all (shared memory, the page cache); the periodic
-        checks bound how long a failure there goes unnoticed."""
+        same on every rank): the last of every ``check_every`` shared buckets in a row, and
+        over the transport (not ``shm``) also every broadcast bucket that moves over it (not
+        in ``cached``: read from the page cache by every rank). Buckets in between involve
+        only their own ranks (p2p) or need no collective at all (shared memory, the page
+        cache); the periodic checks bound how long a failure there goes unnoticed. None
+        precedes the first shared bucket: the destinations' agreement just came before it,
+        and what failed since is shared at the next check or the closing step."""
         shared = [n for n, b in enumerate(self.buckets) if b.kind != "local"]
         every = max(1, self.check_every)
         return frozenset(
             n
             for i, n in enumerate(shared)
-            if i % every == 0
+            if i % every == every - 1
             or (not shm and n not in cached and self.buckets[n].kind == "broadcast")
         )
 

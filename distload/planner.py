@@ -267,7 +267,7 @@ def make_plan(
         names: load only these output tensors (default: all).
         transforms: key transforms (rename, split, merge, transpose) applied to the
             checkpoint's tensors first; placements and ``names`` see the transformed names.
-        nodes: node index of every rank (from ``runtime.topology``), kept in the plan.
+        nodes: node index of every rank (``agreement.agree_on_arguments``), kept in the plan.
         digests: manifest chunk hashes per stored tensor (``distload.manifest``): pieces
             follow the manifest's chunk grid and readers check each one as they read it.
         file_readers: file -> ranks allowed to read it (within ``readers``); e.g. the ranks

@@ -45,6 +45,12 @@ class RankReport:
     # ranks are skipped: they move meanwhile)
     shared_buckets: int = 0
     seconds: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    # CPU seconds (user + system) of this rank's process during the load: all its threads
+    # (the load's reader threads, and any other the process runs meanwhile)
+    cpu_seconds: float = 0.0
+    # operations this rank waited on over the transport before the closing exchange of
+    # reports (collectives and point-to-point transfers: the transport's count)
+    operations: int = 0
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -95,6 +101,11 @@ class LoadReport:
         return sum(r.bytes_held for r in self.ranks)
 
     @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds (user + system) of every rank's process during the load."""
+        return sum(r.cpu_seconds for r in self.ranks)
+
+    @property
     def cpu_copies_per_byte(self) -> float:
         """Bytes copied by the CPU (distload's copies plus the kernel's page-cache copies of
         buffered reads) per byte delivered into the ranks' destinations, over all ranks."""
@@ -112,11 +123,12 @@ class LoadReport:
             "rank), read "
             f"{human_bytes(self.bytes_read)} "
             f"({self.bytes_read / max(1, self.total_bytes):.2f}x the checkpoint), "
-            f"{self.cpu_copies_per_byte:.2f} CPU copies per delivered byte"
+            f"{self.cpu_copies_per_byte:.2f} CPU copies per delivered byte, "
+            f"{self.cpu_seconds:.2f} CPU s over all ranks"
         )
         seen = {p for r in self.ranks for p in r.seconds}
         phases = [p for p in PHASE_COLUMNS if p in seen] + sorted(seen - set(PHASE_COLUMNS))
-        cols = ["rank", "read", "sent", "received", "held", "staging", *phases]
+        cols = ["rank", "read", "sent", "received", "held", "staging", "ops", "cpu", *phases]
         rows = [
             [
                 str(r.rank),
@@ -125,6 +137,8 @@ class LoadReport:
                 human_bytes(r.bytes_received),
                 human_bytes(r.bytes_held),
                 human_bytes(r.peak_staging_bytes),
+                str(r.operations),
+                f"{r.cpu_seconds:.3f}s",
                 *(f"{r.seconds.get(p, 0.0):.3f}s" for p in phases),
             ]
             for r in self.ranks
@@ -140,6 +154,7 @@ class PhaseClock:
 
     def __init__(self) -> None:
         self.start = self.mark = time.perf_counter()
+        self.cpu_start = time.process_time()
         self.seconds: dict[str, float] = {}
 
     def lap(self, phase: str) -> None:
@@ -154,6 +169,10 @@ class PhaseClock:
     def finish(self) -> dict[str, float]:
         self.seconds["total"] = time.perf_counter() - self.start
         return self.seconds
+
+    def cpu(self) -> float:
+        """CPU seconds of this process since the clock started (every thread)."""
+        return time.process_time() - self.cpu_start
 
 
 @dataclass(frozen=True)

@@ -163,16 +163,6 @@ def node_identity(env: Environment | None = None) -> str:
     return f"{socket.gethostname()}/{env.node_rank}"
 
 
-def topology(transport: Transport) -> tuple[int, ...]:
-    """Collective: node index of every rank (nodes numbered in order of first rank)."""
-    from distload.coordination import gather_or_fail
-
-    gathered = gather_or_fail(transport, "runtime", lambda: node_identity().encode())
-    names = [b.decode() for b in gathered]
-    order: dict[str, int] = {}
-    return tuple(order.setdefault(n, len(order)) for n in names)
-
-
 def default_device(local_rank: int) -> torch.device:
     """``cuda:{local_rank}`` when CUDA is available, else ``cpu``."""
     if torch.cuda.is_available():

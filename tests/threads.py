@@ -29,8 +29,10 @@ class ThreadTransport:
     def __init__(self, group: ThreadGroup, rank: int) -> None:
         self.group, self.rank, self.world_size = group, rank, group.world
         self.device = torch.device("cpu")
+        self.operations = 0
 
     def _exchange(self, value: Any) -> list[Any]:
+        self.operations += 1
         self.group.slots[self.rank] = value
         self.group.barrier.wait()
         got = list(self.group.slots)
@@ -43,9 +45,11 @@ class ThreadTransport:
             buf.copy_(got[src])
 
     def send(self, buf: torch.Tensor, dst: int, what: str) -> None:
+        self.operations += 1
         self.group.mail[(self.rank, dst)].put(buf.clone())
 
     def recv(self, buf: torch.Tensor, src: int, what: str) -> None:
+        self.operations += 1
         buf.copy_(self.group.mail[(src, self.rank)].get(timeout=TIMEOUT))
 
     def all_reduce_max(self, value: int, what: str) -> int:

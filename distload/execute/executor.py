@@ -59,6 +59,7 @@ class Executor:
         comm_arenas: Arenas,
         on_bucket: Callable[[int], None] | None = None,
         shm: ShmExchange | None = None,
+        cached: frozenset[int] | None = None,
         multicast: bool = False,
     ) -> None:
         self.plan, self.transport, self.rank = plan, transport, transport.rank
@@ -75,8 +76,13 @@ class Executor:
             ShmBuckets(shm, self.copier, self.status, self.stats) if shm is not None else None
         )
         self._shm = shm
-        # buckets every rank reads from the page cache itself (no reader, no transfer)
-        self.cached = page_cached(plan, transport.device, shm=shm is not None)
+        # buckets every rank reads from the page cache itself (no reader, no transfer): the
+        # caller's choice (``distload.execute.run``), else those beside shared memory
+        self.cached = (
+            cached
+            if cached is not None
+            else page_cached(plan, transport.device, shm=shm is not None)
+        )
         self.page_cache = (
             PageCacheBuckets(self.copier, self.status, self.stats, reader) if self.cached else None
         )

@@ -6,10 +6,13 @@ Runs on every rank. :class:`ExecutePhase` is a context manager entered once the 
    shared buckets go through shared memory, creates this rank's slots, maps every peer's and
    removes the files (the mappings stay valid; nothing is left in ``/dev/shm`` even if the
    whole job is killed later);
-2. :meth:`ExecutePhase.run` (collective) opens the multicast groups, runs the
-   :class:`~distload.execute.executor.Executor` with a file reader and staging arenas, and ends
-   with one agreement so every rank returns the same success or raises the same error;
-3. leaving the context closes the reader, the groups and the shared memory; after a failure
+2. :meth:`ExecutePhase.run` (collective) opens the multicast groups and runs the
+   :class:`~distload.execute.executor.Executor` with a file reader and staging arenas; a
+   failure on this rank is kept, not raised (peers may still be copying from it);
+3. :meth:`ExecutePhase.close` (collective) is the phase's one closing step: an all_gather of
+   every rank's report -- or of its failure, so every rank returns the same success or raises
+   the same error, for one collective either way;
+4. leaving the context closes the groups and the shared memory; after a failure
    this rank's abort word tells peers waiting on it to stop, and the survivors also remove the
    shared-memory files of peers that may have died.
 """
@@ -24,7 +27,7 @@ from typing import TypeVar
 
 import torch
 
-from distload.coordination import agree
+from distload.coordination import agree, gather_or_fail
 from distload.errors import DistLoadError
 from distload.execute.executor import Executor
 from distload.execute.pagecache import page_cached
@@ -46,6 +49,12 @@ class ExecResult:
     stats: ExecStats
     staging_bytes: int  # peak staging memory: arenas plus the shared-memory slots it created
     exchange: str  # how shared buckets moved (the report's wording)
+    pending: BaseException | None = None  # this rank's failure, shared by ExecutePhase.close
+
+
+def needs_slots(plan: LoadPlan, cached: frozenset[int]) -> bool:
+    """Whether some shared bucket moves through a slot (is not read from the page cache)."""
+    return any(b.kind != "local" and n not in cached for n, b in enumerate(plan.buckets))
 
 
 def use_shm(choice: bool | None, plan: LoadPlan, device: torch.device) -> bool:
@@ -66,7 +75,11 @@ class ExecutePhase:
     """This rank's resources for executing one plan (see the module docstring)."""
 
     def __init__(self, plan: LoadPlan, net: Transport, *, shm: bool | None, timeout: float) -> None:
-        self.plan, self.net, self.shm_choice, self.timeout = plan, net, shm, timeout
+        self.plan, self.net, self.timeout = plan, net, timeout
+        # one node, host memory: shared buckets go through shared memory or the page cache
+        self.shm = use_shm(shm, plan, net.device)
+        # the buckets every rank reads from the page cache itself (no transfer)
+        self.cached = page_cached(plan, net.device, shm=self.shm)
         self.exchange: ShmExchange | None = None
 
     def __enter__(self) -> ExecutePhase:
@@ -87,12 +100,14 @@ class ExecutePhase:
         self.exchange = None
 
     def materialize(self, make_dests: Callable[[], T]) -> T:
-        """Collective: this rank's destinations (``make_dests``) and shared-memory slots."""
+        """Collective: this rank's destinations (``make_dests``) and shared-memory slots (none
+        when every shared bucket is read from the page cache: then no rank needs a slot, and
+        the second agreement, after mapping them, is not needed either)."""
         error: BaseException | None = None
         dests: T | None = None
         try:
             dests = make_dests()
-            if use_shm(self.shm_choice, self.plan, self.net.device):
+            if self.shm and needs_slots(self.plan, self.cached):
                 self.exchange = ShmExchange(self.plan, self.net.rank, timeout=self.timeout)
         except Exception as exc:
             error = exc
@@ -107,17 +122,13 @@ class ExecutePhase:
         assert dests is not None  # the agreement raised otherwise
         return dests
 
-    def _page_cached(self) -> frozenset[int]:
-        """The buckets every rank reads from the page cache itself (no transfer)."""
-        return page_cached(self.plan, self.net.device, shm=self.exchange is not None)
-
     def _open_multicast(self) -> bool:
         """Collective: open the sub-groups the plan multicasts to, when it asks for them (not
         with shared memory, where ranks copy from the reader's slot). False also where the
         transport cannot open groups (MPI, a caller's sub-group): classes are then sent to
         member by member."""
-        groups = self.plan.multicast_groups(skip=self._page_cached())
-        if self.exchange is not None or not groups or not self.plan.multicast:
+        groups = self.plan.multicast_groups(skip=self.cached)
+        if self.shm or not groups or not self.plan.multicast:
             return False
         error: BaseException | None = None
         opened = False
@@ -139,7 +150,8 @@ class ExecutePhase:
         after: Callable[[], None] | None = None,
     ) -> ExecResult:
         """Collective: read, move and copy every bucket; ``after`` (local checks once every
-        byte is in, e.g. declared ties) runs before the one closing agreement."""
+        byte is in, e.g. declared ties) runs last. A failure on this rank is returned in
+        :attr:`ExecResult.pending` for :meth:`close` to share."""
         host = Arenas(torch.device("cpu"), pin=self.net.device.type == "cuda")
         comm = Arenas(self.net.device) if self.net.device.type == "cuda" else host
         expect = {f.name: f for f in self.plan.index.files}
@@ -155,6 +167,7 @@ class ExecutePhase:
                 comm_arenas=comm,
                 on_bucket=on_bucket,
                 shm=self.exchange,
+                cached=self.cached,
                 multicast=multicast,
             )
             stats = executor.run()
@@ -162,9 +175,8 @@ class ExecutePhase:
             if error is None and after is not None:
                 try:
                     after()
-                except Exception as exc:  # shared with every rank by the agreement
+                except Exception as exc:  # shared with every rank by close()
                     error = exc
-            agree(self.net, "close", error)
         finally:
             reader.close()
             self.net.close_groups()
@@ -173,7 +185,18 @@ class ExecutePhase:
             staging += self.exchange.nbytes
         host.clear()
         comm.clear()
-        return ExecResult(stats, staging, self._mode(multicast))
+        return ExecResult(stats, staging, self._mode(multicast), error)
+
+    def close(self, result: ExecResult, report: Callable[[], bytes]) -> list[bytes]:
+        """Collective: every rank's ``report`` (this rank's, made once its bytes are in), or,
+        if ``result`` holds a failure on any rank, the same error raised on every rank."""
+
+        def mine() -> bytes:
+            if result.pending is not None:
+                raise result.pending
+            return report()
+
+        return gather_or_fail(self.net, "close", mine)
 
     def _mode(self, multicast: bool) -> str:
         """How shared buckets moved, for the report: ``shared memory``, ``multicast (N
@@ -181,8 +204,8 @@ class ExecutePhase:
         some were read from the page cache by every rank (only that, when all were)."""
         if self.plan.world_size == 1:
             return "none"
-        cached = self._page_cached()
-        if self.exchange is not None:
+        cached = self.cached
+        if self.shm:
             way = "shared memory"
         elif multicast:
             way = f"multicast ({len(self.plan.multicast_groups(skip=cached))} groups)"
@@ -192,4 +215,4 @@ class ExecutePhase:
             return way
         shared = sum(1 for b in self.plan.buckets if b.kind != "local")
         page = f"page cache for {len(cached)} of {shared} shared buckets"
-        return page if len(cached) == shared and self.exchange is None else f"{way}, {page}"
+        return page if len(cached) == shared else f"{way}, {page}"

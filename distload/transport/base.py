@@ -19,6 +19,9 @@ class Transport(Protocol):
     rank: int  # this process's rank in the load's group
     world_size: int  # size of the load's group
     device: torch.device  # where communication buffers must live
+    # operations this rank has waited on so far: one per collective or transfer issued (a
+    # bytes exchange that takes a second round counts two); the load report's figure
+    operations: int
 
     def broadcast(self, buf: torch.Tensor, src: int, what: str) -> None: ...
 

@@ -12,6 +12,7 @@ class LocalTransport:
 
     rank = 0
     world_size = 1
+    operations = 0  # a group of one waits on no one
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device or torch.device("cpu")

@@ -34,8 +34,10 @@ class MPITransport:
         self.world_size = self.comm.Get_size()
         self.device = torch.device("cpu")
         self.timeout = timeout
+        self.operations = 0
 
     def _wait(self, request: Any, what: str) -> None:
+        self.operations += 1
         deadline = time.monotonic() + self.timeout
         delay = 0.0
         while not request.Test():

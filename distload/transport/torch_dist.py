@@ -46,6 +46,7 @@ class TorchDistTransport:
         TorchDistTransport._count += 1
         self.serial = TorchDistTransport._count  # same on every rank: one transport per load
         self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}  # members -> sub-group
+        self.operations = 0
         # CUDA (NCCL) work has no waiting timeout of its own: it is polled against the load's
         # deadline instead; DISTLOAD_POLL_WAITS=1 polls host (gloo) work the same way
         self.poll = device.type == "cuda" or os.environ.get("DISTLOAD_POLL_WAITS") == "1"
@@ -56,6 +57,7 @@ class TorchDistTransport:
     def _wait(self, issue: Callable[[], dist.Work | None], what: str) -> None:
         """Issue one operation and wait for it; a failure while issuing (a peer's connection
         already closed) is handled like one while waiting: a PeerError naming who is gone."""
+        self.operations += 1
         try:
             work = issue()
             if work is None:

@@ -46,14 +46,17 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name else None
 
 
+def cached_buckets(state: Any) -> frozenset[int]:
+    """The buckets every rank of a finished load read from the page cache itself."""
+    if "page cache" not in state.report.exchange:
+        return frozenset()
+    return page_cached(state.plan, torch.device("cpu"), shm=len(set(state.plan.nodes)) == 1)
+
+
 def planned_traffic(state: Any) -> list[Any]:
     """The plan's accounting of a finished load, under the exchange its report names."""
-    exchange = state.report.exchange
-    cached: frozenset[int] = frozenset()
-    if "page cache" in exchange:  # the buckets every rank read from the page cache itself
-        shm = exchange.startswith("shared memory")
-        cached = page_cached(state.plan, torch.device("cpu"), shm=shm)
-    return traffic(state.plan, multicast=exchange.startswith("multicast"), page_cached=cached)
+    multicast = state.report.exchange.startswith("multicast")
+    return traffic(state.plan, multicast=multicast, page_cached=cached_buckets(state))
 
 
 def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +129,14 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
         "buckets": rep.buckets,
         "kernel_copied": [r.bytes_kernel_copied for r in rep.ranks],
         "copied": [r.bytes_copied for r in rep.ranks],
+        "operations": [r.operations for r in rep.ranks],
+        "cpu_seconds": [r.cpu_seconds for r in rep.ranks],
+        # status checks the executor makes (collectives inside the execute phase)
+        "status_checks": len(
+            state.plan.status_checks(
+                shm="shared memory" in rep.exchange, cached=cached_buckets(state)
+            )
+        ),
     }
 
 
@@ -245,9 +256,14 @@ def load_placement(args: dict[str, Any]) -> dict[str, Any]:
     """
     rank, world = _rank(), _world()
     spec = args["placement"]
-    state = distload.load(
-        args["source"], _placement_from(spec), device="cpu", timeout=60, shm=args.get("shm")
-    )
+    if args.get("page_cache") is not None:  # "0": shared buckets through slots always
+        os.environ["DISTLOAD_PAGE_CACHE"] = args["page_cache"]
+    try:
+        state = distload.load(
+            args["source"], _placement_from(spec), device="cpu", timeout=60, shm=args.get("shm")
+        )
+    finally:
+        os.environ.pop("DISTLOAD_PAGE_CACHE", None)
     reference = read_all(args["source"])
     rules = spec.get("rules", [])
     tp = spec.get("tp", 1)

@@ -210,15 +210,26 @@ def test_rank_raising_in_transfer_loop(mixed_ckpt: Path) -> None:
         assert "injected failure in the transfer loop" in err["message"]
 
 
-def test_killed_rank_ends_peers_within_timeout(mixed_ckpt: Path) -> None:
-    cfg = {"source": str(mixed_ckpt), "rules": MIXED_RULES, "bucket_bytes": 4000, "timeout": 5}
+@pytest.mark.parametrize("page_cache", ["0", "force"])
+def test_killed_rank_ends_peers_within_timeout(mixed_ckpt: Path, page_cache: str) -> None:
+    """Through shared-memory slots the survivors wait on the killed rank's buckets; when every
+    rank reads the page cache itself none waits on it before the closing step."""
+    cfg = {
+        "source": str(mixed_ckpt),
+        "rules": MIXED_RULES,
+        "bucket_bytes": 4000,
+        "timeout": 5,
+        "page_cache": page_cache,
+    }
     args = {"cfg": cfg, "sabotage": {"kind": "kill", "rank": 1, "at": 3}}
     outcomes = run_group(WORLD, "expect_failure", args, timeout=60)
     assert outcomes[1].returncode == -9
+    phases = ("read", "transfer") if page_cache == "0" else ("read", "transfer", "close")
     for o in (outcomes[0], outcomes[2]):
         assert o.ok, o
         assert o.result["type"] == "PeerError", o.result
-        assert o.result["phase"] in ("read", "transfer"), o.result
+        assert o.result["ranks"] == [1], o.result
+        assert o.result["phase"] in phases, o.result
         assert o.result["seconds"] < 5 + 10
 
 

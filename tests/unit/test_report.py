@@ -33,5 +33,5 @@ def test_table_columns_follow_the_phases() -> None:
     report = load_report(facts, ranks)
     assert report.wall_seconds == 2.0 and report.bytes_read == 100 and report.nodes == 1
     header = report.table().splitlines()[3].split()
-    assert header[6:] == ["runtime", "plan", "execute", "total"]
+    assert header[6:] == ["ops", "cpu", "runtime", "plan", "execute", "total"]
     assert RankReport.from_json(ranks[1].to_json()) == ranks[1]
