@@ -180,9 +180,26 @@ def _parser(methods: list[str], staging_bytes: int) -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
+def bit_exact(
+    root: Path,
+    files: list[str],
+    wanted: dict[str, tuple[int, tuple[slice, ...]]],
+    dests: dict[str, torch.Tensor],
+) -> bool:
+    """Whether every destination holds, bit for bit, the slice safetensors reads itself."""
     from safetensors import safe_open
 
+    ok = True
+    for file in files:
+        with safe_open(str(root / file), "pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if name in wanted:
+                    expected = fh.get_slice(name)[wanted[name][1]]
+                    ok &= torch.equal(expected.view(torch.int16), dests[name].view(torch.int16))
+    return ok
+
+
+def main() -> None:
     import distload
     from distload import api
     from distload.bench.methods import METHODS, Context
@@ -234,13 +251,7 @@ def main() -> None:
     figures = torch.tensor([elapsed, float(read), cpu], dtype=torch.float64)
     everyone = [torch.zeros_like(figures) for _ in range(world)]
     dist.all_gather(everyone, figures)
-    ok = True
-    for f in index.files:
-        with safe_open(str(root / f.name), "pt") as fh:
-            for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if name in wanted:
-                    expected = fh.get_slice(name)[wanted[name][1]]
-                    ok &= torch.equal(expected.view(torch.int16), dests[name].view(torch.int16))
+    ok = bit_exact(root, [f.name for f in index.files], wanted, dests)
     row = {
         "method": args.method,
         "rank": rank,
