@@ -240,7 +240,11 @@ def test_stalled_rank_past_timeout(mixed_ckpt: Path) -> None:
     for o in (outcomes[0], outcomes[2]):
         assert o.ok, o
         assert o.result["type"] == "PeerError"
-        assert "no answer within 3 s" in o.result["message"], o.result["message"]
+        assert 1 in o.result["ranks"], o.result
+        # its own wait timed out, or it was waiting on a survivor whose wait did first and
+        # left the load naming the stalled rank
+        message = o.result["message"]
+        assert "no answer within 3 s" in message or "its error naming ranks [1]" in message, message
         assert o.result["seconds"] < 3 + 8
 
 
