@@ -29,7 +29,7 @@ from distload.coordination import agree
 from distload.errors import DistLoadError, failure_from_exception
 from distload.execute.copies import Copier
 from distload.execute.exchange import ShmBuckets, TransportExchange
-from distload.execute.pagecache import PageCacheBuckets, page_cached
+from distload.execute.pagecache import PageCacheBuckets
 from distload.execute.reader import Outcome, Read, ReadAhead, ReadFailure
 from distload.execute.status import ExecStats, Status, describe
 from distload.plan import Bucket, LoadPlan
@@ -59,7 +59,7 @@ class Executor:
         comm_arenas: Arenas,
         on_bucket: Callable[[int], None] | None = None,
         shm: ShmExchange | None = None,
-        cached: frozenset[int] | None = None,
+        cached: frozenset[int] = frozenset(),
         multicast: bool = False,
     ) -> None:
         self.plan, self.transport, self.rank = plan, transport, transport.rank
@@ -76,13 +76,9 @@ class Executor:
             ShmBuckets(shm, self.copier, self.status, self.stats) if shm is not None else None
         )
         self._shm = shm
-        # buckets every rank reads from the page cache itself (no reader, no transfer): the
-        # caller's choice (``distload.execute.run``), else those beside shared memory
-        self.cached = (
-            cached
-            if cached is not None
-            else page_cached(plan, transport.device, shm=shm is not None)
-        )
+        # buckets every rank reads from the page cache itself (no reader, no transfer), as
+        # ``distload.execute.run.ExecutePhase`` decided them: none by default
+        self.cached = cached
         self.page_cache = (
             PageCacheBuckets(self.copier, self.status, self.stats, reader) if self.cached else None
         )
