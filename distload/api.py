@@ -55,6 +55,7 @@ from distload.residency import node_leaders, node_report
 from distload.source import Coordinator, Fetched, agree_on_plan, fetch
 from distload.storage import DEFAULT_READ_THREADS
 from distload.transforms import Transform
+from distload.transport.base import Transport
 
 __all__ = ["DEFAULT_STAGING_BYTES", "LoadIntoResult", "LoadedState", "load", "load_into"]
 
@@ -215,9 +216,7 @@ def run_load(
 
         def report() -> bytes:
             delivered.update(dests.result())  # output -> the tensor the caller gets (ties)
-            mine = _rank_report(rt.rank, delivered, result, fetched, clock.finish())
-            mine.cpu_seconds, mine.operations = clock.cpu(), net.operations
-            return mine.to_json()
+            return _rank_report(rt.rank, delivered, result, fetched, clock=clock, net=net).to_json()
 
         # the closing step: every rank's report, or the same error on every rank
         ranks = [RankReport.from_json(b) for b in phase.close(result, report)]
@@ -279,8 +278,12 @@ def _rank_report(
     dests: Mapping[int, torch.Tensor],
     result: ExecResult,
     fetched: Fetched,
-    seconds: dict[str, float],
+    *,
+    clock: PhaseClock,
+    net: Transport,
 ) -> RankReport:
+    """This rank's figures, made once its bytes are in (the clock stops here; ``net`` has
+    waited on every operation but the closing exchange of reports)."""
     stats = result.stats
     return RankReport(
         rank=rank,
@@ -289,7 +292,9 @@ def _rank_report(
         bytes_received=stats.bytes_received,
         bytes_held=sum(d.numel() * d.element_size() for d in dests.values()),
         peak_staging_bytes=result.staging_bytes,
-        seconds=seconds,
+        seconds=clock.finish(),
+        cpu_seconds=clock.cpu(),
+        operations=net.operations,
         bytes_downloaded=fetched.stats.bytes_downloaded,
         bytes_copied=stats.bytes_copied,
         bytes_kernel_copied=stats.bytes_kernel_copied,
