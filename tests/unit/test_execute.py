@@ -3,6 +3,7 @@ their destinations need no staging arena, so the reader runs ahead through them.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,32 @@ def test_direct_buckets_are_read_ahead_without_waiting_for_arenas(ckpt: Path) ->
     for out, dest in dests.items():
         name = plan.outputs[out].name
         assert torch.equal(dest.view(torch.uint8), expected[name].view(torch.uint8)), name
+
+
+def test_read_ahead_announces_only_ranges_of_files_not_in_the_page_cache(ckpt: Path) -> None:
+    index = read_checkpoint(ckpt)
+    assert len(index.files) >= 2
+    resident = index.files[0].name
+    plan = dataclasses.replace(make_plan(index, 1, bucket_bytes=8192), cached_files=(resident,))
+    dests = prepare_destinations(plan, 0, torch.device("cpu"), None)
+    arenas = Arenas(torch.device("cpu"))
+    advised: list[tuple[str, int, int]] = []
+    with FileReader(ckpt, threads=2) as reader:
+        reader.advise = lambda file, offset, length: advised.append((file, offset, length))  # type: ignore[method-assign]
+        executor = Executor(
+            plan, LocalTransport(), dests, reader, host_arenas=arenas, comm_arenas=arenas
+        )
+        prefetch = ReadAhead(
+            plan, 0, reader=reader, arenas=arenas, direct_targets=executor.copier.direct_targets
+        )
+        try:
+            for b in plan.buckets:
+                prefetch.next(b)
+        finally:
+            prefetch.stop()
+    files = {plan.tensors[i.tensor].file for b in plan.buckets[1:] for i in b.items}
+    assert {f for f, _, _ in advised} == files - {resident}  # the others' ranges all announced
+    assert all(length > 0 for _, _, length in advised)
 
 
 @pytest.mark.parametrize("shm", [False, True], ids=["transport", "shared-memory"])
