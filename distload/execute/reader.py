@@ -31,6 +31,8 @@ from distload.storage import Arenas, FileReader, ReadRequest, byte_view
 log = logging.getLogger(__name__)
 
 PREFETCH_DEPTH = 3  # staging arenas in the read-ahead ring (buckets needing staging)
+# consecutive local buckets read straight into destinations are read together, up to this
+DIRECT_BATCH_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -138,28 +140,85 @@ class ReadAhead:
     # -- the reader thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        for position, (number, bucket) in enumerate(self.mine):
-            if position + 1 < len(self.mine):  # storage starts on the next bucket meanwhile
+        position = 0
+        while position < len(self.mine):
+            number, bucket = self.mine[position]
+            try:
+                targets = self.direct_targets(number, bucket) if bucket.kind == "local" else {}
+            except Exception as exc:  # delivered to the main thread, which decides
+                self.ready.put(ReadFailure(bucket, exc))
+                position += 1
+                continue
+            batch = [(bucket, targets)] if len(targets) == len(bucket.items) else []
+            if batch:
+                batch += self._direct_run(position + 1, sum(len(t) for t in targets.values()))
+            after = position + max(1, len(batch))
+            if after < len(self.mine):  # storage starts on the next bucket meanwhile
                 try:
-                    self._advise(self.mine[position + 1][1])
+                    self._advise(self.mine[after][1])
                 except Exception:  # a hint only: never let it end the reader thread
                     log.debug("read-ahead hint failed", exc_info=True)
-            if not self._one(number, bucket):
+            if batch:
+                if self._stop.is_set():
+                    return
+                for outcome in self._read_direct(batch):
+                    self.ready.put(outcome)
+            elif not self._one(number, bucket, targets):
                 return
+            position = after
 
-    def _one(self, number: int, bucket: Bucket) -> bool:
-        """Read one bucket and queue its outcome; False when the thread must end."""
+    def _direct_run(self, position: int, size: int) -> list[tuple[Bucket, dict[Item, memoryview]]]:
+        """The local buckets from ``position`` on whose pieces all go straight into their
+        destinations, while they total at most :data:`DIRECT_BATCH_BYTES` with ``size``
+        bytes already taken: read together, they keep more requests in flight and cost one
+        hand-over to the read pool instead of one each."""
+        batch: list[tuple[Bucket, dict[Item, memoryview]]] = []
+        while position < len(self.mine):
+            number, bucket = self.mine[position]
+            if bucket.kind != "local":
+                break
+            try:
+                targets = self.direct_targets(number, bucket)
+            except Exception:  # read on its own: its failure is reported for it alone
+                break
+            nbytes = sum(len(t) for t in targets.values())
+            if len(targets) != len(bucket.items) or size + nbytes > DIRECT_BATCH_BYTES:
+                break
+            batch.append((bucket, targets))
+            size += nbytes
+            position += 1
+        return batch
+
+    def _read_direct(self, batch: list[tuple[Bucket, dict[Item, memoryview]]]) -> list[Outcome]:
+        """Read consecutive buckets straight into their destinations in one pass; a failure
+        is every one of them's (the error names the tensor)."""
+        start = time.perf_counter()
+        tensors = self.plan.tensors
         try:
-            targets = self.direct_targets(number, bucket) if bucket.kind == "local" else {}
-        except Exception as exc:  # delivered to the main thread, which decides
-            self.ready.put(ReadFailure(bucket, exc))
-            return True
-        if len(targets) == len(bucket.items):
-            # read straight into the destinations: no staging, no free arena to wait for
-            if self._stop.is_set():
-                return False
-            self.ready.put(self._read(bucket, None, targets))
-            return True
+            requests = []
+            for bucket, targets in batch:
+                for item in bucket.items:
+                    meta = tensors[item.tensor]
+                    if len(targets[item]):
+                        requests.append(
+                            ReadRequest(
+                                meta.file, piece_offset(meta, item), targets[item], meta.name
+                            )
+                        )
+            self.reader.read(requests)
+            if self.digests:
+                for bucket, targets in batch:
+                    for item in bucket.items:
+                        self._check(item, targets[item])
+        except BaseException as exc:  # delivered to the main thread, which decides
+            self.stats.seconds += time.perf_counter() - start
+            return [ReadFailure(bucket, exc) for bucket, _ in batch]
+        self.stats.seconds += time.perf_counter() - start
+        return [Read(bucket, direct=set(targets)) for bucket, targets in batch]
+
+    def _one(self, number: int, bucket: Bucket, targets: dict[Item, memoryview]) -> bool:
+        """Read one bucket that needs staging (``targets``: its pieces that go straight into
+        their destinations) and queue its outcome; False when the thread must end."""
         slot = self.shm.slot_of.get(number) if self.shm is not None else None
         if self.shm is not None and slot is not None:
             try:  # this bucket's shared-memory slot, once every rank is done with it

@@ -11,10 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from distload.checkpoint import read_checkpoint
-from distload.execute import PREFETCH_DEPTH, Executor, Read, ReadAhead
+from distload.errors import CheckpointError
+from distload.execute import PREFETCH_DEPTH, Executor, Read, ReadAhead, ReadFailure
+from distload.execute import reader as reader_module
 from distload.materialize import prepare_destinations
 from distload.planner import make_plan
-from distload.storage import Arenas, FileReader
+from distload.storage import Arenas, FileReader, ReadRequest
 from distload.synthetic import LlamaShape, write_llama
 from distload.transport.local import LocalTransport
 
@@ -58,7 +60,10 @@ def test_direct_buckets_are_read_ahead_without_waiting_for_arenas(ckpt: Path) ->
         assert torch.equal(dest.view(torch.uint8), expected[name].view(torch.uint8)), name
 
 
-def test_read_ahead_announces_only_ranges_of_files_not_in_the_page_cache(ckpt: Path) -> None:
+def test_read_ahead_announces_only_ranges_of_files_not_in_the_page_cache(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reader_module, "DIRECT_BATCH_BYTES", 1)  # one bucket per read
     index = read_checkpoint(ckpt)
     assert len(index.files) >= 2
     resident = index.files[0].name
@@ -82,6 +87,70 @@ def test_read_ahead_announces_only_ranges_of_files_not_in_the_page_cache(ckpt: P
     files = {plan.tensors[i.tensor].file for b in plan.buckets[1:] for i in b.items}
     assert {f for f, _, _ in advised} == files - {resident}  # the others' ranges all announced
     assert all(length > 0 for _, _, length in advised)
+
+
+def _read_all(
+    ckpt: Path, bucket_bytes: int, fail_tensor: str | None = None
+) -> tuple[list[object], int, dict[int, torch.Tensor], object]:
+    """Every bucket of a one-process plan through the read-ahead: the outcomes, how many
+    reads the pool was handed, the destinations and the plan."""
+    plan = make_plan(read_checkpoint(ckpt), 1, bucket_bytes=bucket_bytes)
+    dests = prepare_destinations(plan, 0, torch.device("cpu"), None)
+    arenas = Arenas(torch.device("cpu"))
+    calls: list[int] = []
+    with FileReader(ckpt, threads=2) as reader:
+        real = reader.read
+
+        def counted(requests: list[ReadRequest]) -> None:
+            calls.append(len(requests))
+            if fail_tensor is not None and any(r.tensor == fail_tensor for r in requests):
+                raise CheckpointError(f"injected failure reading {fail_tensor}", file="x")
+            real(requests)
+
+        reader.read = counted  # type: ignore[method-assign]
+        executor = Executor(
+            plan, LocalTransport(), dests, reader, host_arenas=arenas, comm_arenas=arenas
+        )
+        prefetch = ReadAhead(
+            plan, 0, reader=reader, arenas=arenas, direct_targets=executor.copier.direct_targets
+        )
+        try:
+            got: list[object] = [prefetch.next(b) for b in plan.buckets]
+        finally:
+            prefetch.stop()
+    return got, len(calls), dests, plan
+
+
+def test_consecutive_direct_buckets_are_read_in_one_pass_up_to_the_batch_bound(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    got, reads, dests, plan = _read_all(ckpt, 8192)
+    assert len(plan.buckets) > 8 and reads < len(plan.buckets) / 4  # batched
+    assert all(isinstance(r, Read) and r.all_direct for r in got)
+    expected: dict[str, torch.Tensor] = {}
+    for f in read_checkpoint(ckpt).files:
+        expected.update(load_file(ckpt / f.name))
+    for out, dest in dests.items():
+        name = plan.outputs[out].name
+        assert torch.equal(dest.view(torch.uint8), expected[name].view(torch.uint8)), name
+    monkeypatch.setattr(reader_module, "DIRECT_BATCH_BYTES", 3 * 8192)
+    _, bounded, _, _ = _read_all(ckpt, 8192)
+    assert bounded > reads  # a smaller bound: more passes, each within it
+
+
+def test_a_failed_batched_read_is_every_bucket_of_the_batch(ckpt: Path) -> None:
+    plan = make_plan(read_checkpoint(ckpt), 1, bucket_bytes=8192)
+    victim = plan.tensors[plan.buckets[len(plan.buckets) // 2].items[0].tensor].name
+    got, _, _, plan = _read_all(ckpt, 8192, fail_tensor=victim)
+    failed = [n for n, r in enumerate(got) if isinstance(r, ReadFailure)]
+    assert failed and all(isinstance(r, Read) for n, r in enumerate(got) if n not in failed)
+    hit = [
+        n
+        for n, b in enumerate(plan.buckets)
+        if any(plan.tensors[i.tensor].name == victim for i in b.items)
+    ]
+    assert set(hit) <= set(failed)  # the bucket holding the tensor, with its batch
+    assert all("injected failure" in str(got[n].error) for n in failed)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("shm", [False, True], ids=["transport", "shared-memory"])
