@@ -93,6 +93,8 @@ def string_dim(spec: str, name: str, ndim: int) -> int | None:
 # a module path matches a rule with any leading parts dropped (``model.`` before ``layers.*``):
 # transformers' ``base_model_tp_plan`` keys are relative to the base model
 _TAIL = r"(?s:(?:.*\.)?)"
+# names whose rule one TensorParallel remembers (a checkpoint of 100k tensors: ~20 MB at most)
+MATCH_CACHE = 200_000
 
 
 class TensorParallel:
@@ -154,14 +156,23 @@ class TensorParallel:
             )
             for p, spec in self.rules.items()
         ]
+        # name -> its rule: planning asks twice per tensor (its layout, the unmatched-rule
+        # check), and a plan per load asks again (rank 0's serial time, while peers wait)
+        self._matches: dict[str, tuple[str, Any] | None] = {}
 
     def match(self, name: str) -> tuple[str, Any] | None:
         """The first (pattern, placement) rule matching ``name`` or its module, if any."""
+        if name in self._matches:
+            return self._matches[name]
+        found = None
         module = name.rpartition(".")[0]
         for pattern, spec, full, tail in self._compiled:
             if full(name) or (module and tail(module)):
-                return pattern, spec
-        return None
+                found = (pattern, spec)
+                break
+        if len(self._matches) < MATCH_CACHE:
+            self._matches[name] = found
+        return found
 
     def layout(self, meta: TensorMeta, world_size: int) -> Layout:
         size = self.size or world_size
