@@ -11,7 +11,6 @@ ahead through such buckets and keeps the storage busy while the main thread wait
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import queue
@@ -360,13 +359,15 @@ class ReadAhead:
             self.free.put(arena)
 
     def stop(self) -> None:
-        """End the thread: drain what it queued (so it never blocks), wait for its read."""
+        """End the thread: give back what it queued (an arena it waits for may be among
+        them) and wait for its read -- returning as soon as it ends: after its last bucket
+        it ends at once, and no wait on the queue may hold this rank up meanwhile."""
         self._stop.set()
-        if self.thread.is_alive():
-            while self.thread.is_alive():
-                with contextlib.suppress(queue.Empty):
-                    self.release(self.ready.get(timeout=0.05))
-            self.thread.join()
+        while self.thread.is_alive():
+            try:
+                self.release(self.ready.get_nowait())
+            except queue.Empty:
+                self.thread.join(timeout=0.005)
 
 
 __all__ = ["PREFETCH_DEPTH", "DirectTargets", "Outcome", "Read", "ReadAhead", "ReadFailure"]

@@ -4,6 +4,8 @@ their destinations need no staging arena, so the reader runs ahead through them.
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from pathlib import Path
 
 import pytest
@@ -151,6 +153,56 @@ def test_a_failed_batched_read_is_every_bucket_of_the_batch(ckpt: Path) -> None:
     ]
     assert set(hit) <= set(failed)  # the bucket holding the tensor, with its batch
     assert all("injected failure" in str(got[n].error) for n in failed)  # type: ignore[attr-defined]
+
+
+class _NoBlockingGets(queue.Queue):  # type: ignore[type-arg]
+    """A queue that records blocking gets made once its owner is stopping."""
+
+    def __init__(self, stopping: threading.Event) -> None:
+        super().__init__()
+        self.stopping, self.blocking = stopping, 0
+
+    def get(self, block: bool = True, timeout: float | None = None) -> object:
+        if block and self.stopping.is_set():
+            self.blocking += 1
+        return super().get(block, timeout)
+
+
+def test_stop_waits_on_the_reader_thread_never_on_its_queue(ckpt: Path) -> None:
+    # a reader thread still ending after its last bucket must not hold stop() up for a
+    # wait on a queue nothing more will arrive in
+    plan = make_plan(read_checkpoint(ckpt), 1, bucket_bytes=8192)
+    dests = prepare_destinations(plan, 0, torch.device("cpu"), None)
+    arenas = Arenas(torch.device("cpu"))
+    with FileReader(ckpt, threads=2) as reader:
+        executor = Executor(
+            plan, LocalTransport(), dests, reader, host_arenas=arenas, comm_arenas=arenas
+        )
+        gate, queued = threading.Event(), threading.Event()
+        real_run = ReadAhead._run
+
+        def lingering(self: ReadAhead) -> None:
+            real_run(self)
+            queued.set()
+            gate.wait(5)  # alive after queueing its last outcome
+
+        ReadAhead._run = lingering  # type: ignore[method-assign]
+        try:
+            prefetch = ReadAhead(
+                plan, 0, reader=reader, arenas=arenas, direct_targets=executor.copier.direct_targets
+            )
+        finally:
+            ReadAhead._run = real_run  # type: ignore[method-assign]
+        assert queued.wait(10)
+        ready = _NoBlockingGets(prefetch._stop)
+        while not prefetch.ready.empty():
+            ready.put(prefetch.ready.get())
+        prefetch.ready = ready
+        got = [prefetch.next(b) for b in plan.buckets[:-1]]  # the last one left queued
+        threading.Timer(0.2, gate.set).start()
+        prefetch.stop()
+    assert all(isinstance(r, Read) for r in got)
+    assert not prefetch.thread.is_alive() and ready.blocking == 0
 
 
 @pytest.mark.parametrize("shm", [False, True], ids=["transport", "shared-memory"])
