@@ -224,7 +224,7 @@ def run_load(
     state = LoadedState((plan.outputs[t].name, d) for t, d in delivered.items())
     state.plan, state.rank, state.root, state.files = plan, rt.rank, fetched.root, fetched.files
     state.all_max = lambda value: net.all_reduce_max(value, "after load: agreement")
-    state.report = load_report(_facts(plan, source, result.exchange), ranks)
+    state.report = load_report(LoadFacts.of(plan, str(source), result.exchange), ranks)
     log.info(
         "loaded %d tensors (%d bytes held) on rank %d in %.2f s",
         len(state),
@@ -299,23 +299,6 @@ def _rank_report(
         bytes_copied=stats.bytes_copied,
         bytes_kernel_copied=stats.bytes_kernel_copied,
         shared_buckets=stats.buckets,
-    )
-
-
-def _facts(plan: LoadPlan, source: str | os.PathLike[str], exchange: str) -> LoadFacts:
-    stored = {link.stored for _, link in plan.links}
-    hub = plan.hub
-    return LoadFacts(
-        source=hub.resolved.ref.url() if hub is not None else str(source),
-        commit=hub.resolved.commit if hub is not None else None,
-        hub_cache=hub.mode if hub is not None else None,
-        world_size=plan.world_size,
-        total_bytes=sum(plan.tensors[s].nbytes for s in stored),
-        tensors=len(plan.outputs),
-        buckets=len(plan.buckets),
-        placement=plan.placement,
-        nodes=plan.nodes,
-        exchange=exchange,
     )
 
 

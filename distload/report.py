@@ -6,6 +6,10 @@ import json
 import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the report itself needs neither the plan's module nor torch
+    from distload.plan import LoadPlan
 
 # the columns of the report's timing table, in the order the phases run
 PHASE_COLUMNS = (
@@ -189,6 +193,25 @@ class LoadFacts:
     exchange: str
     commit: str | None = None
     hub_cache: str | None = None
+
+    @classmethod
+    def of(cls, plan: LoadPlan, source: str, exchange: str) -> LoadFacts:
+        """The facts of a load of ``plan`` from ``source`` (as the caller named it; a Hub
+        source: its resolved URL and commit), ``exchange`` naming how buckets moved."""
+        stored = {link.stored for _, link in plan.links}
+        hub = plan.hub
+        return cls(
+            source=hub.resolved.ref.url() if hub is not None else source,
+            commit=hub.resolved.commit if hub is not None else None,
+            hub_cache=hub.mode if hub is not None else None,
+            world_size=plan.world_size,
+            total_bytes=sum(plan.tensors[s].nbytes for s in stored),
+            tensors=len(plan.outputs),
+            buckets=len(plan.buckets),
+            placement=plan.placement,
+            nodes=plan.nodes,
+            exchange=exchange,
+        )
 
 
 def load_report(facts: LoadFacts, ranks: list[RankReport]) -> LoadReport:
