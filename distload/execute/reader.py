@@ -125,7 +125,7 @@ class ReadAhead:
         ]
         self.digests = {t: (rows, chunks) for t, rows, chunks in plan.digests}
         # files the plan found in the page cache: announcing their ranges would only make the
-        # kernel walk pages it already holds (7 % of a warm load's CPU, TP over 4 ranks)
+        # kernel walk pages it already holds (3 % of a warm load's CPU samples, TP over 4 ranks)
         self.resident = frozenset(plan.cached_files)
         self.free: queue.Queue[str] = queue.Queue()
         for i in range(PREFETCH_DEPTH):
@@ -192,23 +192,8 @@ class ReadAhead:
         """Read consecutive buckets straight into their destinations in one pass; a failure
         is every one of them's (the error names the tensor)."""
         start = time.perf_counter()
-        tensors = self.plan.tensors
         try:
-            requests = []
-            for bucket, targets in batch:
-                for item in bucket.items:
-                    meta = tensors[item.tensor]
-                    if len(targets[item]):
-                        requests.append(
-                            ReadRequest(
-                                meta.file, piece_offset(meta, item), targets[item], meta.name
-                            )
-                        )
-            self.reader.read(requests)
-            if self.digests:
-                for bucket, targets in batch:
-                    for item in bucket.items:
-                        self._check(item, targets[item])
+            self._fill(batch)
         except BaseException as exc:  # delivered to the main thread, which decides
             self.stats.seconds += time.perf_counter() - start
             return [ReadFailure(bucket, exc) for bucket, _ in batch]
@@ -290,24 +275,32 @@ class ReadAhead:
                 for slot in staged:
                     out.slots[slot.item] = slot
                     targets[slot.item] = host[slot.offset : slot.offset + slot.nbytes]
-            requests = []
-            tensors = self.plan.tensors
-            for item in bucket.items:  # file order: back-to-back pieces join into one preadv
+            self._fill([(bucket, targets)])
+        except BaseException as exc:  # delivered to the main thread, which decides
+            self.stats.seconds += time.perf_counter() - start
+            return ReadFailure(bucket, exc, arena=arena)
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    def _fill(self, buckets: list[tuple[Bucket, dict[Item, memoryview]]]) -> None:
+        """Read every piece of ``buckets`` into its target (one pass over the read pool: in
+        file order, back-to-back pieces join into one preadv), checking it against the
+        manifest when verifying."""
+        tensors = self.plan.tensors
+        requests = []
+        for bucket, targets in buckets:
+            for item in bucket.items:
                 meta = tensors[item.tensor]
                 target = targets[item]
                 if len(target):
                     requests.append(
                         ReadRequest(meta.file, piece_offset(meta, item), target, meta.name)
                     )
-            self.reader.read(requests)
-            if self.digests:
+        self.reader.read(requests)
+        if self.digests:
+            for bucket, targets in buckets:
                 for item in bucket.items:
                     self._check(item, targets[item])
-        except BaseException as exc:  # delivered to the main thread, which decides
-            self.stats.seconds += time.perf_counter() - start
-            return ReadFailure(bucket, exc, arena=arena)
-        self.stats.seconds += time.perf_counter() - start
-        return out
 
     def _check(self, item: Item, data: memoryview) -> None:
         """Compare a piece just read with its manifest chunk hash (when verifying)."""
