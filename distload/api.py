@@ -87,6 +87,7 @@ def load(
     readers: Collection[int] | None = None,
     timeout: float = 300.0,
     read_threads: int = DEFAULT_READ_THREADS,
+    direct_io: bool = True,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     progress: Progress | None = None,
     keys: Collection[str] | None = None,
@@ -126,8 +127,12 @@ def load(
         keys, transforms: load only these names (absent ones ignored); key transforms
             (``Rename``, ``Split``, ``Merge``, ``Stack``, ``Transpose``) applied first.
         staging_bytes, bucket_bytes, readers, read_threads, timeout, max_header_bytes: the
-            staging bound per rank (buckets of a fifth of it), the ranks allowed to read, reads
+            staging bound per rank (buckets of a sixth of it), the ranks allowed to read, reads
             in flight per reader, seconds to wait for a peer, the header size limit.
+        direct_io: read the blocks the page cache does not hold with ``O_DIRECT`` (a DMA
+            into an aligned bounce buffer, then one copy; no page-cache work), where the
+            filesystem allows; ``False``: every block through the page cache (which then
+            keeps the checkpoint for the next load).
         verify: check each byte against a manifest while reading (``True``: the one in the
             source; a path: another). allow_pickle: also read ``.bin``/``.pt`` zip checkpoints
             (weights-only unpickler, metadata only). transport: ``"auto"``/``"torch"`` or
@@ -207,6 +212,7 @@ def run_load(
             root=fetched.root,
             contain=fetched.contain,
             read_threads=options.read_threads,
+            direct_io=options.direct_io,
             on_bucket=on_bucket,
             after=lambda: dests.check_ties(plan, rt.rank),
         )
@@ -298,6 +304,7 @@ def _rank_report(
         bytes_downloaded=fetched.stats.bytes_downloaded,
         bytes_copied=stats.bytes_copied,
         bytes_kernel_copied=stats.bytes_kernel_copied,
+        bytes_direct=stats.bytes_direct,
         shared_buckets=stats.buckets,
     )
 

@@ -7,6 +7,7 @@ file and tensor (see ``distload.checkpoint`` for the list).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -27,7 +28,8 @@ MAX_ELEMENTS = 2**62  # product of a shape's non-zero dims: strides stay within 
 def read_header(
     path: Path, *, display: str | None = None, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
 ) -> tuple[FileMeta, dict[str, TensorMeta], dict[str, str]]:
-    """Read and validate the header of one safetensors file (header bytes only).
+    """Read and validate the header of one safetensors file (header bytes only: no kernel
+    read-ahead into the tensors' bytes, which a reader may fetch with O_DIRECT).
 
     Returns the file record, the tensors it holds, and its ``__metadata__``.
     """
@@ -36,6 +38,9 @@ def read_header(
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             fd = fh.fileno()
+            if hasattr(os, "posix_fadvise"):
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             return parse_header(
                 name, size, lambda off, n: os.pread(fd, n, off), max_header_bytes=max_header_bytes
             )

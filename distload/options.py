@@ -23,7 +23,7 @@ from distload.planner import DEFAULT_BUCKET_BYTES
 from distload.storage import DEFAULT_READ_THREADS
 from distload.transforms import Transform
 
-# staging of the default bucket size (80 MiB): buckets are staging_bytes / STAGING_ARENAS
+# staging of the default bucket size (96 MiB): buckets are staging_bytes / STAGING_ARENAS
 DEFAULT_STAGING_BYTES = STAGING_ARENAS * DEFAULT_BUCKET_BYTES
 
 Progress = Callable[[int, int], None]
@@ -39,6 +39,7 @@ class LoadOptions:
     readers: Collection[int] | None = None
     timeout: float = 300.0
     read_threads: int = DEFAULT_READ_THREADS
+    direct_io: bool = True  # O_DIRECT for blocks the page cache lacks (distload.storage)
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     keys: Collection[str] | None = None
     transforms: Sequence[Transform] = ()

@@ -45,6 +45,7 @@ class RankReport:
     bytes_downloaded: int = 0  # bytes this rank fetched from the Hub (cache hits count 0)
     bytes_copied: int = 0  # bytes this rank's CPU copied (host destinations, packing)
     bytes_kernel_copied: int = 0  # bytes the kernel copied for it (reads via the page cache)
+    bytes_direct: int = 0  # bytes of bytes_read read with O_DIRECT (bypassing the page cache)
     # shared buckets this rank took part in (with the transport, p2p buckets between other
     # ranks are skipped: they move meanwhile)
     shared_buckets: int = 0
@@ -105,6 +106,18 @@ class LoadReport:
         return sum(r.bytes_held for r in self.ranks)
 
     @property
+    def bytes_direct(self) -> int:
+        """Bytes of :attr:`bytes_read` read with ``O_DIRECT`` (the rest through the page
+        cache)."""
+        return sum(r.bytes_direct for r in self.ranks)
+
+    def _read_path(self) -> str:
+        """The read path's clause of the table's head: how much bypassed the page cache."""
+        if not self.bytes_read:
+            return ""
+        return f", {self.bytes_direct / self.bytes_read:.0%} with O_DIRECT"
+
+    @property
     def cpu_seconds(self) -> float:
         """CPU seconds (user + system) of every rank's process during the load."""
         return sum(r.cpu_seconds for r in self.ranks)
@@ -126,7 +139,8 @@ class LoadReport:
             f"{self.buckets} buckets ({self.exchange}), {self.wall_seconds:.2f} s (slowest "
             "rank), read "
             f"{human_bytes(self.bytes_read)} "
-            f"({self.bytes_read / max(1, self.total_bytes):.2f}x the checkpoint), "
+            f"({self.bytes_read / max(1, self.total_bytes):.2f}x the checkpoint"
+            f"{self._read_path()}), "
             f"{self.cpu_copies_per_byte:.2f} CPU copies per delivered byte, "
             f"{self.cpu_seconds:.2f} CPU s over all ranks"
         )

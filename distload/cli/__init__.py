@@ -116,6 +116,12 @@ def _add_load(sub: Commands) -> None:
         default="auto",
         help="torch.distributed (default) or MPI via mpi4py (CPU)",
     )
+    p.add_argument(
+        "--no-direct-io",
+        dest="direct_io",
+        action="store_false",
+        help="read every block through the page cache (default: O_DIRECT for blocks it lacks)",
+    )
     add_placement_args(p)
     add_hub_args(p)
     p.add_argument(

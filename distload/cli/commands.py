@@ -50,6 +50,7 @@ def cmd_load(args: argparse.Namespace) -> int:
             progress=progress,
             transforms=transforms_of(args),
             transport=args.transport,
+            direct_io=args.direct_io,
             verify=args.manifest,
             allow_pickle=args.allow_pickle,
             revision=args.revision,

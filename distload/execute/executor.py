@@ -126,10 +126,12 @@ class Executor:
                 self.page_cache.close()
         self.stats.bytes_read = self.reader.bytes_read
         self.stats.bytes_kernel_copied = self.reader.bytes_kernel_copied
+        self.stats.bytes_direct = self.reader.bytes_direct
         if self.page_cache is not None:  # read by every rank for itself
             self.stats.bytes_read += self.page_cache.bytes_read
             self.stats.bytes_kernel_copied += self.page_cache.bytes_kernel_copied
-        self.stats.bytes_copied = self.copier.copied
+        # O_DIRECT reads: this rank's copy out of its bounce buffers
+        self.stats.bytes_copied = self.copier.copied + self.reader.bytes_direct
         self.stats.read_seconds = prefetch.stats.seconds
         if self.comm_arenas.device.type == "cuda":
             torch.cuda.synchronize(self.comm_arenas.device)

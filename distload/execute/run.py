@@ -39,7 +39,9 @@ from distload.storage import Arenas, FileReader
 from distload.transport.base import Transport
 
 T = TypeVar("T")
-STAGING_ARENAS = PREFETCH_DEPTH + 2  # read ring + one receive + one pack buffer
+# the staging budget in buckets: the read ring, one receive and one pack buffer, and the read
+# threads' O_DIRECT bounce buffers (one bucket in all, see distload.storage)
+STAGING_ARENAS = PREFETCH_DEPTH + 3
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class ExecutePhase:
         root: str | Path,
         contain: Path | None,
         read_threads: int,
+        direct_io: bool = True,
         on_bucket: Callable[[int], None] | None,
         after: Callable[[], None] | None = None,
     ) -> ExecResult:
@@ -155,7 +158,15 @@ class ExecutePhase:
         host = Arenas(torch.device("cpu"), pin=self.net.device.type == "cuda")
         comm = Arenas(self.net.device) if self.net.device.type == "cuda" else host
         expect = {f.name: f for f in self.plan.index.files}
-        reader = FileReader(root, threads=read_threads, contain=contain, expect=expect)
+        reader = FileReader(
+            root,
+            threads=read_threads,
+            contain=contain,
+            expect=expect,
+            direct=direct_io,
+            resident=self.plan.cached_files,
+            bounce_budget=self.plan.bucket_bytes,
+        )
         try:
             multicast = self._open_multicast()
             executor = Executor(
@@ -180,7 +191,7 @@ class ExecutePhase:
         finally:
             reader.close()
             self.net.close_groups()
-        staging = host.nbytes + (comm.nbytes if comm is not host else 0)
+        staging = host.nbytes + (comm.nbytes if comm is not host else 0) + reader.bounce_bytes
         if self.exchange is not None:
             staging += self.exchange.nbytes
         host.clear()

@@ -25,6 +25,7 @@ class ExecStats:
     bytes_received: int = 0
     bytes_copied: int = 0  # by this rank's CPU: into host destinations, packing
     bytes_kernel_copied: int = 0  # by the kernel: reads through the page cache
+    bytes_direct: int = 0  # read with O_DIRECT (a DMA; the copy out counts in bytes_copied)
     read_seconds: float = 0.0
     transfer_seconds: float = 0.0
     buckets: int = 0

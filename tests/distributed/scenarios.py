@@ -6,6 +6,7 @@ outcome. Verification happens inside the rank against single-process safetensors
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -59,6 +60,18 @@ def planned_traffic(state: Any) -> list[Any]:
     return traffic(state.plan, multicast=multicast, page_cached=cached_buckets(state))
 
 
+def evict(source: str) -> None:
+    """Drop a checkpoint's files from the page cache (written back first, so the drop takes)."""
+    root = Path(source)
+    for path in [root] if root.is_file() else sorted(root.glob("*.safetensors")):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
     """One load per ``cfg``, every local piece compared bit for bit with safetensors."""
     rank, world = _rank(), _world()
@@ -79,6 +92,17 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
         os.environ["DISTLOAD_PAGE_CACHE"] = cfg["page_cache"]
     if cfg.get("nodes"):  # simulated nodes: the node index of every rank
         os.environ["DISTLOAD_NODE_ID"] = f"node{cfg['nodes'][rank]}"
+    if cfg.get("cold"):  # the page cache drops the source's files first: O_DIRECT reads
+        # once no rank holds a reference any more (their tensors may map the files' pages,
+        # which the kernel then keeps): it is read again after the load
+        reference = {}
+        gc.collect()
+        if dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            evict(cfg["source"])
+        if dist.is_initialized():
+            dist.barrier()
     probe = residency.in_page_cache
     if cfg.get("resident") is not None:  # what each rank's page-cache probe answers
         answer = bool(cfg["resident"][rank])
@@ -93,13 +117,14 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
             device=cfg.get("device", "cpu"),
             timeout=cfg.get("timeout", 60),
             shm=cfg.get("shm"),
+            direct_io=cfg.get("direct_io", True),
         )
     finally:
         os.environ.pop("DISTLOAD_MULTICAST", None)
         os.environ.pop("DISTLOAD_PAGE_CACHE", None)
         os.environ.pop("DISTLOAD_NODE_ID", None)
         residency.in_page_cache = probe  # type: ignore[assignment]
-    if out is None:
+    if out is None or cfg.get("cold"):
         reference = read_all(cfg["source"])
     if set(state) != set(reference):
         raise AssertionError(f"loaded names differ: {sorted(set(state) ^ set(reference))[:5]}")
@@ -128,6 +153,7 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
         "staging": [r.peak_staging_bytes for r in rep.ranks],
         "buckets": rep.buckets,
         "kernel_copied": [r.bytes_kernel_copied for r in rep.ranks],
+        "direct": [r.bytes_direct for r in rep.ranks],
         "copied": [r.bytes_copied for r in rep.ranks],
         "operations": [r.operations for r in rep.ranks],
         "cpu_seconds": [r.cpu_seconds for r in rep.ranks],

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from distload.execute import PREFETCH_DEPTH
+from distload import storage
+from distload.execute import STAGING_ARENAS
+from distload.residency import cached_range
+from distload.synthetic import LlamaShape, write_llama
 from tests.distributed.cases import LLAMA_RULES, MIXED_RULES
 from tests.distributed.launch import check_all_ok, run_group
 
@@ -140,10 +145,115 @@ def test_loads_are_bit_exact(
             assert first["copied"] == [0] * world, first
             assert first["kernel_copied"] == [first["total_bytes"]] * world, first
         # staging stays within the read-ahead ring plus two buffers (pack and receive, or the
-        # two shared-memory slots), one bucket each
+        # two shared-memory slots), one bucket each, and the O_DIRECT bounce buffers
         if cfg.get("bucket_bytes"):
-            arenas = PREFETCH_DEPTH + 2
-            assert max(first["staging"]) <= arenas * cfg["bucket_bytes"] + 64 * 64, (cfg, first)
+            bound = STAGING_ARENAS * cfg["bucket_bytes"] + 64 * 64
+            assert max(first["staging"]) <= bound, (cfg, first)
+
+
+def _header_pages(root: Path) -> int:
+    """Bytes of the pages holding the safetensors headers of a checkpoint's files."""
+    total = 0
+    for path in sorted(root.glob("*.safetensors")):
+        with open(path, "rb") as fh:
+            end = 8 + int.from_bytes(fh.read(8), "little")
+        total += -(-end // 4096) * 4096
+    return total
+
+
+def _direct_io_here(folder: Path) -> bool:
+    """Whether this filesystem takes O_DIRECT reads and the kernel tells cached blocks."""
+    probe = folder / "probe.bin"
+    probe.write_bytes(b"x" * 4096)
+    try:
+        fd = os.open(probe, os.O_RDONLY)
+        try:
+            told = cached_range(fd, 0, 4096) is not None
+        finally:
+            os.close(fd)
+        return told and storage._open_direct(probe) is not None
+    finally:
+        probe.unlink()
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_cold_loads_read_with_o_direct(
+    world: int, tmp_path: Path, mixed_ckpt: Path, llama_ckpt: Path
+) -> None:
+    """Checkpoints the page cache does not hold are read with O_DIRECT (bounce buffers, one
+    copy out), bit for bit, each byte once; with ``direct_io=False`` through the page cache.
+    Private copies: no other test warms them."""
+    mixed = shutil.copytree(mixed_ckpt, tmp_path / "mixed")
+    llama = write_llama(
+        tmp_path / "llama",
+        LlamaShape(vocab=4000, hidden=256, intermediate=688, layers=3),
+        max_shard_bytes=3_000_000,
+    )
+    bucket = 1 << 20  # four bounce buffers of 248 KiB: many blocks, split pieces
+    configs: list[dict[str, Any]] = [
+        {
+            "name": "cold-tp-llama-buffered",
+            "source": str(llama),
+            "rules": LLAMA_RULES,
+            "cold": True,
+            "direct_io": False,
+            "bucket_bytes": bucket,
+        },
+        {"name": "cold-replicate", "source": str(mixed), "cold": True},
+        {
+            "name": "cold-tp-mixed-out",
+            "source": str(mixed),
+            "rules": MIXED_RULES,
+            "out": True,
+            "cold": True,
+        },
+        {
+            "name": "cold-tp-llama",
+            "source": str(llama),
+            "rules": LLAMA_RULES,
+            "cold": True,
+            "bucket_bytes": bucket,
+        },
+        {
+            "name": "cold-tp-llama-upcast",
+            "source": str(llama),
+            "rules": LLAMA_RULES,
+            "dtype": "float32",
+            "cold": True,
+        },
+    ]
+    if world > 1:
+        configs.append(
+            {
+                "name": "cold-tp-llama-transport",
+                "source": str(llama),
+                "rules": LLAMA_RULES,
+                "cold": True,
+                "shm": False,
+                "bucket_bytes": bucket,
+            }
+        )
+    direct_here = _direct_io_here(tmp_path)
+    results = check_all_ok(run_group(world, "matrix", {"configs": configs}, timeout=200))
+    for i, cfg in enumerate(configs):
+        first = results[0][i]
+        total = first["total_bytes"]
+        assert sum(first["bytes_read"]) == total, (cfg["name"], first)
+        direct = sum(first["direct"])
+        if cfg.get("direct_io") is False or not direct_here:
+            assert direct == 0, (cfg["name"], first)
+            assert sum(first["kernel_copied"]) == total, (cfg["name"], first)
+            continue
+        # every byte read with O_DIRECT, one copy out of the bounce buffers each (counted
+        # with distload's own copies), but for pieces whose pages the page cache holds: those
+        # in the pages of the files' headers, which planning read
+        kernel = sum(first["kernel_copied"])
+        assert direct + kernel == total and 0 < direct, (cfg["name"], first)
+        assert kernel <= _header_pages(Path(cfg["source"])), (cfg["name"], first)
+        assert sum(first["copied"]) >= direct, (cfg["name"], first)
+        if cfg.get("bucket_bytes"):
+            bound = STAGING_ARENAS * cfg["bucket_bytes"] + 64 * 64
+            assert max(first["staging"]) <= bound, (cfg, first)
 
 
 def test_tp_sharded_ranks_receive_only_their_slice(llama_ckpt: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from distload.residency import (
+    cached_range,
     choose_cached,
     in_page_cache,
     node_leaders,
@@ -104,3 +105,25 @@ def test_only_node_leaders_of_a_multi_node_job_report(
     assert node_report(tmp_path, 0, [0, 0]) is None  # one node: rank 0 probes when planning
     monkeypatch.setenv("DISTLOAD_PAGE_CACHE", "0")
     assert node_report(tmp_path, 0, nodes) is None
+
+
+def test_cached_range_tells_block_by_block(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    mib = 1024 * 1024
+    _write(path, 8 * mib)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if cached_range(fd, 0, 4096) is None:
+            pytest.skip("cachestat(2) unavailable here (Linux before 6.5)")
+        assert cached_range(fd, 0, 8 * mib) is True
+        # the second half (aligned: the cache may hold the file in folios of up to 2 MiB)
+        _drop(path, 4 * mib, 4 * mib)
+        if cached_range(fd, 4 * mib, 4096):
+            pytest.skip("this filesystem keeps its pages (tmpfs?): nothing can be evicted")
+        assert cached_range(fd, 0, 4 * mib) is True  # the first half is whole
+        assert cached_range(fd, 1000, 4 * mib) is False  # ends inside the dropped half
+        assert cached_range(fd, 4 * mib - 1, 2) is False  # straddles the edge
+        assert cached_range(fd, 6 * mib, 4096) is False
+        assert cached_range(fd, 5, 0) is True  # nothing asked: nothing missing
+    finally:
+        os.close(fd)

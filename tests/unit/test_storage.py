@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from distload import storage
 from distload.errors import CheckpointError
+from distload.residency import cached_range
 from distload.storage import Arenas, FileReader, ReadRequest, byte_view
 
 
@@ -62,3 +66,154 @@ def test_arenas_grow_to_the_largest_request_and_are_reused() -> None:
     assert arenas.nbytes == 210
     arenas.clear()
     assert arenas.nbytes == 0
+
+
+# -- O_DIRECT reads ----------------------------------------------------------------------------
+
+
+def _evict(path: Path) -> None:
+    """Drop ``path`` from the page cache (written back first, so the drop takes)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _direct_or_skip(path: Path) -> None:
+    """Skip where this filesystem refuses O_DIRECT or the kernel cannot tell what is cached."""
+    if not hasattr(os, "O_DIRECT") or storage._open_direct(path) is None:
+        pytest.skip(f"{path.parent} refuses O_DIRECT")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if cached_range(fd, 0, 1) is None:
+            pytest.skip("cachestat is not available: blocks cannot be told cached")
+    finally:
+        os.close(fd)
+
+
+def _cold_file(tmp_path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    (tmp_path / "a.bin").write_bytes(data)
+    _direct_or_skip(tmp_path / "a.bin")
+    _evict(tmp_path / "a.bin")
+    return data
+
+
+def _requests(spans: list[tuple[int, int]]) -> tuple[list[ReadRequest], list[bytearray]]:
+    bufs = [bytearray(n) for _, n in spans]
+    reqs = [
+        ReadRequest("a.bin", o, memoryview(b), f"t{i}")
+        for i, ((o, _), b) in enumerate(zip(spans, bufs))
+    ]
+    return reqs, bufs
+
+
+def test_cold_blocks_are_read_with_o_direct_bit_exact(tmp_path: Path) -> None:
+    size = 5 * 2**20 + 4321  # not a multiple of the alignment: the last block ends short
+    data = _cold_file(tmp_path, size)
+    spans = [
+        (0, 100),  # the file's head, unaligned length
+        (100, 5000),  # back to back with the one before (one run of two buffers)
+        (5100, 3),
+        (7001, 3 * 2**20 + 77),  # unaligned both ends, longer than one direct block
+        (size - 999, 999),  # the file's last bytes
+    ]
+    reqs, bufs = _requests(spans)
+    with FileReader(tmp_path, threads=3) as reader:
+        reader.read(reqs)
+        total = sum(n for _, n in spans)
+        assert reader.bytes_read == total
+        assert reader.bytes_direct == total and reader.bytes_kernel_copied == 0
+        assert (
+            0 < reader.bounce_bytes <= 3 * (storage.DIRECT_BLOCK_BYTES + 2 * storage.DIRECT_ALIGN)
+        )
+    for (o, n), b in zip(spans, bufs, strict=True):
+        assert bytes(b) == data[o : o + n]
+    fd = os.open(tmp_path / "a.bin", os.O_RDONLY)
+    try:  # O_DIRECT left nothing in the page cache
+        assert cached_range(fd, 7001 + 4096, 2**20) is False
+    finally:
+        os.close(fd)
+
+
+def test_cached_blocks_are_read_through_the_page_cache(tmp_path: Path) -> None:
+    data = _cold_file(tmp_path, 3 * 2**20)
+    with open(tmp_path / "a.bin", "rb") as fh:  # the first MiB is cached again
+        fh.read(2**20)
+    reqs, bufs = _requests([(0, 2**20), (2**20, 2 * 2**20)])
+    with FileReader(tmp_path, threads=2) as reader:
+        reader.read(reqs)
+        assert reader.bytes_kernel_copied == 2**20  # the cached block
+        assert reader.bytes_direct == 2 * 2**20  # the cold ones
+    assert bytes(bufs[0]) + bytes(bufs[1]) == data
+
+
+def test_direct_off_and_resident_files_read_buffered(tmp_path: Path) -> None:
+    data = _cold_file(tmp_path, 2**20 + 5)
+    for kwargs in ({"direct": False}, {"resident": ["a.bin"]}):
+        _evict(tmp_path / "a.bin")
+        reqs, bufs = _requests([(3, 2**20)])
+        with FileReader(tmp_path, **kwargs) as reader:  # type: ignore[arg-type]
+            reader.read(reqs)
+            assert reader.bytes_direct == 0 and reader.bytes_kernel_copied == 2**20
+            assert reader.bounce_bytes == 0
+        assert bytes(bufs[0]) == data[3 : 3 + 2**20]
+
+
+def test_a_filesystem_refusing_o_direct_is_read_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _cold_file(tmp_path, 2**20)
+    monkeypatch.setattr(storage, "_open_direct", lambda path: None)  # EINVAL at open
+    reqs, bufs = _requests([(10, 1000)])
+    with FileReader(tmp_path) as reader:
+        reader.read(reqs)
+        assert reader.bytes_direct == 0
+    assert bytes(bufs[0]) == data[10:1010]
+
+
+def test_a_refused_direct_read_falls_back_for_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _cold_file(tmp_path, 2**20)
+    real = os.preadv
+    refused: list[int] = []
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int, *flags: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")  # as a filesystem refusing it
+        return real(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(storage.os, "preadv", preadv)
+    reqs, bufs = _requests([(10, 1000), (2**19, 2**19)])
+    with FileReader(tmp_path, threads=1) as reader:
+        reader.read(reqs)
+        assert reader.bytes_direct == 0 and reader.bytes_kernel_copied == 1000 + 2**19
+        assert len(refused) == 1  # asked once: the file reads buffered from then on
+    assert bytes(bufs[0]) == data[10:1010] and bytes(bufs[1]) == data[2**19 :]
+
+
+def test_a_direct_read_past_the_end_names_the_file_and_tensor(tmp_path: Path) -> None:
+    _cold_file(tmp_path, 10_000)
+    with FileReader(tmp_path) as reader, pytest.raises(CheckpointError, match=r"a\.bin.*'w'"):
+        reader.read([ReadRequest("a.bin", 9000, memoryview(bytearray(5000)), "w")])
+
+
+def test_bounce_buffers_stay_within_their_budget(tmp_path: Path) -> None:
+    assert storage.direct_block(None, 4) == storage.DIRECT_BLOCK_BYTES
+    assert storage.direct_block(16 * 2**20, 4) == storage.DIRECT_BLOCK_BYTES
+    block = storage.direct_block(2**20, 4)  # a quarter each, less the aligned edges
+    assert block % storage.DIRECT_ALIGN == 0 and 4 * (block + 2 * storage.DIRECT_ALIGN) <= 2**20
+    assert storage.direct_block(100_000, 4) == 0  # too tight: buffered reads
+    data = _cold_file(tmp_path, 3 * 2**20 + 1)
+    for budget, direct in ((2**20, True), (100_000, False)):
+        _evict(tmp_path / "a.bin")
+        reqs, bufs = _requests([(1, 3 * 2**20)])
+        with FileReader(tmp_path, threads=4, bounce_budget=budget) as reader:
+            reader.read(reqs)
+            assert reader.bounce_bytes <= budget
+            assert reader.bytes_direct == (3 * 2**20 if direct else 0)
+        assert bytes(bufs[0]) == data[1:]
