@@ -7,7 +7,7 @@ classes, accounting), the executor and the simulator.
 
 * :func:`parts_of`: the regions of one piece that one rank holds (:class:`Part`);
 * :func:`read_slots` / :func:`read_bytes`: the reader's staging layout of a bucket (whole
-  pieces, stored dtype, ``ALIGN``-aligned);
+  pieces, stored dtype; large pieces at their file offset's residue, :func:`slot_offset`);
 * :func:`segments_for`: what one rank receives from a bucket, packed, in wire dtypes;
 * :func:`receiving_classes`: who receives how many bytes of a shared bucket.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from distload.dtypes import ITEMSIZE
 from distload.index import TensorMeta
 from distload.placement.base import Box, box_shape, local_box
-from distload.plan import ALIGN, Bucket, Item, LoadPlan, tables
+from distload.plan import ALIGN, MIRROR_ALIGN, MIRROR_BYTES, Bucket, Item, LoadPlan, tables
 from distload.transforms import Link
 
 
@@ -142,6 +142,18 @@ def aligned(offset: int) -> int:
     return -(-offset // ALIGN) * ALIGN
 
 
+def slot_offset(cursor: int, file_offset: int, nbytes: int, itemsize: int) -> int:
+    """Where a piece of ``nbytes`` stored at ``file_offset`` goes in a read layout filled up to
+    ``cursor``: a large piece at the first offset from the cursor whose residue modulo
+    ``MIRROR_ALIGN`` is its file offset's (an O_DIRECT read lands it there straight), so one
+    stored right after the piece before it follows it without a gap; any other piece (small,
+    or stored off its item size's alignment, where a typed view could not be made) at the
+    next ``ALIGN`` boundary."""
+    if nbytes >= MIRROR_BYTES and file_offset % itemsize == 0:
+        return cursor + (file_offset - cursor) % MIRROR_ALIGN
+    return aligned(cursor)
+
+
 @dataclass(frozen=True)
 class Segment:
     """One part inside a staging buffer: where it lies and where it goes."""
@@ -149,7 +161,7 @@ class Segment:
     item: Item
     part: Part
     dtype: str  # dtype of the bytes in the buffer
-    offset: int  # byte offset inside the buffer (ALIGN-aligned)
+    offset: int  # byte offset inside the buffer (ALIGN-aligned, or see slot_offset)
     nbytes: int
 
 
@@ -162,9 +174,10 @@ def read_slots(plan: LoadPlan, bucket: Bucket) -> tuple[list[Segment], int]:
         shape = piece_shape(meta, item)
         full = Part(-1, tuple((0, n) for n in shape), (), shape)
         nbytes = piece_bytes(meta, item)
-        slots.append(Segment(item, full, meta.dtype, cursor, nbytes))
-        cursor = aligned(cursor + nbytes)
-    return slots, cursor
+        at = slot_offset(cursor, piece_offset(meta, item), nbytes, meta.itemsize)
+        slots.append(Segment(item, full, meta.dtype, at, nbytes))
+        cursor = at + nbytes
+    return slots, aligned(cursor)
 
 
 def read_bytes(plan: LoadPlan, bucket: Bucket) -> int:
@@ -173,15 +186,20 @@ def read_bytes(plan: LoadPlan, bucket: Bucket) -> int:
     cursor = 0
     tensors = plan.tensors
     for item in bucket.items:
-        cursor = aligned(cursor + piece_bytes(tensors[item.tensor], item))
-    return cursor
+        meta = tensors[item.tensor]
+        nbytes = piece_bytes(meta, item)
+        cursor = slot_offset(cursor, piece_offset(meta, item), nbytes, meta.itemsize) + nbytes
+    return aligned(cursor)
 
 
 def segments_for(plan: LoadPlan, bucket: Bucket, rank: int) -> tuple[list[Segment], int]:
     """What ``rank`` receives from ``bucket`` (its parts, packed, in wire dtypes), and the size.
 
     The reader packs exactly this layout for each destination, so both sides agree without
-    exchanging any metadata. For a broadcast bucket every rank gets the same layout.
+    exchanging any metadata. For a broadcast bucket every rank gets the same layout, where a
+    part that is a whole piece, unchanged, lies where :func:`read_slots` puts it
+    (:func:`slot_offset`): a bucket of such pieces is sent as it was read. Other parts are
+    packed ``ALIGN``-aligned.
     """
     segs: list[Segment] = []
     if bucket.kind == "local" and rank != bucket.reader:
@@ -191,13 +209,23 @@ def segments_for(plan: LoadPlan, bucket: Bucket, rank: int) -> tuple[list[Segmen
     cursor = 0
     tensors, dtypes = plan.tensors, plan.dtypes
     for item in bucket.items:
-        stored = tensors[item.tensor].dtype
+        meta = tensors[item.tensor]
+        stored = meta.dtype
         for part in parts_of(plan, rank, item):
             dtype = wire_dtype(stored, dtypes[part.output])
             nbytes = math.prod(part.shape) * ITEMSIZE[dtype]
-            segs.append(Segment(item, part, dtype, cursor, nbytes))
-            cursor = aligned(cursor + nbytes)
-    return segs, cursor
+            if (
+                bucket.kind == "broadcast"  # sent as read when every part is a whole piece
+                and dtype == stored
+                and not part.transposed
+                and part.shape == piece_shape(meta, item)
+            ):
+                at = slot_offset(cursor, piece_offset(meta, item), nbytes, meta.itemsize)
+            else:
+                at = aligned(cursor)
+            segs.append(Segment(item, part, dtype, at, nbytes))
+            cursor = at + nbytes
+    return segs, aligned(cursor)
 
 
 def receiving_classes(plan: LoadPlan, number: int) -> list[tuple[tuple[int, ...], int]]:

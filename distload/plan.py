@@ -37,6 +37,12 @@ from distload.placement.base import Box, Layout, box_shape, local_box
 from distload.transforms import Link
 
 ALIGN = 64  # byte alignment of every segment inside a staging buffer
+# pieces of at least MIRROR_BYTES lie in a read layout at the offset, modulo MIRROR_ALIGN, of
+# their bytes in the file, so that an O_DIRECT read (DMA) lands them straight in a staging
+# buffer aligned to MIRROR_ALIGN (``distload.storage``); pieces stored back to back then lie
+# back to back in the buffer, and each other piece costs at most MIRROR_ALIGN of padding
+MIRROR_ALIGN = 4096
+MIRROR_BYTES = 64 * 1024
 BucketKind = Literal["local", "broadcast", "p2p"]
 
 

@@ -16,6 +16,7 @@ refuse ``O_DIRECT`` (some network filesystems) are read buffered.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import logging
@@ -154,7 +155,8 @@ class FileReader:
         # bytes read through the page cache: the kernel copies each of them once (a read
         # that bypasses the cache, O_DIRECT, is a DMA and counts 0)
         self.bytes_kernel_copied = 0
-        self.bytes_direct = 0  # bytes read with O_DIRECT (a DMA, then one copy by this rank)
+        self.bytes_direct = 0  # bytes read with O_DIRECT (a DMA)
+        self.bytes_bounced = 0  # of them, bytes this rank copied out of a bounce buffer
 
     def _fd(self, file: str) -> int:
         with self._lock:
@@ -234,21 +236,23 @@ class FileReader:
                     file=file,
                 )
 
-    def _read_run(self, fd: int, offset: int, run: list[tuple[memoryview, str]], file: str) -> int:
+    def _read_run(
+        self, fd: int, offset: int, run: list[tuple[memoryview, str]], file: str
+    ) -> tuple[int, int]:
         """Fill the buffers of ``run`` from consecutive bytes of ``file`` starting at
         ``offset``, through the page cache where it holds them, else with O_DIRECT where the
-        file allows; returns the bytes read with O_DIRECT. Runs on a read thread."""
+        file allows; returns (bytes read with O_DIRECT, bytes of them copied out of a bounce
+        buffer). Runs on a read thread."""
         direct = self._direct_fd(file)
         if direct is not None:
             size = sum(len(view) for view, _ in run)
             if not cached_range(fd, offset, size):  # None (cannot tell): read it direct
                 try:
-                    self._read_direct(direct, offset, run, file)
-                    return size
+                    return size, self._read_direct(direct, offset, run, file)
                 except _DirectRefused:
                     self._refuse_direct(file, direct)
         self._read_buffered(fd, offset, run, file)
-        return 0
+        return 0, 0
 
     def _bounce(self) -> np.ndarray:
         """This read thread's aligned bounce buffer (made on first use, freed by close)."""
@@ -264,41 +268,73 @@ class FileReader:
 
     def _read_direct(
         self, fd: int, offset: int, run: list[tuple[memoryview, str]], file: str
-    ) -> None:
-        """Read ``run`` (at most :attr:`direct_block` bytes) with one aligned O_DIRECT read
-        into this thread's bounce buffer, then copy each buffer's bytes out of it (numpy's
-        copy releases the GIL, so the pool's threads copy in parallel)."""
+    ) -> int:
+        """Read ``run`` (at most :attr:`direct_block` bytes) with O_DIRECT; returns the bytes
+        copied out of this thread's bounce buffer. Buffers lying back to back in memory at
+        the file's alignment (a staging layout mirrors it: ``distload.geometry.slot_offset``)
+        take the DMA straight, but for their unaligned ends; any other run is read whole into
+        the bounce buffer and copied out (numpy's copy releases the GIL, so the pool's threads
+        copy in parallel)."""
         size = sum(len(view) for view, _ in run)
-        start = offset - offset % DIRECT_ALIGN
-        end = -(-(offset + size) // DIRECT_ALIGN) * DIRECT_ALIGN
+        tensor = run[0][1]
+        lo = -(-offset // DIRECT_ALIGN) * DIRECT_ALIGN
+        hi = (offset + size) // DIRECT_ALIGN * DIRECT_ALIGN
+        straight = _straight(run, offset, size) if hi - lo >= DIRECT_ALIGN else None
         bounce = self._bounce()
-        window = memoryview(bounce)[: end - start]  # type: ignore[arg-type]
-        need, got = offset + size - start, 0
+        window = memoryview(bounce)  # type: ignore[arg-type]
+        if straight is None:
+            start = offset - offset % DIRECT_ALIGN
+            end = -(-(offset + size) // DIRECT_ALIGN) * DIRECT_ALIGN
+            self._pread_direct(
+                fd, window[: end - start], start, offset + size - start, file=file, tensor=tensor
+            )
+            pos = offset - start
+            for view, _ in run:
+                np.copyto(np.frombuffer(view, dtype=np.uint8), bounce[pos : pos + len(view)])
+                pos += len(view)
+            return size
+        self._pread_direct(
+            fd, straight[lo - offset : hi - offset], lo, hi - lo, file=file, tensor=tensor
+        )
+        if offset < lo:  # the head: the aligned block holding it, through the bounce buffer
+            self._pread_direct(
+                fd, window[:DIRECT_ALIGN], lo - DIRECT_ALIGN, DIRECT_ALIGN, file=file, tensor=tensor
+            )
+            head = bounce[offset - (lo - DIRECT_ALIGN) : DIRECT_ALIGN]
+            np.copyto(np.frombuffer(straight[: lo - offset], dtype=np.uint8), head)
+        if hi < offset + size:  # the tail likewise (the block may end the file)
+            tail = offset + size - hi
+            self._pread_direct(fd, window[:DIRECT_ALIGN], hi, tail, file=file, tensor=tensor)
+            np.copyto(np.frombuffer(straight[hi - offset :], dtype=np.uint8), bounce[:tail])
+        return (lo - offset) + (offset + size - hi)
+
+    def _pread_direct(
+        self, fd: int, window: memoryview, at: int, need: int, *, file: str, tensor: str
+    ) -> None:
+        """Fill ``window`` (aligned memory) from aligned offset ``at`` of ``file`` with
+        O_DIRECT, at least its first ``need`` bytes (the rest may lie past the end of the
+        file); resumed after short reads."""
+        got = 0
         while got < need:
             try:
-                n = os.preadv(fd, [window[got:]], start + got)
+                n = os.preadv(fd, [window[got:]], at + got)
             except OSError as exc:
                 if exc.errno == errno.EINVAL and got == 0:
                     raise _DirectRefused from exc  # alignment or O_DIRECT not supported
                 raise CheckpointError(
-                    f"{file}: read at offset {start + got} failed while reading tensor "
-                    f"{run[0][1]!r}: {exc}",
+                    f"{file}: read at offset {at + got} failed while reading tensor "
+                    f"{tensor!r}: {exc}",
                     file=file,
-                    tensor=run[0][1],
+                    tensor=tensor,
                 ) from exc
             got += n
             if got < need and (n == 0 or got % DIRECT_ALIGN):  # stopped at the end of file
                 raise CheckpointError(
-                    f"{file}: unexpected end of file at byte {start + got} while reading "
-                    f"tensor {run[0][1]!r} (file truncated after it was indexed?)",
+                    f"{file}: unexpected end of file at byte {at + got} while reading "
+                    f"tensor {tensor!r} (file truncated after it was indexed?)",
                     file=file,
-                    tensor=run[0][1],
+                    tensor=tensor,
                 )
-        pos = offset - start
-        for view, _ in run:
-            n = len(view)
-            np.copyto(np.frombuffer(view, dtype=np.uint8), bounce[pos : pos + n])
-            pos += n
 
     def _read_buffered(
         self, fd: int, offset: int, run: list[tuple[memoryview, str]], file: str
@@ -379,23 +415,26 @@ class FileReader:
         """Fill every request's target; blocks until all are read (parallel runs). Requests
         spanning more files than may stay open are read in groups of files, in order."""
         wanted = [r for r in requests if len(r.target)]
-        direct = 0
+        direct = bounced = 0
         group: list[ReadRequest] = []
         files: set[str] = set()
         for req in wanted:
             if req.file not in files and len(files) >= self.max_open:
-                direct += self._read_group(group, files)
+                d, b = self._read_group(group, files)
+                direct, bounced = direct + d, bounced + b
                 group, files = [], set()
             group.append(req)
             files.add(req.file)
         if group:
-            direct += self._read_group(group, files)
+            d, b = self._read_group(group, files)
+            direct, bounced = direct + d, bounced + b
         nbytes = sum(len(r.target) for r in wanted)
         self.bytes_read += nbytes
         self.bytes_kernel_copied += nbytes - direct
         self.bytes_direct += direct
+        self.bytes_bounced += bounced
 
-    def _read_group(self, requests: list[ReadRequest], files: set[str]) -> int:
+    def _read_group(self, requests: list[ReadRequest], files: set[str]) -> tuple[int, int]:
         with self._lock:
             self._busy = files
         try:
@@ -404,10 +443,11 @@ class FileReader:
                 for fd, offset, run, file in self._runs(requests)
             ]
             error: BaseException | None = None
-            direct = 0
+            direct = bounced = 0
             for fut in futures:
                 try:
-                    direct += fut.result()
+                    d, b = fut.result()
+                    direct, bounced = direct + d, bounced + b
                 except BaseException as exc:  # keep waiting so no thread writes after we return
                     error = error or exc
         finally:
@@ -417,7 +457,7 @@ class FileReader:
             if isinstance(error, OSError):
                 raise CheckpointError(f"read failed: {error}") from error
             raise error
-        return direct
+        return direct, bounced
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -442,6 +482,23 @@ class FileReader:
         self.close()
 
 
+def _straight(run: list[tuple[memoryview, str]], offset: int, size: int) -> memoryview | None:
+    """The memory of ``run``'s buffers as one view when they lie back to back at an address
+    congruent to the file ``offset`` modulo ``DIRECT_ALIGN`` (an O_DIRECT read can then fill
+    their aligned middle itself); None otherwise."""
+    base = np.frombuffer(run[0][0], dtype=np.uint8).ctypes.data
+    if (base - offset) % DIRECT_ALIGN:
+        return None
+    if len(run) == 1:
+        return run[0][0]
+    at = base
+    for view, _ in run:
+        if np.frombuffer(view, dtype=np.uint8).ctypes.data != at:
+            return None
+        at += len(view)
+    return memoryview((ctypes.c_char * size).from_address(base)).cast("B")
+
+
 class _DirectRefused(Exception):
     """An O_DIRECT read was refused (EINVAL before any byte): read the file buffered."""
 
@@ -459,7 +516,8 @@ class Arenas:
 
     Each name (e.g. ``"read0"``, ``"recv"``) is one buffer reused for every bucket, so a rank's
     staging memory is the sum of its arenas' sizes, bounded by the plan's bucket size.
-    Host arenas are pinned when ``pin`` is set (for fast copies to CUDA).
+    Host arenas are pinned when ``pin`` is set (for fast copies to CUDA), and start on a
+    ``DIRECT_ALIGN`` boundary: O_DIRECT reads land pieces straight in them.
     """
 
     def __init__(self, device: torch.device, *, pin: bool = False) -> None:
@@ -472,7 +530,12 @@ class Arenas:
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < nbytes:
             self._buffers.pop(name, None)
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pin)
+            if self.device.type == "cpu":  # one aligned block more, to start on a boundary
+                raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=self.pin)
+                skip = -raw.data_ptr() % DIRECT_ALIGN
+                buf = raw[skip : skip + nbytes]
+            else:
+                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             self._buffers[name] = buf
         return buf[:nbytes]
 

@@ -14,7 +14,16 @@ import torch
 
 from distload.dtypes import to_torch
 from distload.execute.reader import Read
-from distload.geometry import Part, Segment, aligned, piece_bytes, piece_shape, segments_for
+from distload.geometry import (
+    Part,
+    Segment,
+    aligned,
+    piece_bytes,
+    piece_offset,
+    piece_shape,
+    segments_for,
+    slot_offset,
+)
 from distload.plan import Bucket, Item, LoadPlan
 from distload.storage import byte_view
 
@@ -127,9 +136,10 @@ class Copier:
             nbytes = piece_bytes(meta, item)
             if meta.shape and (item.start or item.stop != meta.shape[0]):
                 dest = dest[item.start : item.stop]
-            pieces.append(WholePiece(item, cursor, nbytes, dest))
-            cursor = aligned(cursor + nbytes)
-        return WholeLayout(pieces, cursor)
+            at = slot_offset(cursor, piece_offset(meta, item), nbytes, meta.itemsize)
+            pieces.append(WholePiece(item, at, nbytes, dest))  # as read_slots lays it
+            cursor = at + nbytes
+        return WholeLayout(pieces, aligned(cursor))
 
     def peers_take(self, number: int, bucket: Bucket, whole: WholeLayout | None = None) -> int:
         """What this rank's peers take of shared bucket ``number`` (its reader's figure of

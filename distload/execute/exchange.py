@@ -70,6 +70,7 @@ class TransportExchange:
                 s.dtype == read.slots[s.item].dtype
                 and not s.part.transposed
                 and s.part.src == read.slots[s.item].part.src
+                and s.offset == read.slots[s.item].offset
                 for s in segs
             ) and len(segs) == len(read.slots)
             if same and buffer.device == self.net.device and buffer.numel() == size:

@@ -130,8 +130,8 @@ class Executor:
         if self.page_cache is not None:  # read by every rank for itself
             self.stats.bytes_read += self.page_cache.bytes_read
             self.stats.bytes_kernel_copied += self.page_cache.bytes_kernel_copied
-        # O_DIRECT reads: this rank's copy out of its bounce buffers
-        self.stats.bytes_copied = self.copier.copied + self.reader.bytes_direct
+        # O_DIRECT reads: this rank's copies out of its bounce buffers
+        self.stats.bytes_copied = self.copier.copied + self.reader.bytes_bounced
         self.stats.read_seconds = prefetch.stats.seconds
         if self.comm_arenas.device.type == "cuda":
             torch.cuda.synchronize(self.comm_arenas.device)

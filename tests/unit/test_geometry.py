@@ -17,10 +17,11 @@ from distload.geometry import (
     read_slots,
     receiving_classes,
     segments_for,
+    slot_offset,
     wire_dtype,
 )
 from distload.placement import TensorParallel
-from distload.plan import Item
+from distload.plan import MIRROR_ALIGN, MIRROR_BYTES, Item
 from distload.planner import make_plan
 from tests.plans import index_of
 
@@ -55,12 +56,45 @@ def test_layouts_are_aligned_and_sized_by_their_segments() -> None:
         slots, total = read_slots(plan, bucket)
         assert total == read_bytes(plan, bucket) == aligned(total)
         assert all(s.offset % ALIGN == 0 and s.offset + s.nbytes <= total for s in slots)
+        assert all(s.nbytes < MIRROR_BYTES for s in slots)  # small pieces: ALIGN placement
         for members, nbytes in receiving_classes(plan, number):
             segs, size = segments_for(plan, bucket, members[0])
             assert size == nbytes
             assert sum(s.nbytes for s in segs) == sum(
                 math.prod(s.part.shape) * (2 if s.dtype == "BF16" else 4) for s in segs
             )
+
+
+def test_large_pieces_lie_at_their_file_offsets_alignment() -> None:
+    """In a read layout a large piece sits at its file offset modulo MIRROR_ALIGN, so an
+    O_DIRECT read lands it straight in an aligned buffer; pieces stored back to back stay
+    back to back; small ones keep the ALIGN placement; every layout agrees on the sizes."""
+    shapes = [
+        ((300, 128), "BF16"),  # 76,800 bytes: large
+        ((3, 5), "F32"),  # small, stored right after it
+        ((200, 256), "F32"),  # large, after the small one
+        ((129, 256), "BF16"),  # large, right after the one before
+    ]
+    plan = make_plan(index_of(shapes, files=1), 1, bucket_bytes=1 << 30)
+    (bucket,) = plan.buckets
+    slots, total = read_slots(plan, bucket)
+    assert total == read_bytes(plan, bucket) == aligned(total)
+    by_name = {plan.tensors[s.item.tensor].name: s for s in slots}
+    for name, slot in by_name.items():
+        meta = plan.tensors[slot.item.tensor]
+        if slot.nbytes >= MIRROR_BYTES:
+            assert slot.offset % MIRROR_ALIGN == meta.offset % MIRROR_ALIGN, name
+        else:
+            assert slot.offset % ALIGN == 0, name
+        assert slot.offset % meta.itemsize == 0, name
+    # stored back to back (t2 then t3): placed back to back
+    assert by_name["t3"].offset == by_name["t2"].offset + by_name["t2"].nbytes
+    ends = sorted((s.offset, s.offset + s.nbytes) for s in slots)
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(ends))  # no overlap
+    # a piece stored off its item size's alignment keeps the ALIGN placement
+    assert slot_offset(10, 4096 * 3 + 2, MIRROR_BYTES, 4) == aligned(10)
+    assert slot_offset(10, 4096 * 3 + 8, MIRROR_BYTES, 4) == 8 + 4096
+    assert slot_offset(0, 4096 * 3 + 8, MIRROR_BYTES - 1, 4) == 0
 
 
 def test_pieces_travel_in_the_narrower_dtype() -> None:

@@ -23,7 +23,7 @@ def test_from_arguments_picks_options_and_hub_keywords_by_name() -> None:
     }
     options = LoadOptions.from_arguments(given)
     assert options.dtype == "BF16" and options.timeout == 7.0
-    assert options.bucket == 2 * 2**20  # a fifth of the staging bound
+    assert options.bucket == 10 * 2**20 // 6  # a sixth of the staging bound
     assert options.hub.revision == "v1" and options.hub.extra_files == ("config.json",)
     assert options.transforms == ()
 
@@ -31,8 +31,8 @@ def test_from_arguments_picks_options_and_hub_keywords_by_name() -> None:
 def test_defaults_and_bounds() -> None:
     assert LoadOptions().staging_bytes == DEFAULT_STAGING_BYTES
     assert LoadOptions(bucket_bytes=123).bucket == 123
-    with pytest.raises(DistLoadError, match="staging_bytes must be >= 5"):
-        LoadOptions(staging_bytes=4)
+    with pytest.raises(DistLoadError, match="staging_bytes must be >= 6"):
+        LoadOptions(staging_bytes=5)
 
 
 def test_coordinator_knobs_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 from pathlib import Path
 
@@ -217,3 +218,34 @@ def test_bounce_buffers_stay_within_their_budget(tmp_path: Path) -> None:
             assert reader.bounce_bytes <= budget
             assert reader.bytes_direct == (3 * 2**20 if direct else 0)
         assert bytes(bufs[0]) == data[1:]
+
+
+def test_buffers_at_the_files_alignment_take_the_dma_straight(tmp_path: Path) -> None:
+    """Buffers whose address is congruent to their file offset (a staging layout mirrors the
+    file) are filled by the O_DIRECT read itself, but for their unaligned ends; others go
+    through the bounce buffer."""
+    size = 6 * 2**20 + 333
+    data = _cold_file(tmp_path, size)
+    arena = mmap.mmap(-1, 8 * 2**20)  # page aligned, as staging arenas and slots are
+    memory = memoryview(arena)
+    first, second, third = 3 * 2**20, 100_000, 50_000
+    at = 5000  # the first piece's file offset, and its place in the arena (same residue)
+    spans = [
+        (at, at, first),  # (file offset, arena offset, length)
+        (at + first, at + first, second),  # stored right after it, placed right after it
+        (4 * 2**20 + 12345, 7 * 2**20 + 1, third),  # misaligned in memory: bounced
+    ]
+    reqs = [
+        ReadRequest("a.bin", o, memory[m : m + n], f"t{i}") for i, (o, m, n) in enumerate(spans)
+    ]
+    with FileReader(tmp_path, threads=2) as reader:
+        reader.read(reqs)
+        assert reader.bytes_direct == first + second + third
+        # at most one partial block at each end of each run, plus the misaligned piece
+        runs = -(-(first + second) // storage.DIRECT_BLOCK_BYTES)
+        assert third <= reader.bytes_bounced <= third + 2 * runs * storage.DIRECT_ALIGN
+    del reqs
+    for o, m, n in spans:
+        assert memory[m : m + n] == data[o : o + n], (o, m, n)
+    memory.release()
+    arena.close()
