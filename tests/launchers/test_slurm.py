@@ -58,7 +58,7 @@ def test_sbatch_scripts(
     text = out.read_text() if out.exists() else ""
     assert res.returncode == 0, (res.stderr, text[-3000:])
     assert "verify: every rank's pieces equal safetensors" in text
-    assert "(1.00x the checkpoint)" in text
+    assert "(1.00x the checkpoint, " in text
 
 
 def test_broken_checkpoint_fails_the_job(

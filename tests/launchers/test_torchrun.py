@@ -24,7 +24,7 @@ def test_single_node(nproc: int, small_ckpt: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     assert "verify: every rank's pieces equal safetensors" in res.stdout
     assert f"world {nproc} on 1 node(s)" in res.stdout
-    assert "(1.00x the checkpoint)" in res.stdout
+    assert "(1.00x the checkpoint, " in res.stdout
 
 
 def test_two_simulated_nodes_with_c10d_rendezvous(small_ckpt: Path) -> None:
