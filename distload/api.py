@@ -113,9 +113,8 @@ def load(
     others get what they need over the process group.
 
     Args:
-        source: a folder with ``model.safetensors.index.json`` and shards or one
-            ``model.safetensors``, one ``.safetensors`` file, or a Hub repository
-            (``"org/name"`` when no such local path exists, ``"hf://org/name@rev/sub"``).
+        source: a folder (an index and shards, or one ``model.safetensors``), one file, or a
+            Hub repository (``"org/name"`` if no such path exists, ``"hf://org/name@rev/sub"``).
         placement: how tensors lie over the ranks (``distload.TensorParallel(rules)``,
             ``PipelineParallel``, ``DeviceMap``, ``Mesh`` ...); default: all on every rank.
         dtype: ``None``/``"auto"`` keeps stored dtypes; a floating dtype casts floating
@@ -125,24 +124,20 @@ def load(
             in place. group: the process group (default: the world, initialised from
             torchrun / srun / mpirun if needed; with ``transport="mpi"`` a communicator).
         keys, transforms: load only these names (absent ones ignored); key transforms
-            (``Rename``, ``Split``, ``Merge``, ``Stack``, ``Transpose``) applied first.
-        staging_bytes, bucket_bytes, readers, read_threads, timeout, max_header_bytes: the
-            staging bound per rank (buckets of a sixth of it), the ranks allowed to read, reads
-            in flight per reader, seconds to wait for a peer, the header size limit.
-        direct_io: read the blocks the page cache does not hold with ``O_DIRECT`` (a DMA
-            into an aligned bounce buffer, then one copy; no page-cache work), where the
-            filesystem allows; ``False``: every block through the page cache (which then
-            keeps the checkpoint for the next load).
+            (``Rename``, ``Split``, ``Merge``, ``Stack``, ``Transpose``), applied first.
+        staging_bytes, bucket_bytes, readers, read_threads, timeout, max_header_bytes,
+            direct_io: the staging bound per rank (buckets of a sixth of it), the ranks allowed
+            to read, reads in flight per reader, seconds to wait for a peer, the header size
+            limit; read blocks the page cache lacks with ``O_DIRECT`` (``False``: buffered).
         verify: check each byte against a manifest while reading (``True``: the one in the
             source; a path: another). allow_pickle: also read ``.bin``/``.pt`` zip checkpoints
             (weights-only unpickler, metadata only). transport: ``"auto"``/``"torch"`` or
             ``"mpi"``. shm: shared buckets through same-node shared memory (default: when
             all ranks are on one node with a host-memory transport).
         progress: ``progress(done_bytes, total_bytes)`` on rank 0 as buckets finish (bytes
-            of the checkpoint moved); ``download_progress``: the same for the download phase
-            of a Hub source.
-        variant: load ``model.{variant}.safetensors`` (or its index), as transformers saves
-            weight variants (``"fp16"``); local and Hub sources.
+            moved); ``download_progress``: the same for the download phase of a Hub source.
+        variant: load ``model.{variant}.safetensors`` or its index (weight variants such as
+            ``"fp16"``, as transformers saves them).
         revision, subfolder, cache_dir, token, local_files_only, hub_cache, extra_files: Hub
             sources (:class:`~distload.hub.options.HubOptions`): rank 0 pins the revision to
             one commit; each shard is downloaded by one rank of one cache; ``extra_files``

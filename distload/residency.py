@@ -86,6 +86,20 @@ def _sampled_fraction(fd: int, size: int) -> float | None:
     return hits / len(offsets)
 
 
+def evict(path: str | os.PathLike[str], offset: int = 0, length: int = 0) -> None:
+    """Drop ``[offset, offset + length)`` of file ``path`` (``length`` 0: to its end) from the
+    page cache, written back first so the drop takes (cold reads next; benchmarks and tests).
+    Pages a process has mapped stay. No-op where the platform has no ``posix_fadvise``."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def resident_files(source: str | os.PathLike[str]) -> list[str] | None:
     """The ``.safetensors`` files of a local ``source`` (a folder, or a file in one) that this
     machine holds in its page cache, named relative to that folder; None when ``source`` is

@@ -1,4 +1,4 @@
-"""Storage: positioned reads of checkpoint bytes into caller buffers, and reusable staging arenas.
+"""Storage: positioned reads of checkpoint bytes into caller buffers.
 
 Used by reader ranks. Reads use ``os.preadv`` into preallocated memory (no whole-file loads and
 no reliance on mmap page faults, which are slow on network filesystems), split into blocks
@@ -6,21 +6,19 @@ issued from a small thread pool so several requests are in flight at once.
 
 Two read paths, chosen per block: a block the page cache holds (``cachestat``,
 ``distload.residency``) is read through it (one kernel copy, no disk); any other block of a
-file that accepts ``O_DIRECT`` is read with ``O_DIRECT`` -- a DMA from the disk into an
-aligned bounce buffer of the read thread, then one copy into its target. The page cache's
-own work (allocating, inserting and reclaiming a page per 4 KiB) is what a buffered cold read
-costs most: 0.8-1.3 CPU s per GB here against 0.2 with ``O_DIRECT`` and the copy. Files that
-refuse ``O_DIRECT`` (some network filesystems) are read buffered.
+file that accepts ``O_DIRECT`` is read with ``O_DIRECT`` (``distload.directio``) -- a DMA
+from the disk straight into a staging buffer laid out like the file, or into an aligned
+bounce buffer of the read thread and then copied once into its target. The page cache's own
+work (allocating, inserting and reclaiming a page per 4 KiB) is what a buffered cold read
+costs most: 0.8-1.3 CPU s per GB on a 2-core VM against 0.2 with ``O_DIRECT`` and the copy.
+Files that refuse ``O_DIRECT`` (some network filesystems) are read buffered.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import hashlib
 import logging
-import mmap
 import os
 import resource
 import threading
@@ -31,9 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from distload.directio import (
+    BounceBuffers,
+    DirectRefused,
+    direct_block,
+    open_direct,
+    read_direct,
+)
 from distload.errors import CheckpointError
 from distload.index import FileMeta
 from distload.locate import safe_member
@@ -49,26 +53,6 @@ DEFAULT_READ_THREADS = max(4, min(8, (os.cpu_count() or 1) // 2))
 IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16))
 # hint the kernel (POSIX_FADV_WILLNEED) about the next bucket's ranges while reading this one
 ADVISE_AHEAD = True
-# O_DIRECT reads: file offsets, lengths and memory aligned to this (the strictest common
-# requirement; statx's dio_offset_align is 512 on many disks), in requests of at most
-# DIRECT_BLOCK_BYTES (each read thread's bounce buffer, within the staging budget: see
-# direct_block). 2 MiB requests, 4 in flight, read as fast as 8 MiB ones on a 2-core VM's
-# disk for less memory (1.9-2.2 GB/s against 1.4-2.2).
-DIRECT_ALIGN = 4096
-DIRECT_BLOCK_BYTES = 2 * 1024 * 1024
-# smaller blocks than this are not worth a direct read: a staging budget this tight reads
-# buffered
-DIRECT_MIN_BLOCK_BYTES = 64 * 1024
-
-
-def direct_block(budget: int | None, threads: int) -> int:
-    """Bytes of one O_DIRECT request when all ``threads`` bounce buffers (a request plus an
-    aligned block on each side) share ``budget`` bytes (None: no bound); 0: too tight."""
-    if budget is None:
-        return DIRECT_BLOCK_BYTES
-    share = budget // max(1, threads) - 2 * DIRECT_ALIGN
-    block = min(DIRECT_BLOCK_BYTES, share - share % DIRECT_ALIGN)
-    return block if block >= DIRECT_MIN_BLOCK_BYTES else 0
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -148,9 +132,7 @@ class FileReader:
         self.resident = frozenset(resident)
         # file -> its O_DIRECT descriptor, None where refused (opened beside the buffered one)
         self._direct_fds: dict[str, int | None] = {}
-        self._local = threading.local()  # each read thread's bounce buffer
-        self._bounces: list[mmap.mmap] = []
-        self.bounce_bytes = 0  # memory of the bounce buffers made (part of the staging)
+        self._bounces = BounceBuffers(self.direct_block)  # one per read thread
         self.bytes_read = 0
         # bytes read through the page cache: the kernel copies each of them once (a read
         # that bypasses the cache, O_DIRECT, is a DMA and counts 0)
@@ -180,7 +162,7 @@ class FileReader:
                     raise
                 self._fds[file] = fd
                 if self.direct and file not in self.resident:
-                    self._direct_fds[file] = _open_direct(path)
+                    self._direct_fds[file] = open_direct(path)
             return fd
 
     def _direct_fd(self, file: str) -> int | None:
@@ -248,93 +230,12 @@ class FileReader:
             size = sum(len(view) for view, _ in run)
             if not cached_range(fd, offset, size):  # None (cannot tell): read it direct
                 try:
-                    return size, self._read_direct(direct, offset, run, file)
-                except _DirectRefused:
+                    bounce = self._bounces.get()
+                    return size, read_direct(direct, offset, run, bounce, file=file)
+                except DirectRefused:
                     self._refuse_direct(file, direct)
         self._read_buffered(fd, offset, run, file)
         return 0, 0
-
-    def _bounce(self) -> np.ndarray:
-        """This read thread's aligned bounce buffer (made on first use, freed by close)."""
-        got: np.ndarray | None = getattr(self._local, "bounce", None)
-        if got is None:
-            size = self.direct_block + 2 * DIRECT_ALIGN
-            buf = mmap.mmap(-1, size)  # page aligned
-            with self._lock:
-                self._bounces.append(buf)
-                self.bounce_bytes += size
-            got = self._local.bounce = np.frombuffer(buf, dtype=np.uint8)
-        return got
-
-    def _read_direct(
-        self, fd: int, offset: int, run: list[tuple[memoryview, str]], file: str
-    ) -> int:
-        """Read ``run`` (at most :attr:`direct_block` bytes) with O_DIRECT; returns the bytes
-        copied out of this thread's bounce buffer. Buffers lying back to back in memory at
-        the file's alignment (a staging layout mirrors it: ``distload.geometry.slot_offset``)
-        take the DMA straight, but for their unaligned ends; any other run is read whole into
-        the bounce buffer and copied out (numpy's copy releases the GIL, so the pool's threads
-        copy in parallel)."""
-        size = sum(len(view) for view, _ in run)
-        tensor = run[0][1]
-        lo = -(-offset // DIRECT_ALIGN) * DIRECT_ALIGN
-        hi = (offset + size) // DIRECT_ALIGN * DIRECT_ALIGN
-        straight = _straight(run, offset, size) if hi - lo >= DIRECT_ALIGN else None
-        bounce = self._bounce()
-        window = memoryview(bounce)  # type: ignore[arg-type]
-        if straight is None:
-            start = offset - offset % DIRECT_ALIGN
-            end = -(-(offset + size) // DIRECT_ALIGN) * DIRECT_ALIGN
-            self._pread_direct(
-                fd, window[: end - start], start, offset + size - start, file=file, tensor=tensor
-            )
-            pos = offset - start
-            for view, _ in run:
-                np.copyto(np.frombuffer(view, dtype=np.uint8), bounce[pos : pos + len(view)])
-                pos += len(view)
-            return size
-        self._pread_direct(
-            fd, straight[lo - offset : hi - offset], lo, hi - lo, file=file, tensor=tensor
-        )
-        if offset < lo:  # the head: the aligned block holding it, through the bounce buffer
-            self._pread_direct(
-                fd, window[:DIRECT_ALIGN], lo - DIRECT_ALIGN, DIRECT_ALIGN, file=file, tensor=tensor
-            )
-            head = bounce[offset - (lo - DIRECT_ALIGN) : DIRECT_ALIGN]
-            np.copyto(np.frombuffer(straight[: lo - offset], dtype=np.uint8), head)
-        if hi < offset + size:  # the tail likewise (the block may end the file)
-            tail = offset + size - hi
-            self._pread_direct(fd, window[:DIRECT_ALIGN], hi, tail, file=file, tensor=tensor)
-            np.copyto(np.frombuffer(straight[hi - offset :], dtype=np.uint8), bounce[:tail])
-        return (lo - offset) + (offset + size - hi)
-
-    def _pread_direct(
-        self, fd: int, window: memoryview, at: int, need: int, *, file: str, tensor: str
-    ) -> None:
-        """Fill ``window`` (aligned memory) from aligned offset ``at`` of ``file`` with
-        O_DIRECT, at least its first ``need`` bytes (the rest may lie past the end of the
-        file); resumed after short reads."""
-        got = 0
-        while got < need:
-            try:
-                n = os.preadv(fd, [window[got:]], at + got)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL and got == 0:
-                    raise _DirectRefused from exc  # alignment or O_DIRECT not supported
-                raise CheckpointError(
-                    f"{file}: read at offset {at + got} failed while reading tensor "
-                    f"{tensor!r}: {exc}",
-                    file=file,
-                    tensor=tensor,
-                ) from exc
-            got += n
-            if got < need and (n == 0 or got % DIRECT_ALIGN):  # stopped at the end of file
-                raise CheckpointError(
-                    f"{file}: unexpected end of file at byte {at + got} while reading "
-                    f"tensor {tensor!r} (file truncated after it was indexed?)",
-                    file=file,
-                    tensor=tensor,
-                )
 
     def _read_buffered(
         self, fd: int, offset: int, run: list[tuple[memoryview, str]], file: str
@@ -469,80 +370,15 @@ class FileReader:
                 if direct is not None:
                     os.close(direct)
             self._direct_fds.clear()
-            bounces, self._bounces = self._bounces, []
-        self._local = threading.local()
-        for buf in bounces:
-            with contextlib.suppress(BufferError):  # a view still alive: the GC unmaps it
-                buf.close()
+        self._bounces.close()
+
+    @property
+    def bounce_bytes(self) -> int:
+        """Memory of the bounce buffers made (part of this rank's staging)."""
+        return self._bounces.nbytes
 
     def __enter__(self) -> FileReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _straight(run: list[tuple[memoryview, str]], offset: int, size: int) -> memoryview | None:
-    """The memory of ``run``'s buffers as one view when they lie back to back at an address
-    congruent to the file ``offset`` modulo ``DIRECT_ALIGN`` (an O_DIRECT read can then fill
-    their aligned middle itself); None otherwise."""
-    base = np.frombuffer(run[0][0], dtype=np.uint8).ctypes.data
-    if (base - offset) % DIRECT_ALIGN:
-        return None
-    if len(run) == 1:
-        return run[0][0]
-    at = base
-    for view, _ in run:
-        if np.frombuffer(view, dtype=np.uint8).ctypes.data != at:
-            return None
-        at += len(view)
-    return memoryview((ctypes.c_char * size).from_address(base)).cast("B")
-
-
-class _DirectRefused(Exception):
-    """An O_DIRECT read was refused (EINVAL before any byte): read the file buffered."""
-
-
-def _open_direct(path: str | os.PathLike[str]) -> int | None:
-    """An O_DIRECT descriptor of ``path``, None where the filesystem refuses one."""
-    try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-
-
-class Arenas:
-    """Named, reusable staging buffers that grow to the largest size asked of them.
-
-    Each name (e.g. ``"read0"``, ``"recv"``) is one buffer reused for every bucket, so a rank's
-    staging memory is the sum of its arenas' sizes, bounded by the plan's bucket size.
-    Host arenas are pinned when ``pin`` is set (for fast copies to CUDA), and start on a
-    ``DIRECT_ALIGN`` boundary: O_DIRECT reads land pieces straight in them.
-    """
-
-    def __init__(self, device: torch.device, *, pin: bool = False) -> None:
-        self.device = device
-        self.pin = pin and device.type == "cpu" and torch.cuda.is_available()
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, nbytes: int) -> torch.Tensor:
-        """A uint8 tensor of ``nbytes`` backed by arena ``name`` (contents undefined)."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < nbytes:
-            self._buffers.pop(name, None)
-            if self.device.type == "cpu":  # one aligned block more, to start on a boundary
-                raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=self.pin)
-                skip = -raw.data_ptr() % DIRECT_ALIGN
-                buf = raw[skip : skip + nbytes]
-            else:
-                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            self._buffers[name] = buf
-        return buf[:nbytes]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by all arenas now (their peak, since they never shrink)."""
-        return sum(b.numel() for b in self._buffers.values())
-
-    def clear(self) -> None:
-        self._buffers.clear()

@@ -154,13 +154,10 @@ def settle_collector() -> None:
 
 def evict(root: Path) -> None:
     """Drop the checkpoint's pages from the page cache (cold reads for the next method)."""
+    from distload.residency import evict as evict_file
+
     for path in root.glob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict_file(path)
 
 
 def _parser(methods: list[str], staging_bytes: int) -> argparse.ArgumentParser:

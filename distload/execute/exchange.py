@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import torch
 
+from distload.arenas import Arenas
 from distload.execute.copies import Copier, WholeLayout
 from distload.execute.reader import Read
 from distload.execute.status import ExecStats, Status
 from distload.geometry import Segment, read_slots
 from distload.plan import Bucket
 from distload.shm import ShmExchange
-from distload.storage import Arenas
 from distload.transport.base import Transport
 
 

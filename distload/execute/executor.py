@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from distload.arenas import Arenas
 from distload.coordination import agree
 from distload.errors import DistLoadError, failure_from_exception
 from distload.execute.copies import Copier
@@ -34,7 +35,7 @@ from distload.execute.reader import Outcome, Read, ReadAhead, ReadFailure
 from distload.execute.status import ExecStats, Status, describe
 from distload.plan import Bucket, LoadPlan
 from distload.shm import ShmExchange
-from distload.storage import Arenas, FileReader
+from distload.storage import FileReader
 from distload.transport.base import Transport
 
 

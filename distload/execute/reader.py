@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from distload.arenas import Arenas
 from distload.errors import CheckpointError, DistLoadError
 from distload.geometry import Segment, piece_bytes, piece_offset, read_slots
 from distload.plan import Bucket, Item, LoadPlan
 from distload.shm import ShmExchange
-from distload.storage import Arenas, FileReader, ReadRequest, byte_view
+from distload.storage import FileReader, ReadRequest, byte_view
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from typing import TypeVar
 
 import torch
 
+from distload.arenas import Arenas
 from distload.coordination import agree, gather_or_fail
 from distload.errors import DistLoadError
 from distload.execute.executor import Executor
@@ -35,7 +36,7 @@ from distload.execute.reader import PREFETCH_DEPTH
 from distload.execute.status import ExecStats
 from distload.plan import LoadPlan
 from distload.shm import ShmExchange
-from distload.storage import Arenas, FileReader
+from distload.storage import FileReader
 from distload.transport.base import Transport
 
 T = TypeVar("T")

@@ -64,12 +64,7 @@ def evict(source: str) -> None:
     """Drop a checkpoint's files from the page cache (written back first, so the drop takes)."""
     root = Path(source)
     for path in [root] if root.is_file() else sorted(root.glob("*.safetensors")):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        residency.evict(path)
 
 
 def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from distload import storage
+from distload import directio
 from distload.execute import STAGING_ARENAS
 from distload.residency import cached_range
 from distload.synthetic import LlamaShape, write_llama
@@ -171,7 +171,7 @@ def _direct_io_here(folder: Path) -> bool:
             told = cached_range(fd, 0, 4096) is not None
         finally:
             os.close(fd)
-        return told and storage._open_direct(probe) is not None
+        return told and directio.open_direct(probe) is not None
     finally:
         probe.unlink()
 

@@ -12,13 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distload.arenas import Arenas
 from distload.checkpoint import read_checkpoint
 from distload.errors import CheckpointError
 from distload.execute import PREFETCH_DEPTH, Executor, Read, ReadAhead, ReadFailure
 from distload.execute import reader as reader_module
 from distload.materialize import prepare_destinations
 from distload.planner import make_plan
-from distload.storage import Arenas, FileReader, ReadRequest
+from distload.storage import FileReader, ReadRequest
 from distload.synthetic import LlamaShape, write_llama
 from distload.transport.local import LocalTransport
 

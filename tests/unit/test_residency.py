@@ -10,6 +10,7 @@ import pytest
 from distload.residency import (
     cached_range,
     choose_cached,
+    evict,
     in_page_cache,
     node_leaders,
     node_report,
@@ -53,16 +54,6 @@ def test_resident_files_lists_the_cached_safetensors_of_a_folder(tmp_path: Path)
     assert resident_files(tmp_path / "model-2.safetensors") == found
 
 
-def _drop(path: Path, start: int, length: int) -> None:
-    """Evict ``length`` bytes of ``path`` from ``start`` out of the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def test_a_mostly_resident_file_counts_as_cached(tmp_path: Path) -> None:
     """A warm file with a few pages reclaimed takes the page-cache path (it faults those
     pages in); one with much of it evicted reads as cold."""
@@ -72,14 +63,14 @@ def test_a_mostly_resident_file_counts_as_cached(tmp_path: Path) -> None:
     size = 8 * 1024 * 1024
     _write(path, size)
     assert resident_fraction(path) == 1.0
-    _drop(path, 0, size)
+    evict(path, 0, size)
     if resident_fraction(path) != 0.0:
         pytest.skip("this filesystem keeps its pages (tmpfs?): nothing can be evicted")
     path.read_bytes()
-    _drop(path, size // 2, size // 50)  # 2% gone
+    evict(path, size // 2, size // 50)  # 2% gone
     assert 0.9 < resident_fraction(path) < 1.0  # type: ignore[operator]
     assert in_page_cache(path)
-    _drop(path, 0, size // 2)  # half gone
+    evict(path, 0, size // 2)  # half gone
     assert resident_fraction(path) <= 0.5  # type: ignore[operator]
     assert not in_page_cache(path)
     assert in_page_cache(path, enough=0.4)
@@ -117,7 +108,7 @@ def test_cached_range_tells_block_by_block(tmp_path: Path) -> None:
             pytest.skip("cachestat(2) unavailable here (Linux before 6.5)")
         assert cached_range(fd, 0, 8 * mib) is True
         # the second half (aligned: the cache may hold the file in folios of up to 2 MiB)
-        _drop(path, 4 * mib, 4 * mib)
+        evict(path, 4 * mib, 4 * mib)
         if cached_range(fd, 4 * mib, 4096):
             pytest.skip("this filesystem keeps its pages (tmpfs?): nothing can be evicted")
         assert cached_range(fd, 0, 4 * mib) is True  # the first half is whole

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from distload import storage
+from distload import directio, storage
+from distload.arenas import Arenas
 from distload.errors import CheckpointError
-from distload.residency import cached_range
-from distload.storage import Arenas, FileReader, ReadRequest, byte_view
+from distload.residency import cached_range, evict
+from distload.storage import FileReader, ReadRequest, byte_view
 
 
 def test_requests_fill_their_buffers_exactly(tmp_path: Path) -> None:
@@ -72,19 +73,9 @@ def test_arenas_grow_to_the_largest_request_and_are_reused() -> None:
 # -- O_DIRECT reads ----------------------------------------------------------------------------
 
 
-def _evict(path: Path) -> None:
-    """Drop ``path`` from the page cache (written back first, so the drop takes)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _direct_or_skip(path: Path) -> None:
     """Skip where this filesystem refuses O_DIRECT or the kernel cannot tell what is cached."""
-    if not hasattr(os, "O_DIRECT") or storage._open_direct(path) is None:
+    if not hasattr(os, "O_DIRECT") or directio.open_direct(path) is None:
         pytest.skip(f"{path.parent} refuses O_DIRECT")
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -98,7 +89,7 @@ def _cold_file(tmp_path: Path, size: int) -> bytes:
     data = os.urandom(size)
     (tmp_path / "a.bin").write_bytes(data)
     _direct_or_skip(tmp_path / "a.bin")
-    _evict(tmp_path / "a.bin")
+    evict(tmp_path / "a.bin")
     return data
 
 
@@ -128,7 +119,7 @@ def test_cold_blocks_are_read_with_o_direct_bit_exact(tmp_path: Path) -> None:
         assert reader.bytes_read == total
         assert reader.bytes_direct == total and reader.bytes_kernel_copied == 0
         assert (
-            0 < reader.bounce_bytes <= 3 * (storage.DIRECT_BLOCK_BYTES + 2 * storage.DIRECT_ALIGN)
+            0 < reader.bounce_bytes <= 3 * (directio.DIRECT_BLOCK_BYTES + 2 * directio.DIRECT_ALIGN)
         )
     for (o, n), b in zip(spans, bufs, strict=True):
         assert bytes(b) == data[o : o + n]
@@ -154,7 +145,7 @@ def test_cached_blocks_are_read_through_the_page_cache(tmp_path: Path) -> None:
 def test_direct_off_and_resident_files_read_buffered(tmp_path: Path) -> None:
     data = _cold_file(tmp_path, 2**20 + 5)
     for kwargs in ({"direct": False}, {"resident": ["a.bin"]}):
-        _evict(tmp_path / "a.bin")
+        evict(tmp_path / "a.bin")
         reqs, bufs = _requests([(3, 2**20)])
         with FileReader(tmp_path, **kwargs) as reader:  # type: ignore[arg-type]
             reader.read(reqs)
@@ -167,7 +158,7 @@ def test_a_filesystem_refusing_o_direct_is_read_buffered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = _cold_file(tmp_path, 2**20)
-    monkeypatch.setattr(storage, "_open_direct", lambda path: None)  # EINVAL at open
+    monkeypatch.setattr(storage, "open_direct", lambda path: None)  # EINVAL at open
     reqs, bufs = _requests([(10, 1000)])
     with FileReader(tmp_path) as reader:
         reader.read(reqs)
@@ -204,14 +195,14 @@ def test_a_direct_read_past_the_end_names_the_file_and_tensor(tmp_path: Path) ->
 
 
 def test_bounce_buffers_stay_within_their_budget(tmp_path: Path) -> None:
-    assert storage.direct_block(None, 4) == storage.DIRECT_BLOCK_BYTES
-    assert storage.direct_block(16 * 2**20, 4) == storage.DIRECT_BLOCK_BYTES
-    block = storage.direct_block(2**20, 4)  # a quarter each, less the aligned edges
-    assert block % storage.DIRECT_ALIGN == 0 and 4 * (block + 2 * storage.DIRECT_ALIGN) <= 2**20
-    assert storage.direct_block(100_000, 4) == 0  # too tight: buffered reads
+    assert directio.direct_block(None, 4) == directio.DIRECT_BLOCK_BYTES
+    assert directio.direct_block(16 * 2**20, 4) == directio.DIRECT_BLOCK_BYTES
+    block = directio.direct_block(2**20, 4)  # a quarter each, less the aligned edges
+    assert block % directio.DIRECT_ALIGN == 0 and 4 * (block + 2 * directio.DIRECT_ALIGN) <= 2**20
+    assert directio.direct_block(100_000, 4) == 0  # too tight: buffered reads
     data = _cold_file(tmp_path, 3 * 2**20 + 1)
     for budget, direct in ((2**20, True), (100_000, False)):
-        _evict(tmp_path / "a.bin")
+        evict(tmp_path / "a.bin")
         reqs, bufs = _requests([(1, 3 * 2**20)])
         with FileReader(tmp_path, threads=4, bounce_budget=budget) as reader:
             reader.read(reqs)
@@ -242,8 +233,8 @@ def test_buffers_at_the_files_alignment_take_the_dma_straight(tmp_path: Path) ->
         reader.read(reqs)
         assert reader.bytes_direct == first + second + third
         # at most one partial block at each end of each run, plus the misaligned piece
-        runs = -(-(first + second) // storage.DIRECT_BLOCK_BYTES)
-        assert third <= reader.bytes_bounced <= third + 2 * runs * storage.DIRECT_ALIGN
+        runs = -(-(first + second) // directio.DIRECT_BLOCK_BYTES)
+        assert third <= reader.bytes_bounced <= third + 2 * runs * directio.DIRECT_ALIGN
     del reqs
     for o, m, n in spans:
         assert memory[m : m + n] == data[o : o + n], (o, m, n)
