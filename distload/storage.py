@@ -132,6 +132,7 @@ class FileReader:
         self.resident = frozenset(resident)
         # file -> its O_DIRECT descriptor, None where refused (opened beside the buffered one)
         self._direct_fds: dict[str, int | None] = {}
+        self._refused: list[int] = []  # O_DIRECT descriptors of files that refused a read
         self._bounces = BounceBuffers(self.direct_block)  # one per read thread
         self.bytes_read = 0
         # bytes read through the page cache: the kernel copies each of them once (a read
@@ -171,11 +172,13 @@ class FileReader:
             return self._direct_fds.get(file)
 
     def _refuse_direct(self, file: str, fd: int) -> None:
-        """``file`` turned out to refuse O_DIRECT reads: read it buffered from now on."""
+        """``file`` turned out to refuse O_DIRECT reads: read it buffered from now on. The
+        descriptor stays open until :meth:`close` (another read thread may be using it: a
+        number closed under it could be reused by the next file opened)."""
         with self._lock:
             if self._direct_fds.get(file) == fd:
                 self._direct_fds[file] = None
-                os.close(fd)
+                self._refused.append(fd)
         log.info("%s: O_DIRECT reads refused; reading it through the page cache", file)
 
     def fd(self, file: str) -> int:
@@ -366,10 +369,11 @@ class FileReader:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
-            for direct in self._direct_fds.values():
+            for direct in (*self._direct_fds.values(), *self._refused):
                 if direct is not None:
                     os.close(direct)
             self._direct_fds.clear()
+            self._refused.clear()
         self._bounces.close()
 
     @property
