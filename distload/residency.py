@@ -45,7 +45,7 @@ def in_page_cache(path: str | os.PathLike[str], *, enough: float = ENOUGH) -> bo
 
 def resident_fraction(path: str | os.PathLike[str]) -> float | None:
     """The fraction of ``path``'s pages in the page cache (0.0 for an empty file), None where
-    it cannot be told: exact from ``cachestat`` (Linux 6.5; about 0.1 ms per 400 MB shard,
+    it cannot be told: exact from ``cachestat`` (Linux 6.5; about 0.6 ms per 400 MB shard,
     and it starts no read); elsewhere, of ``SAMPLES`` pages spread over the file, those that
     read without waiting (``preadv2(RWF_NOWAIT)``: about 0.5 ms per file, and each miss
     starts the kernel's read-ahead of its page -- a whole small file comes into the cache,
@@ -184,7 +184,7 @@ _cachestat_works = _syscall is not None
 
 def cached_pages(fd: int, offset: int, length: int) -> int | None:
     """How many pages of ``[offset, offset + length)`` of open file ``fd`` the page cache
-    holds (``cachestat``: exact, a microsecond or two per 2 MiB asked, no read started);
+    holds (``cachestat``: exact, about 7 us per 2 MiB asked from Python, no read started);
     None where the kernel cannot tell (before Linux 6.5, other systems). Any thread."""
     global _cachestat_works
     if not _cachestat_works:

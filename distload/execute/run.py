@@ -41,7 +41,7 @@ from distload.transport.base import Transport
 
 T = TypeVar("T")
 # the staging budget in buckets: the read ring, one receive and one pack buffer, and the read
-# threads' O_DIRECT bounce buffers (one bucket in all, see distload.storage)
+# threads' O_DIRECT bounce buffers (one bucket in all, see distload.directio)
 STAGING_ARENAS = PREFETCH_DEPTH + 3
 
 
