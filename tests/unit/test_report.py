@@ -35,3 +35,26 @@ def test_table_columns_follow_the_phases() -> None:
     header = report.table().splitlines()[3].split()
     assert header[6:] == ["ops", "cpu", "runtime", "plan", "execute", "total"]
     assert RankReport.from_json(ranks[1].to_json()) == ranks[1]
+
+
+def test_head_line_says_how_much_was_read_with_o_direct() -> None:
+    ranks = [
+        RankReport(rank=0, bytes_read=300, bytes_direct=300, bytes_copied=300, bytes_held=400),
+        RankReport(rank=1, bytes_read=100, bytes_kernel_copied=100, bytes_held=400),
+    ]
+    facts = LoadFacts("ckpt", 2, 400, 3, 4, "replicate", [0, 0], "shared memory")
+    report = load_report(facts, ranks)
+    assert report.bytes_direct == 300
+    head = report.table().splitlines()[2]
+    assert "read 400 B (1.00x the checkpoint, 75% with O_DIRECT)" in head
+    # the bounce copies count with distload's own, the buffered read's with the kernel's
+    assert report.cpu_copies_per_byte == (300 + 100) / 800
+    nothing = load_report(facts, [RankReport(rank=0), RankReport(rank=1)])
+    assert "(0.00x the checkpoint)" in nothing.table()  # nothing read: no read path to tell
+
+
+def test_the_cli_turns_direct_reads_off() -> None:
+    from distload.cli import build_parser
+
+    assert build_parser().parse_args(["load", "ckpt"]).direct_io is True
+    assert build_parser().parse_args(["load", "ckpt", "--no-direct-io"]).direct_io is False
