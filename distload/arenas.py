@@ -40,7 +40,8 @@ class Arenas:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all arenas now (their peak, since they never shrink)."""
+        """Bytes of all arenas now (their peak, since they never shrink; a host arena also
+        holds up to one aligned block before it, to start on a boundary)."""
         return sum(b.numel() for b in self._buffers.values())
 
     def clear(self) -> None:

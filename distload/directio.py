@@ -33,13 +33,23 @@ DIRECT_BLOCK_BYTES = 2 * 1024 * 1024
 DIRECT_MIN_BLOCK_BYTES = 64 * 1024
 
 
+def _down(offset: int) -> int:
+    """``offset`` rounded down to ``DIRECT_ALIGN``."""
+    return offset - offset % DIRECT_ALIGN
+
+
+def _up(offset: int) -> int:
+    """``offset`` rounded up to ``DIRECT_ALIGN``."""
+    return -(-offset // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
 def direct_block(budget: int | None, threads: int) -> int:
     """Bytes of one O_DIRECT request when all ``threads`` bounce buffers (a request plus an
     aligned block on each side) share ``budget`` bytes (None: no bound); 0: too tight."""
     if budget is None:
         return DIRECT_BLOCK_BYTES
     share = budget // max(1, threads) - 2 * DIRECT_ALIGN
-    block = min(DIRECT_BLOCK_BYTES, share - share % DIRECT_ALIGN)
+    block = min(DIRECT_BLOCK_BYTES, _down(share))
     return block if block >= DIRECT_MIN_BLOCK_BYTES else 0
 
 
@@ -95,13 +105,11 @@ def read_direct(
     of ``bounce`` (see the module docstring)."""
     size = sum(len(view) for view, _ in run)
     tensor = run[0][1]
-    lo = -(-offset // DIRECT_ALIGN) * DIRECT_ALIGN
-    hi = (offset + size) // DIRECT_ALIGN * DIRECT_ALIGN
+    lo, hi = _up(offset), _down(offset + size)  # the aligned middle
     straight = _straight(run, offset, size) if hi - lo >= DIRECT_ALIGN else None
     window = memoryview(bounce)  # type: ignore[arg-type]
     if straight is None:
-        start = offset - offset % DIRECT_ALIGN
-        end = -(-(offset + size) // DIRECT_ALIGN) * DIRECT_ALIGN
+        start, end = _down(offset), _up(offset + size)  # the aligned span holding the run
         pread_direct(
             fd, window[: end - start], start, offset + size - start, file=file, tensor=tensor
         )

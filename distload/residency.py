@@ -23,6 +23,8 @@ file counts as cached when most of it is (:data:`ENOUGH`).
 from __future__ import annotations
 
 import ctypes
+import errno
+import mmap
 import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -150,9 +152,16 @@ def choose_cached(
 
 
 # cachestat(2) (Linux 6.5): how many pages of a range the page cache holds, without touching
-# them and without starting any read; the same number on every architecture
+# them and without starting any read; the same number on every architecture. It counts pages
+# of the kernel's size (16 or 64 KiB on some arm64 kernels, not always 4 KiB).
 _CACHESTAT = 451
-_PAGE = 4096
+_PAGE = mmap.PAGESIZE
+
+
+def _page_span(offset: int, length: int) -> tuple[int, int]:
+    """(first page, number of pages) of ``[offset, offset + length)``, ``length`` > 0."""
+    first = offset // _PAGE
+    return first, (offset + length - 1) // _PAGE - first + 1
 
 
 class _Range(ctypes.Structure):
@@ -191,11 +200,11 @@ def cached_pages(fd: int, offset: int, length: int) -> int | None:
         return None
     if length <= 0:
         return 0
-    first, last = offset // _PAGE, (offset + length - 1) // _PAGE
-    rng, stat = _Range(first * _PAGE, (last - first + 1) * _PAGE), _Stat()
+    first, pages = _page_span(offset, length)
+    rng, stat = _Range(first * _PAGE, pages * _PAGE), _Stat()
     assert _syscall is not None
     if _syscall(_CACHESTAT, ctypes.c_uint(fd), ctypes.byref(rng), ctypes.byref(stat), 0) != 0:
-        if ctypes.get_errno() in (38, 1):  # ENOSYS, EPERM (a seccomp filter): never again
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp filter
             _cachestat_works = False
         return None
     return int(stat.nr_cache)
@@ -204,9 +213,7 @@ def cached_pages(fd: int, offset: int, length: int) -> int | None:
 def cached_range(fd: int, offset: int, length: int) -> bool | None:
     """Whether every page of ``[offset, offset + length)`` of open file ``fd`` is in the page
     cache (:func:`cached_pages`); None where the kernel cannot tell. Any thread."""
-    if length <= 0:
-        return None if not _cachestat_works else True
-    pages = cached_pages(fd, offset, length)
-    if pages is None:
+    held = cached_pages(fd, offset, length)
+    if held is None:
         return None
-    return pages >= (offset + length - 1) // _PAGE - offset // _PAGE + 1
+    return length <= 0 or held >= _page_span(offset, length)[1]
