@@ -9,6 +9,7 @@ classes, accounting), the executor and the simulator.
 * :func:`read_slots` / :func:`read_bytes`: the reader's staging layout of a bucket (whole
   pieces, stored dtype; large pieces at their file offset's residue, :func:`slot_offset`);
 * :func:`segments_for`: what one rank receives from a bucket, packed, in wire dtypes;
+* :func:`wire_messages`: the point-to-point messages that carry it (large parts alone);
 * :func:`receiving_classes`: who receives how many bytes of a shared bucket.
 """
 
@@ -226,6 +227,46 @@ def segments_for(plan: LoadPlan, bucket: Bucket, rank: int) -> tuple[list[Segmen
             segs.append(Segment(item, part, dtype, at, nbytes))
             cursor = at + nbytes
     return segs, aligned(cursor)
+
+
+# a part of at least this many bytes travels point to point as a message of its own, so that
+# its receiver can take it straight into its destination (no receive buffer, no copy)
+MESSAGE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Message:
+    """One point-to-point message of a receiver's packed layout: bytes ``[start, end)`` of
+    it, holding ``parts``; ``alone``: it is one large part (which its receiver may take
+    straight into its destination)."""
+
+    start: int
+    end: int
+    parts: tuple[Segment, ...]
+    alone: bool = False
+
+
+def wire_messages(segs: list[Segment], size: int) -> list[Message]:
+    """The messages that carry one receiver's packed layout (``segs``, ``size``: its
+    :func:`segments_for`), the same on both sides since both derive them from the plan.
+
+    A layout without a part of :data:`MESSAGE_BYTES` or more is one message, the whole
+    buffer. Otherwise each such part is a message of its own, and each run of smaller parts
+    between them one more (the padding between messages never travels)."""
+    if not any(s.nbytes >= MESSAGE_BYTES for s in segs):
+        return [Message(0, size, tuple(segs))]
+    messages: list[Message] = []
+    run: list[Segment] = []
+    for seg in [*segs, None]:
+        if seg is not None and seg.nbytes < MESSAGE_BYTES:
+            run.append(seg)
+            continue
+        if run:
+            messages.append(Message(run[0].offset, run[-1].offset + run[-1].nbytes, tuple(run)))
+            run = []
+        if seg is not None:
+            messages.append(Message(seg.offset, seg.offset + seg.nbytes, (seg,), alone=True))
+    return messages
 
 
 def receiving_classes(plan: LoadPlan, number: int) -> list[tuple[tuple[int, ...], int]]:

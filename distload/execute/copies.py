@@ -199,6 +199,35 @@ class Copier:
                 targets[item] = byte_view(rows)
         return targets
 
+    def landing(self, seg: Segment, device: torch.device) -> torch.Tensor | None:
+        """The destination memory that ``seg`` fills unchanged -- a contiguous region of a
+        destination on ``device`` of the segment's dtype -- as flat bytes (a message received
+        there needs no copy), or None."""
+        dest = self.dests.get(seg.part.output)
+        if dest is None or seg.part.transposed or dest.device != device:
+            return None
+        try:
+            if dest.dtype != to_torch(seg.dtype):
+                return None
+        except (KeyError, ValueError):
+            return None
+        target = region(dest, seg.part.dst)
+        if not target.is_contiguous() or target.numel() * target.element_size() != seg.nbytes:
+            return None
+        return target.reshape(-1).view(torch.uint8)
+
+    def stored_run(self, read: Read, seg: Segment, device: torch.device) -> torch.Tensor | None:
+        """The bytes of ``seg`` where they lie in ``read``'s buffer, when they are one
+        contiguous run there in the segment's dtype on ``device`` (sent as they are, with no
+        packing), or None."""
+        slot = read.slots.get(seg.item)
+        if slot is None or seg.part.transposed or slot.dtype != seg.dtype:
+            return None
+        part = source(read, seg)
+        if part.device != device or not part.is_contiguous():
+            return None
+        return part.reshape(-1).view(torch.uint8)
+
     def deliver(self, segs: list[Segment], buf: torch.Tensor) -> None:
         """Copy packed segments of ``buf`` (a received or peer's buffer) into destinations."""
         host = byte_view(buf) if buf.device.type == "cpu" else None

@@ -20,7 +20,7 @@ from distload.arenas import Arenas
 from distload.execute.copies import Copier, WholeLayout
 from distload.execute.reader import Read
 from distload.execute.status import ExecStats, Status
-from distload.geometry import Segment, read_slots
+from distload.geometry import Message, Segment, read_slots, wire_messages
 from distload.plan import Bucket
 from distload.shm import ShmExchange
 from distload.transport.base import Transport
@@ -103,20 +103,41 @@ class TransportExchange:
         if not members:
             return
         segs, size = self.copier.segments(number, self.rank)
+        self.stats.bytes_received += size
+        if not (self.multicast and len(members) > 1):
+            self._receive(bucket.reader, segs, size, f"{what}: receiving")
+            return
         buf = self.arenas.get("recv", size)
         root = members[0]
-        if self.multicast and len(members) > 1:
-            where = f"{what}: multicast within ranks {list(members)} from rank {root}"
-            if root == self.rank:  # the relay: the reader is not a member of this class
-                self.net.recv(buf, bucket.reader, f"{what}: receiving")
-                self.net.group_broadcast(buf, members, root, where)
-                self.stats.bytes_sent += size * (len(members) - 1)
-            else:
-                self.net.group_broadcast(buf, members, root, where)
-        else:
+        where = f"{what}: multicast within ranks {list(members)} from rank {root}"
+        if root == self.rank:  # the relay: the reader is not a member of this class
             self.net.recv(buf, bucket.reader, f"{what}: receiving")
-        self.stats.bytes_received += size
+            self.net.group_broadcast(buf, members, root, where)
+            self.stats.bytes_sent += size * (len(members) - 1)
+        else:
+            self.net.group_broadcast(buf, members, root, where)
         self.status.guard(lambda: self.copier.deliver(segs, buf))
+
+    def _receive(self, src: int, segs: list[Segment], size: int, what: str) -> None:
+        """Receive one packed layout from ``src`` in its :func:`wire_messages`: a large part
+        that fills a contiguous region of its destination unchanged lands there (no copy),
+        every other message in the receive buffer, copied into place after."""
+        messages = wire_messages(segs, size)
+        buf: torch.Tensor | None = None
+        rest: list[Segment] = []
+        for message in messages:
+            into = None
+            if message.alone and not self.status.failed:
+                into = self.copier.landing(message.parts[0], self.net.device)
+            if into is None:
+                if buf is None:
+                    buf = self.arenas.get("recv", size)
+                into = buf[message.start : message.end] if len(messages) > 1 else buf
+                rest.extend(message.parts)
+            self.net.recv(into, src, what)
+        if buf is not None:
+            received = buf
+            self.status.guard(lambda: self.copier.deliver(rest, received))
 
     def _send_classes(self, number: int, bucket: Bucket, read: Read | None, what: str) -> None:
         """The reader's side of a p2p bucket: every other class, then its own class."""
@@ -126,23 +147,58 @@ class TransportExchange:
                 own = members
                 continue
             segs, size = self.copier.segments(number, members[0])
-            buf = self._pack(read, segs, size)
-            multicast = self.multicast and len(members) > 1
-            for peer in members[:1] if multicast else members:
-                self.net.send(buf, peer, f"{what}: sending to rank {peer}")
+            if self.multicast and len(members) > 1:  # to the class's root, which relays
+                buf = self._pack(read, segs, size)
+                self.net.send(buf, members[0], f"{what}: sending to rank {members[0]}")
                 self.stats.bytes_sent += size
+            else:
+                self._send(members, read, segs, size, what)
         if len(own) > 1:
             segs, size = self.copier.segments(number, self.rank)
-            buf = self._pack(read, segs, size)
             if self.multicast:
+                buf = self._pack(read, segs, size)
                 self.net.group_broadcast(
                     buf, own, self.rank, f"{what}: multicast to ranks {list(own)}"
                 )
                 self.stats.bytes_sent += size * (len(own) - 1)
             else:
-                for peer in own[1:]:
-                    self.net.send(buf, peer, f"{what}: sending to rank {peer}")
-                    self.stats.bytes_sent += size
+                self._send(own[1:], read, segs, size, what)
+
+    def _send(
+        self, peers: tuple[int, ...], read: Read | None, segs: list[Segment], size: int, what: str
+    ) -> None:
+        """Send one packed layout to each of ``peers`` in its :func:`wire_messages` (what
+        :meth:`_receive` expects): a large part that lies contiguous in the read buffer goes
+        as it lies there, the others packed first."""
+        messages = wire_messages(segs, size)
+        sends = self._message_buffers(read, messages, size)
+        for peer in peers:
+            for buf in sends:
+                self.net.send(buf, peer, f"{what}: sending to rank {peer}")
+            self.stats.bytes_sent += size
+
+    def _message_buffers(
+        self, read: Read | None, messages: list[Message], size: int
+    ) -> list[torch.Tensor]:
+        """The buffer of each message: a large part's bytes in ``read`` where they lie
+        contiguous, else its place in the pack buffer (packed once for all of them)."""
+        stored: dict[int, torch.Tensor] = {}
+        if read is not None and not self.status.failed and len(messages) > 1:
+            for i, message in enumerate(messages):
+                run = (
+                    self.copier.stored_run(read, message.parts[0], self.net.device)
+                    if message.alone
+                    else None
+                )
+                if run is not None:
+                    stored[i] = run
+        if len(stored) == len(messages):
+            return list(stored.values())
+        packed = [p for i, m in enumerate(messages) if i not in stored for p in m.parts]
+        buf = self._pack(read, packed, size)
+        if len(messages) == 1:
+            return [buf]
+        return [stored.get(i, buf[m.start : m.end]) for i, m in enumerate(messages)]
 
 
 class ShmBuckets:

@@ -113,6 +113,7 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
             timeout=cfg.get("timeout", 60),
             shm=cfg.get("shm"),
             direct_io=cfg.get("direct_io", True),
+            readers=cfg.get("readers"),
         )
     finally:
         os.environ.pop("DISTLOAD_MULTICAST", None)
@@ -150,6 +151,7 @@ def load_and_verify(cfg: dict[str, Any]) -> dict[str, Any]:
         "kernel_copied": [r.bytes_kernel_copied for r in rep.ranks],
         "direct": [r.bytes_direct for r in rep.ranks],
         "copied": [r.bytes_copied for r in rep.ranks],
+        "held": [r.bytes_held for r in rep.ranks],
         "operations": [r.operations for r in rep.ranks],
         "cpu_seconds": [r.cpu_seconds for r in rep.ranks],
         # status checks the executor makes (collectives inside the execute phase)

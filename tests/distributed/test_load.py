@@ -256,13 +256,17 @@ def test_cold_loads_read_with_o_direct(
             assert direct == 0, (cfg["name"], first)
             assert sum(first["kernel_copied"]) == total, (cfg["name"], first)
             continue
-        # every byte read with O_DIRECT, one copy out of the bounce buffers each (counted
-        # with distload's own copies), but for pieces whose pages the page cache holds: those
-        # in the pages of the files' headers, which planning read
+        # every byte read with O_DIRECT, but for pieces whose pages the page cache holds:
+        # those in the pages of the files' headers, which planning read
         kernel = sum(first["kernel_copied"])
         assert direct + kernel == total and 0 < direct, (cfg["name"], first)
         assert kernel <= _header_pages(Path(cfg["source"])), (cfg["name"], first)
-        assert sum(first["copied"]) >= direct, (cfg["name"], first)
+        if world == 1 and not cfg.get("dtype"):
+            # each byte reaches its tensor with at most one CPU copy, out of a bounce buffer;
+            # a run whose tensor happens to lie at the file's alignment modulo 4 KiB takes
+            # the DMA itself and is copied by no one (so copies may fall below the direct
+            # bytes, never above what is held)
+            assert 0 < sum(first["copied"]) <= sum(first["held"]), (cfg["name"], first)
         if cfg.get("bucket_bytes"):
             bound = STAGING_ARENAS * cfg["bucket_bytes"] + 64 * 64
             assert max(first["staging"]) <= bound, (cfg, first)
@@ -292,3 +296,33 @@ def test_a_device_mesh_as_group(llama_ckpt: Path) -> None:
     results = check_all_ok(run_group(2, "mesh_group_load", {"source": str(llama_ckpt)}))
     for r in results:
         assert "2-d DeviceMesh" in r["refused"] and "mesh['tp']" in r["refused"], r
+
+
+def test_large_parts_cross_nodes_straight_into_their_tensors(tmp_path: Path) -> None:
+    """Two simulated nodes, shards read through the transport: column blocks of a megabyte
+    or more travel as messages of their own and land straight in their receivers' tensors
+    (the reader packs them once), rows that lie contiguous are sent as they were read. So
+    distload's own copies stay within one per byte held, over all ranks, bit for bit."""
+    llama = write_llama(
+        tmp_path / "llama",
+        LlamaShape(vocab=2000, hidden=1024, intermediate=4096, layers=1, heads=8, kv_heads=8),
+        max_shard_bytes=12_000_000,
+    )
+    world = 4
+    configs = [
+        {
+            "name": f"2node-{mode}",
+            "source": str(llama),
+            "rules": LLAMA_RULES,
+            "nodes": [0, 0, 1, 1],
+            "page_cache": "0",
+            **extra,
+        }
+        for mode, extra in (("transport", {}), ("rank-0-reads", {"readers": [0]}))
+    ]
+    results = check_all_ok(run_group(world, "matrix", {"configs": configs}, timeout=200))
+    for i, cfg in enumerate(configs):
+        first = results[0][i]
+        assert sum(first["bytes_read"]) == first["total_bytes"], (cfg["name"], first)
+        assert sum(first["bytes_received"]) > 1 << 20, (cfg["name"], first)
+        assert sum(first["copied"]) <= sum(first["held"]), (cfg["name"], first)

@@ -262,3 +262,84 @@ def test_execute_phase_shares_a_read_failure_with_every_rank(mixed_ckpt: Path) -
     got = run_threads(2, rank)
     assert all(isinstance(e, DistLoadError) for e in got), got
     assert all(1 in e.ranks for e in got)
+
+
+@pytest.fixture(scope="module")
+def large_parts_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tensors whose sharded parts are over a megabyte (their own point-to-point messages),
+    beside small ones that travel packed."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(7)
+    tensors = {
+        "cols.weight": torch.randn(512, 4096, generator=gen).to(torch.bfloat16),  # 4 MiB
+        "rows.weight": torch.randn(1536, 1024, generator=gen).to(torch.bfloat16),  # 3 MiB
+        "norm.weight": torch.randn(4096, generator=gen).to(torch.bfloat16),
+        "small.weight": torch.randn(48, 64, generator=gen).to(torch.bfloat16),
+    }
+    folder = tmp_path_factory.mktemp("large-parts")
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+LARGE_PARTS_RULES = [
+    ["cols.weight", ["shard", 1]],
+    ["rows.weight", ["shard", 0]],
+    ["small.weight", ["shard", 1]],
+]
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"], ids=["stored", "upcast"])
+def test_large_parts_travel_straight_into_their_destinations(
+    large_parts_ckpt: Path, dtype: str | None
+) -> None:
+    """Rank 0 reads everything and serves the others point to point: a part of a megabyte or
+    more is a message of its own, sent from where it lies when it is contiguous there (rows)
+    and received straight into its destination, so the only CPU copies left are rank 0's
+    packing of column blocks and its own parts -- one per delivered byte. With a cast on
+    the receiving side, parts land in the receive buffer and are copied as before."""
+    from distload.execute import ExecutePhase
+    from distload.placement import TensorParallel
+    from tests.distributed.cases import tp_rules
+    from tests.reference import expected_local, read_all, same_bits
+    from tests.threads import ThreadTransport, run_threads
+
+    index = read_checkpoint(large_parts_ckpt)
+    placement = TensorParallel(tp_rules(LARGE_PARTS_RULES))
+    stored = {"float32": "F32"}.get(dtype or "")
+    plan = make_plan(
+        index, 3, placement, readers=[0], nodes=[0, 0, 0], dtype=stored, token=f"large-{dtype}"
+    )
+    assert any(b.kind == "p2p" for b in plan.buckets)
+
+    def rank(net: ThreadTransport) -> tuple[dict[int, torch.Tensor], int, int]:
+        with ExecutePhase(plan, net, shm=False, timeout=20) as phase:
+            dests = phase.materialize(
+                lambda: prepare_destinations(plan, net.rank, net.device, None)
+            )
+            result = phase.run(dests, root=index.root, contain=None, read_threads=2, on_bucket=None)
+        return dests, result.stats.bytes_copied, result.stats.bytes_received
+
+    got = run_threads(3, rank)
+    assert not [g for g in got if isinstance(g, BaseException)], got
+    full = read_all(large_parts_ckpt)
+    want_dtype = getattr(torch, dtype) if dtype else None
+    held = []
+    for r, (dests, _, _) in enumerate(got):
+        for out, dest in dests.items():
+            name = plan.outputs[out].name
+            want = expected_local(full[name], name, LARGE_PARTS_RULES, 3, r, want_dtype)
+            assert same_bits(dest, want), (r, name)
+        held.append(sum(d.numel() * d.element_size() for d in dests.values()))
+    copied = [c for _, c, _ in got]
+    small = sum(t.nbytes for t in index.tensors if t.nbytes < 1 << 20)
+    if dtype is None:
+        # receivers copy only what came packed (the small tensors' parts), rank 0 its own
+        # parts and the column blocks it packed for the others
+        cols = next(t.nbytes for t in index.tensors if t.name == "cols.weight")
+        assert copied[0] <= held[0] + cols
+        assert all(c <= small for c in copied[1:]), copied
+        assert sum(copied) <= sum(held)
+    else:
+        # cast after receiving (bf16 travels, float32 lands): every received byte is copied
+        assert all(c >= received for (_, c, received) in got[1:]), got

@@ -9,6 +9,9 @@ import pytest
 
 from distload.geometry import (
     ALIGN,
+    MESSAGE_BYTES,
+    Part,
+    Segment,
     aligned,
     parts_of,
     piece_bytes,
@@ -19,6 +22,7 @@ from distload.geometry import (
     segments_for,
     slot_offset,
     wire_dtype,
+    wire_messages,
 )
 from distload.placement import TensorParallel
 from distload.plan import MIRROR_ALIGN, MIRROR_BYTES, Item
@@ -101,3 +105,26 @@ def test_pieces_travel_in_the_narrower_dtype() -> None:
     assert wire_dtype("F32", "BF16") == "BF16"
     assert wire_dtype("BF16", "F32") == "BF16"
     assert wire_dtype("I64", "I64") == "I64"
+
+
+def test_wire_messages_give_each_large_part_a_message_of_its_own() -> None:
+    """Parts of MESSAGE_BYTES or more travel alone; the runs of small parts between them
+    travel packed, one message each; a layout of small parts only is one message of the
+    whole buffer. The messages cover every part once, in order, and no padding between."""
+
+    def seg(offset: int, nbytes: int) -> Segment:
+        part = Part(0, ((0, 1),), ((0, 1),), (nbytes,))
+        return Segment(Item(0, 0, 1), part, "U8", offset, nbytes)
+
+    small = [seg(0, 100), seg(128, 64)]
+    assert [(m.start, m.end, m.alone) for m in wire_messages(small, 192)] == [(0, 192, False)]
+    big = MESSAGE_BYTES
+    segs = [seg(0, 10), seg(64, big), seg(64 + big, 5), seg(128 + big, 7), seg(192 + big, big)]
+    messages = wire_messages(segs, 192 + 2 * big)
+    assert [(m.start, m.end, m.alone) for m in messages] == [
+        (0, 10, False),
+        (64, 64 + big, True),
+        (64 + big, 135 + big, False),
+        (192 + big, 192 + 2 * big, True),
+    ]
+    assert [p for m in messages for p in m.parts] == segs
