@@ -59,34 +59,57 @@ class TransportExchange:
         return buf
 
     def broadcast(self, number: int, bucket: Bucket, read: Read | None, what: str) -> None:
+        """Every rank's layout of a broadcast bucket is the same, and so are its
+        :func:`wire_messages`: one broadcast each. A receiver takes a large part that fills a
+        contiguous region of its destination unchanged straight there (no copy)."""
         segs, size = self.copier.segments(number, self.rank)
+        messages = wire_messages(segs, size)
         if bucket.reader == self.rank:
-            if read is None:  # the read failed: keep to the schedule, the bytes are moot
-                buf = self._pack(None, segs, size)
-                self.net.broadcast(buf, bucket.reader, what)
-                return
-            buffer = read.staged()
-            same = all(
-                s.dtype == read.slots[s.item].dtype
-                and not s.part.transposed
-                and s.part.src == read.slots[s.item].part.src
-                and s.offset == read.slots[s.item].offset
-                for s in segs
-            ) and len(segs) == len(read.slots)
-            if same and buffer.device == self.net.device and buffer.numel() == size:
-                buf = buffer  # the read layout is the wire layout: no copy
-            elif same:
-                buf = self.arenas.get("pack", size)
-                buf.copy_(buffer, non_blocking=True)
-            else:
-                buf = self._pack(read, segs, size)
-            self.net.broadcast(buf, bucket.reader, what)
+            buf = self._broadcast_buffer(read, segs, size)
+            for message in messages:
+                part = buf[message.start : message.end]
+                self.net.broadcast(part, bucket.reader, what)
             self.stats.bytes_sent += size * (self.net.world_size - 1)
-        else:
-            buf = self.arenas.get("recv", size)
-            self.net.broadcast(buf, bucket.reader, what)
-            self.stats.bytes_received += size
-        self.status.guard(lambda: self.copier.deliver(segs, buf))
+            if read is not None:
+                self.status.guard(lambda: self.copier.deliver(segs, buf))
+            return
+        buf = None
+        rest: list[Segment] = []
+        for message in messages:
+            into = None
+            if message.alone and not self.status.failed:
+                into = self.copier.landing(message.parts[0], self.net.device)
+            if into is None:
+                if buf is None:
+                    buf = self.arenas.get("recv", size)
+                into = buf[message.start : message.end]
+                rest.extend(message.parts)
+            self.net.broadcast(into, bucket.reader, what)
+        self.stats.bytes_received += size
+        if buf is not None:
+            received = buf
+            self.status.guard(lambda: self.copier.deliver(rest, received))
+
+    def _broadcast_buffer(self, read: Read | None, segs: list[Segment], size: int) -> torch.Tensor:
+        """The reader's send buffer of a broadcast bucket: the read buffer itself when its
+        layout is the wire layout (no copy), else packed (unfilled after a failed read)."""
+        if read is None:  # the read failed: keep to the schedule, the bytes are moot
+            return self._pack(None, segs, size)
+        buffer = read.staged()
+        same = all(
+            s.dtype == read.slots[s.item].dtype
+            and not s.part.transposed
+            and s.part.src == read.slots[s.item].part.src
+            and s.offset == read.slots[s.item].offset
+            for s in segs
+        ) and len(segs) == len(read.slots)
+        if same and buffer.device == self.net.device and buffer.numel() == size:
+            return buffer  # the read layout is the wire layout: no copy
+        if same:
+            buf = self.arenas.get("pack", size)
+            buf.copy_(buffer, non_blocking=True)
+            return buf
+        return self._pack(read, segs, size)
 
     def p2p(self, number: int, bucket: Bucket, read: Read | None, what: str) -> None:
         """Each class of receivers gets its packed parts once. A class of several ranks is a
@@ -132,7 +155,7 @@ class TransportExchange:
             if into is None:
                 if buf is None:
                     buf = self.arenas.get("recv", size)
-                into = buf[message.start : message.end] if len(messages) > 1 else buf
+                into = buf[message.start : message.end]
                 rest.extend(message.parts)
             self.net.recv(into, src, what)
         if buf is not None:
@@ -183,7 +206,7 @@ class TransportExchange:
         """The buffer of each message: a large part's bytes in ``read`` where they lie
         contiguous, else its place in the pack buffer (packed once for all of them)."""
         stored: dict[int, torch.Tensor] = {}
-        if read is not None and not self.status.failed and len(messages) > 1:
+        if read is not None and not self.status.failed:
             for i, message in enumerate(messages):
                 run = (
                     self.copier.stored_run(read, message.parts[0], self.net.device)
@@ -196,8 +219,6 @@ class TransportExchange:
             return list(stored.values())
         packed = [p for i, m in enumerate(messages) if i not in stored for p in m.parts]
         buf = self._pack(read, packed, size)
-        if len(messages) == 1:
-            return [buf]
         return [stored.get(i, buf[m.start : m.end]) for i, m in enumerate(messages)]
 
 

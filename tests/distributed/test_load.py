@@ -302,7 +302,8 @@ def test_large_parts_cross_nodes_straight_into_their_tensors(tmp_path: Path) -> 
     """Two simulated nodes, shards read through the transport: column blocks of a megabyte
     or more travel as messages of their own and land straight in their receivers' tensors
     (the reader packs them once), rows that lie contiguous are sent as they were read. So
-    distload's own copies stay within one per byte held, over all ranks, bit for bit."""
+    distload's own copies stay within one per byte held, over all ranks, bit for bit; with
+    every tensor replicated (broadcasts), only the readers copy large tensors, once."""
     llama = write_llama(
         tmp_path / "llama",
         LlamaShape(vocab=2000, hidden=1024, intermediate=4096, layers=1, heads=8, kv_heads=8),
@@ -320,9 +321,14 @@ def test_large_parts_cross_nodes_straight_into_their_tensors(tmp_path: Path) -> 
         }
         for mode, extra in (("transport", {}), ("rank-0-reads", {"readers": [0]}))
     ]
+    configs.append(
+        {"name": "2node-replicate", "source": str(llama), "nodes": [0, 0, 1, 1], "page_cache": "0"}
+    )
     results = check_all_ok(run_group(world, "matrix", {"configs": configs}, timeout=200))
     for i, cfg in enumerate(configs):
         first = results[0][i]
         assert sum(first["bytes_read"]) == first["total_bytes"], (cfg["name"], first)
         assert sum(first["bytes_received"]) > 1 << 20, (cfg["name"], first)
         assert sum(first["copied"]) <= sum(first["held"]), (cfg["name"], first)
+        if "rules" not in cfg:  # each rank holds the whole checkpoint: readers copy it once
+            assert sum(first["copied"]) < 2 * first["total_bytes"], (cfg["name"], first)

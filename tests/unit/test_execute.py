@@ -17,8 +17,9 @@ from distload.checkpoint import read_checkpoint
 from distload.errors import CheckpointError
 from distload.execute import PREFETCH_DEPTH, Executor, Read, ReadAhead, ReadFailure
 from distload.execute import reader as reader_module
+from distload.geometry import segments_for, wire_messages
 from distload.materialize import prepare_destinations
-from distload.planner import make_plan
+from distload.planner import DEFAULT_BUCKET_BYTES, make_plan
 from distload.storage import FileReader, ReadRequest
 from distload.synthetic import LlamaShape, write_llama
 from distload.transport.local import LocalTransport
@@ -275,6 +276,7 @@ def large_parts_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "cols.weight": torch.randn(512, 4096, generator=gen).to(torch.bfloat16),  # 4 MiB
         "rows.weight": torch.randn(1536, 1024, generator=gen).to(torch.bfloat16),  # 3 MiB
         "norm.weight": torch.randn(4096, generator=gen).to(torch.bfloat16),
+        "embed.weight": torch.randn(1024, 1024, generator=gen).to(torch.bfloat16),  # replicated
         "small.weight": torch.randn(48, 64, generator=gen).to(torch.bfloat16),
     }
     folder = tmp_path_factory.mktemp("large-parts")
@@ -289,15 +291,21 @@ LARGE_PARTS_RULES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [None, "float32"], ids=["stored", "upcast"])
+@pytest.mark.parametrize(
+    ("dtype", "bucket"),
+    [(None, None), (None, 1 << 20), ("float32", None)],
+    ids=["stored", "stored-1mib-buckets", "upcast"],
+)
 def test_large_parts_travel_straight_into_their_destinations(
-    large_parts_ckpt: Path, dtype: str | None
+    large_parts_ckpt: Path, dtype: str | None, bucket: int | None
 ) -> None:
-    """Rank 0 reads everything and serves the others point to point: a part of a megabyte or
-    more is a message of its own, sent from where it lies when it is contiguous there (rows)
-    and received straight into its destination, so the only CPU copies left are rank 0's
-    packing of column blocks and its own parts -- one per delivered byte. With a cast on
-    the receiving side, parts land in the receive buffer and are copied as before."""
+    """Rank 0 reads everything and serves the others (point to point, and a broadcast for
+    the replicated tensors): a part of a megabyte or more is a message of its own, sent from
+    where it lies when it is contiguous there (rows, whole tensors) and received straight
+    into its destination, so the only CPU copies left are rank 0's packing of column blocks
+    and its own parts -- one per delivered byte. With a cast on
+    the receiving side, parts land in the receive buffer and are copied as before. Buckets
+    of one large tensor each make messages that do not start at the layout's first byte."""
     from distload.execute import ExecutePhase
     from distload.placement import TensorParallel
     from tests.distributed.cases import tp_rules
@@ -308,9 +316,24 @@ def test_large_parts_travel_straight_into_their_destinations(
     placement = TensorParallel(tp_rules(LARGE_PARTS_RULES))
     stored = {"float32": "F32"}.get(dtype or "")
     plan = make_plan(
-        index, 3, placement, readers=[0], nodes=[0, 0, 0], dtype=stored, token=f"large-{dtype}"
+        index,
+        3,
+        placement,
+        readers=[0],
+        nodes=[0, 0, 0],
+        dtype=stored,
+        bucket_bytes=bucket or DEFAULT_BUCKET_BYTES,
+        token=f"large-{dtype}-{bucket}",
     )
     assert any(b.kind == "p2p" for b in plan.buckets)
+    if bucket is not None:  # some bucket is one large part, after padding in its layout
+        assert any(
+            len(ms) == 1 and ms[0].alone and (ms[0].start, ms[0].end) != (0, size)
+            for b in plan.buckets
+            if b.kind != "local"
+            for segs, size in [segments_for(plan, b, 1)]
+            for ms in [wire_messages(segs, size)]
+        )
 
     def rank(net: ThreadTransport) -> tuple[dict[int, torch.Tensor], int, int]:
         with ExecutePhase(plan, net, shm=False, timeout=20) as phase:
@@ -333,7 +356,9 @@ def test_large_parts_travel_straight_into_their_destinations(
         held.append(sum(d.numel() * d.element_size() for d in dests.values()))
     copied = [c for _, c, _ in got]
     small = sum(t.nbytes for t in index.tensors if t.nbytes < 1 << 20)
-    if dtype is None:
+    if bucket is not None:  # column blocks of 1 MiB pieces are small parts: packed
+        assert sum(copied) <= sum(held)
+    elif dtype is None:
         # receivers copy only what came packed (the small tensors' parts), rank 0 its own
         # parts and the column blocks it packed for the others
         cols = next(t.nbytes for t in index.tensors if t.name == "cols.weight")

@@ -128,3 +128,6 @@ def test_wire_messages_give_each_large_part_a_message_of_its_own() -> None:
         (192 + big, 192 + 2 * big, True),
     ]
     assert [p for m in messages for p in m.parts] == segs
+    # one large part after padding: its message is its bytes alone, not the whole buffer
+    lone = wire_messages([seg(448, big)], 448 + big)
+    assert [(m.start, m.end, m.alone) for m in lone] == [(448, 448 + big, True)]
