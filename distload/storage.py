@@ -126,8 +126,11 @@ class FileReader:
         self._busy: set[str] = set()  # files the read in flight uses: never closed meanwhile
         self.max_open = open_file_budget()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="distload-read")
-        self.direct_block = direct_block(bounce_budget, threads)
+        # threads=0: every read on the calling thread, one after another (no pool)
+        self._pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="distload-read") if threads > 0 else None
+        )
+        self.direct_block = direct_block(bounce_budget, max(1, threads))
         self.direct = direct and hasattr(os, "O_DIRECT") and self.direct_block > 0
         self.resident = frozenset(resident)
         # file -> its O_DIRECT descriptor, None where refused (opened beside the buffered one)
@@ -341,19 +344,25 @@ class FileReader:
     def _read_group(self, requests: list[ReadRequest], files: set[str]) -> tuple[int, int]:
         with self._lock:
             self._busy = files
+        error: BaseException | None = None
+        direct = bounced = 0
         try:
-            futures = [
-                self._pool.submit(self._read_run, fd, offset, run, file)
-                for fd, offset, run, file in self._runs(requests)
-            ]
-            error: BaseException | None = None
-            direct = bounced = 0
-            for fut in futures:
+            runs = self._runs(requests)
+            if self._pool is None:  # one after another, on this thread
                 try:
-                    d, b = fut.result()
-                    direct, bounced = direct + d, bounced + b
-                except BaseException as exc:  # keep waiting so no thread writes after we return
-                    error = error or exc
+                    for fd, offset, run, file in runs:
+                        d, b = self._read_run(fd, offset, run, file)
+                        direct, bounced = direct + d, bounced + b
+                except BaseException as exc:
+                    error = exc
+            else:
+                futures = [self._pool.submit(self._read_run, *run) for run in runs]
+                for fut in futures:
+                    try:
+                        d, b = fut.result()
+                        direct, bounced = direct + d, bounced + b
+                    except BaseException as exc:  # wait on, so no thread writes after we return
+                        error = error or exc
         finally:
             with self._lock:
                 self._busy = set()
@@ -364,7 +373,8 @@ class FileReader:
         return direct, bounced
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)

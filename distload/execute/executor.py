@@ -62,6 +62,7 @@ class Executor:
         shm: ShmExchange | None = None,
         cached: frozenset[int] = frozenset(),
         multicast: bool = False,
+        inline: bool = False,
     ) -> None:
         self.plan, self.transport, self.rank = plan, transport, transport.rank
         self.dests, self.reader = dests, reader
@@ -85,6 +86,8 @@ class Executor:
         )
         # buckets a status check precedes
         self.checks = plan.status_checks(shm=shm is not None, cached=self.cached)
+        # read each bucket on this thread when asked (``distload.execute.run.inline_reads``)
+        self.inline = inline
 
     @property
     def pending(self) -> BaseException | None:
@@ -109,6 +112,7 @@ class Executor:
             shm=self._shm,
             skip=self.cached,
             cuda=self._cuda_device(),
+            inline=self.inline,
         )
         try:
             for number, bucket in enumerate(self.plan.buckets):

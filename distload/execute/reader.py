@@ -7,6 +7,9 @@ share with every rank at the next agreement). Pieces are checked against the man
 hashes as they arrive when the plan carries digests. The ring of staging arenas bounds the
 memory read ahead; pieces read straight into destinations need no arena, so the thread runs
 ahead through such buckets and keeps the storage busy while the main thread waits on peers.
+
+Inline (``distload.execute.run.inline_reads``: nothing to transfer, and no core to spare for
+a thread) no thread starts: the main thread reads each bucket when it asks for it.
 """
 
 from __future__ import annotations
@@ -111,8 +114,13 @@ class ReadAhead:
         shm: ShmExchange | None = None,
         skip: frozenset[int] = frozenset(),
         cuda: torch.device | None = None,
+        inline: bool = False,
     ) -> None:
         self.plan, self.rank, self.reader, self.arenas = plan, rank, reader, arenas
+        # inline: no thread; the main thread reads each bucket when it asks for it (where a
+        # thread would only take turns with the main one for the same cores)
+        self.inline = inline
+        self._position = 0
         # copies out of a pinned arena into CUDA memory are asynchronous: an arena is read into
         # again only after the copies queued before its release have run (one event each)
         self.cuda = cuda
@@ -134,7 +142,7 @@ class ReadAhead:
         self.ready: queue.Queue[Outcome] = queue.Queue()
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="distload-prefetch", daemon=True)
-        if self.mine:
+        if self.mine and not inline:
             self.thread.start()
 
     # -- the reader thread --------------------------------------------------------------------
@@ -142,30 +150,38 @@ class ReadAhead:
     def _run(self) -> None:
         position = 0
         while position < len(self.mine):
-            number, bucket = self.mine[position]
-            try:
-                targets = self.direct_targets(number, bucket) if bucket.kind == "local" else {}
-            except Exception as exc:  # delivered to the main thread, which decides
-                self.ready.put(ReadFailure(bucket, exc))
-                position += 1
-                continue
-            batch = [(bucket, targets)] if len(targets) == len(bucket.items) else []
-            if batch:
-                batch += self._direct_run(position + 1, sum(len(t) for t in targets.values()))
-            after = position + max(1, len(batch))
-            if after < len(self.mine):  # storage starts on the next bucket meanwhile
-                try:
-                    self._advise(self.mine[after][1])
-                except Exception:  # a hint only: never let it end the reader thread
-                    log.debug("read-ahead hint failed", exc_info=True)
-            if batch:
-                if self._stop.is_set():
-                    return
-                for outcome in self._read_direct(batch):
-                    self.ready.put(outcome)
-            elif not self._one(number, bucket, targets):
+            advanced = self._advance(position)
+            if advanced is None:
                 return
-            position = after
+            position = advanced
+
+    def _advance(self, position: int) -> int | None:
+        """Read the bucket at ``position`` of :attr:`mine` (with the direct buckets after it
+        that join its pass) and queue the outcomes; the next position, or None when the
+        reading must end (stopped)."""
+        number, bucket = self.mine[position]
+        try:
+            targets = self.direct_targets(number, bucket) if bucket.kind == "local" else {}
+        except Exception as exc:  # delivered to the main thread, which decides
+            self.ready.put(ReadFailure(bucket, exc))
+            return position + 1
+        batch = [(bucket, targets)] if len(targets) == len(bucket.items) else []
+        if batch:
+            batch += self._direct_run(position + 1, sum(len(t) for t in targets.values()))
+        after = position + max(1, len(batch))
+        if after < len(self.mine):  # storage starts on the next bucket meanwhile
+            try:
+                self._advise(self.mine[after][1])
+            except Exception:  # a hint only: never let it end the reader thread
+                log.debug("read-ahead hint failed", exc_info=True)
+        if batch:
+            if self._stop.is_set():
+                return None
+            for outcome in self._read_direct(batch):
+                self.ready.put(outcome)
+        elif not self._one(number, bucket, targets):
+            return None
+        return after
 
     def _direct_run(self, position: int, size: int) -> list[tuple[Bucket, dict[Item, memoryview]]]:
         """The local buckets from ``position`` on whose pieces all go straight into their
@@ -327,6 +343,12 @@ class ReadAhead:
 
     def next(self, bucket: Bucket) -> Outcome:
         """This rank's read of ``bucket`` (the next one it reads, in plan order)."""
+        if self.inline:
+            while self.ready.empty() and self._position < len(self.mine):
+                advanced = self._advance(self._position)
+                self._position = len(self.mine) if advanced is None else advanced
+            if self.ready.empty():  # pragma: no cover - would be a bug in ordering
+                raise RuntimeError("no read left for a bucket this rank reads")
         while True:
             try:
                 got = self.ready.get(timeout=0.5)

@@ -19,6 +19,7 @@ Runs on every rank. :class:`ExecutePhase` is a context manager entered once the 
 
 from __future__ import annotations
 
+import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,27 @@ class ExecResult:
 def needs_slots(plan: LoadPlan, cached: frozenset[int]) -> bool:
     """Whether some shared bucket moves through a slot (is not read from the page cache)."""
     return any(b.kind != "local" and n not in cached for n, b in enumerate(plan.buckets))
+
+
+def inline_reads(plan: LoadPlan, rank: int, cached: frozenset[int], *, shm: bool) -> bool:
+    """Whether this rank reads its buckets on its main thread, with no read-ahead thread and
+    no read pool: when nothing moves between ranks (every shared bucket read from the page
+    cache by every rank, so there is no transfer to overlap reads with) and this node runs at
+    least as many ranks as this process may use cores (threads would only take turns with
+    the main thread for the same cores, handing the interpreter lock back and forth).
+    ``DISTLOAD_INLINE_READS=0`` / ``1`` decides instead (this rank only)."""
+    knob = os.environ.get("DISTLOAD_INLINE_READS", "auto")
+    if knob in ("0", "1"):
+        return knob == "1"
+    if shm or needs_slots(plan, cached):
+        return False
+    nodes = plan.nodes or (0,) * plan.world_size
+    here = sum(1 for node in nodes if node == nodes[rank])
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - platforms without affinity
+        cores = os.cpu_count() or 1
+    return here >= cores
 
 
 def use_shm(choice: bool | None, plan: LoadPlan, device: torch.device) -> bool:
@@ -159,9 +181,10 @@ class ExecutePhase:
         host = Arenas(torch.device("cpu"), pin=self.net.device.type == "cuda")
         comm = Arenas(self.net.device) if self.net.device.type == "cuda" else host
         expect = {f.name: f for f in self.plan.index.files}
+        inline = inline_reads(self.plan, self.net.rank, self.cached, shm=self.exchange is not None)
         reader = FileReader(
             root,
-            threads=read_threads,
+            threads=0 if inline else read_threads,
             contain=contain,
             expect=expect,
             direct=direct_io,
@@ -181,6 +204,7 @@ class ExecutePhase:
                 shm=self.exchange,
                 cached=self.cached,
                 multicast=multicast,
+                inline=inline,
             )
             stats = executor.run()
             error = executor.pending

@@ -368,3 +368,72 @@ def test_large_parts_travel_straight_into_their_destinations(
     else:
         # cast after receiving (bf16 travels, float32 lands): every received byte is copied
         assert all(c >= received for (_, c, received) in got[1:]), got
+
+
+@pytest.mark.parametrize("dtype", [None, "F32"], ids=["straight", "staged-cast"])
+def test_inline_reads_need_no_thread_and_read_each_bucket_when_asked(
+    ckpt: Path, dtype: str | None
+) -> None:
+    """Inline, the read-ahead starts no thread and the reader no pool: buckets are read on the
+    asking thread, in plan order (consecutive direct ones in one pass), straight into
+    destinations or (a cast) into a staging arena given back before the next bucket; the
+    copies end bit for bit."""
+    index = read_checkpoint(ckpt)
+    plan = make_plan(index, 1, bucket_bytes=8192, dtype=dtype)
+    dests = prepare_destinations(plan, 0, torch.device("cpu"), None)
+    arenas = Arenas(torch.device("cpu"))
+    before = threading.active_count()
+    with FileReader(ckpt, threads=0) as reader:
+        executor = Executor(
+            plan, LocalTransport(), dests, reader, host_arenas=arenas, comm_arenas=arenas
+        )
+        prefetch = ReadAhead(
+            plan,
+            0,
+            reader=reader,
+            arenas=arenas,
+            direct_targets=executor.copier.direct_targets,
+            inline=True,
+        )
+        try:
+            assert prefetch.ready.empty() and reader.bytes_read == 0  # nothing before asked
+            for number, bucket in enumerate(plan.buckets):
+                outcome = prefetch.next(bucket)
+                assert isinstance(outcome, Read)
+                executor.copier.own_parts(number, outcome)
+                prefetch.release(outcome)
+                assert threading.active_count() == before
+        finally:
+            prefetch.stop()
+    assert not prefetch.thread.is_alive()
+    expected: dict[str, torch.Tensor] = {}
+    for f in index.files:
+        expected.update(load_file(ckpt / f.name))
+    for out, dest in dests.items():
+        want = expected[plan.outputs[out].name]
+        want = want.to(dest.dtype) if want.is_floating_point() else want
+        assert torch.equal(dest, want), plan.outputs[out].name
+
+
+def test_inline_reads_when_nothing_moves_and_ranks_fill_the_cores(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank reads on its main thread only when every shared bucket comes from the page
+    cache (no transfer to overlap) and its node runs at least as many ranks as it has cores;
+    DISTLOAD_INLINE_READS decides instead when set."""
+    from distload.execute.run import inline_reads
+
+    plan = make_plan(read_checkpoint(ckpt), 4, bucket_bytes=8192, nodes=[0, 0, 1, 1])
+    shared = frozenset(n for n, b in enumerate(plan.buckets) if b.kind != "local")
+    assert shared
+    monkeypatch.delenv("DISTLOAD_INLINE_READS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert inline_reads(plan, 0, shared, shm=False)  # 2 ranks on 2 cores, all cached
+    assert not inline_reads(plan, 0, frozenset(), shm=False)  # buckets move: overlap
+    assert not inline_reads(plan, 0, shared, shm=True)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert not inline_reads(plan, 0, shared, shm=False)  # a core to spare per rank
+    monkeypatch.setenv("DISTLOAD_INLINE_READS", "1")
+    assert inline_reads(plan, 0, frozenset(), shm=False)
+    monkeypatch.setenv("DISTLOAD_INLINE_READS", "0")
+    assert not inline_reads(plan, 0, shared, shm=False)

@@ -18,12 +18,13 @@ from distload.residency import cached_range, evict
 from distload.storage import FileReader, ReadRequest, byte_view
 
 
-def test_requests_fill_their_buffers_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [2, 0], ids=["pool", "inline"])
+def test_requests_fill_their_buffers_exactly(tmp_path: Path, threads: int) -> None:
     data = os.urandom(3 * 4096 + 17)
     (tmp_path / "a.bin").write_bytes(data)
     bufs = [bytearray(n) for n in (100, 5000, 3, 4096)]
     offsets = [0, 100, 5100, 7000]
-    with FileReader(tmp_path, threads=2, block_bytes=4096) as reader:
+    with FileReader(tmp_path, threads=threads, block_bytes=4096) as reader:
         reader.read(
             [
                 ReadRequest("a.bin", o, memoryview(b), f"t{i}")
@@ -35,9 +36,13 @@ def test_requests_fill_their_buffers_exactly(tmp_path: Path) -> None:
         assert bytes(b) == data[o : o + len(b)]
 
 
-def test_a_read_past_the_end_names_the_file_and_tensor(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [4, 0], ids=["pool", "inline"])
+def test_a_read_past_the_end_names_the_file_and_tensor(tmp_path: Path, threads: int) -> None:
     (tmp_path / "a.bin").write_bytes(b"x" * 10)
-    with FileReader(tmp_path) as reader, pytest.raises(CheckpointError, match=r"a\.bin.*'w'"):
+    with (
+        FileReader(tmp_path, threads=threads) as reader,
+        pytest.raises(CheckpointError, match=r"a\.bin.*'w'"),
+    ):
         reader.read([ReadRequest("a.bin", 4, memoryview(bytearray(20)), "w")])
 
 
