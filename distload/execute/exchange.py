@@ -14,6 +14,8 @@ unfilled and what it receives is dropped, so no peer waits on it before the next
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from distload.arenas import Arenas
@@ -73,22 +75,8 @@ class TransportExchange:
             if read is not None:
                 self.status.guard(lambda: self.copier.deliver(segs, buf))
             return
-        buf = None
-        rest: list[Segment] = []
-        for message in messages:
-            into = None
-            if message.alone and not self.status.failed:
-                into = self.copier.landing(message.parts[0], self.net.device)
-            if into is None:
-                if buf is None:
-                    buf = self.arenas.get("recv", size)
-                into = buf[message.start : message.end]
-                rest.extend(message.parts)
-            self.net.broadcast(into, bucket.reader, what)
+        self._receive(messages, size, lambda into: self.net.broadcast(into, bucket.reader, what))
         self.stats.bytes_received += size
-        if buf is not None:
-            received = buf
-            self.status.guard(lambda: self.copier.deliver(rest, received))
 
     def _broadcast_buffer(self, read: Read | None, segs: list[Segment], size: int) -> torch.Tensor:
         """The reader's send buffer of a broadcast bucket: the read buffer itself when its
@@ -128,7 +116,9 @@ class TransportExchange:
         segs, size = self.copier.segments(number, self.rank)
         self.stats.bytes_received += size
         if not (self.multicast and len(members) > 1):
-            self._receive(bucket.reader, segs, size, f"{what}: receiving")
+            messages = wire_messages(segs, size)
+            where = f"{what}: receiving"
+            self._receive(messages, size, lambda into: self.net.recv(into, bucket.reader, where))
             return
         buf = self.arenas.get("recv", size)
         root = members[0]
@@ -141,11 +131,13 @@ class TransportExchange:
             self.net.group_broadcast(buf, members, root, where)
         self.status.guard(lambda: self.copier.deliver(segs, buf))
 
-    def _receive(self, src: int, segs: list[Segment], size: int, what: str) -> None:
-        """Receive one packed layout from ``src`` in its :func:`wire_messages`: a large part
-        that fills a contiguous region of its destination unchanged lands there (no copy),
-        every other message in the receive buffer, copied into place after."""
-        messages = wire_messages(segs, size)
+    def _receive(
+        self, messages: list[Message], size: int, take: Callable[[torch.Tensor], None]
+    ) -> None:
+        """Receive a packed layout of ``size`` bytes in its :func:`wire_messages`, each by
+        ``take(buffer)``: a large part that fills a contiguous region of its destination
+        unchanged lands there (no copy), every other message in the receive buffer, copied
+        into place after."""
         buf: torch.Tensor | None = None
         rest: list[Segment] = []
         for message in messages:
@@ -157,7 +149,7 @@ class TransportExchange:
                     buf = self.arenas.get("recv", size)
                 into = buf[message.start : message.end]
                 rest.extend(message.parts)
-            self.net.recv(into, src, what)
+            take(into)
         if buf is not None:
             received = buf
             self.status.guard(lambda: self.copier.deliver(rest, received))

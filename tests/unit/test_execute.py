@@ -19,6 +19,7 @@ from distload.execute import PREFETCH_DEPTH, Executor, Read, ReadAhead, ReadFail
 from distload.execute import reader as reader_module
 from distload.geometry import segments_for, wire_messages
 from distload.materialize import prepare_destinations
+from distload.plan import LoadPlan
 from distload.planner import DEFAULT_BUCKET_BYTES, make_plan
 from distload.storage import FileReader, ReadRequest
 from distload.synthetic import LlamaShape, write_llama
@@ -32,6 +33,34 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_llama(tmp_path_factory.mktemp("ckpt"), LlamaShape(), max_shard_bytes=100_000)
 
 
+def _one_rank(
+    plan: LoadPlan,
+    dests: dict[int, torch.Tensor],
+    reader: FileReader,
+    arenas: Arenas,
+    *,
+    inline: bool = False,
+) -> tuple[Executor, ReadAhead]:
+    """A one-process executor (for its copier) and the read-ahead of its buckets."""
+    executor = Executor(
+        plan,
+        LocalTransport(),
+        dests,
+        reader,
+        host_arenas=arenas,
+        comm_arenas=arenas,
+    )
+    prefetch = ReadAhead(
+        plan,
+        0,
+        reader=reader,
+        arenas=arenas,
+        direct_targets=executor.copier.direct_targets,
+        inline=inline,
+    )
+    return executor, prefetch
+
+
 def test_direct_buckets_are_read_ahead_without_waiting_for_arenas(ckpt: Path) -> None:
     index = read_checkpoint(ckpt)
     plan = make_plan(index, 1, bucket_bytes=8192)  # one process: every bucket is local
@@ -39,16 +68,7 @@ def test_direct_buckets_are_read_ahead_without_waiting_for_arenas(ckpt: Path) ->
     dests = prepare_destinations(plan, 0, torch.device("cpu"), None)
     arenas = Arenas(torch.device("cpu"))
     with FileReader(ckpt, threads=2) as reader:
-        executor = Executor(
-            plan, LocalTransport(), dests, reader, host_arenas=arenas, comm_arenas=arenas
-        )
-        prefetch = ReadAhead(
-            plan,
-            0,
-            reader=reader,
-            arenas=arenas,
-            direct_targets=executor.copier.direct_targets,
-        )
+        _, prefetch = _one_rank(plan, dests, reader, arenas)
         try:
             # nothing is ever released: a bucket needing an arena would block after
             # PREFETCH_DEPTH of them; direct buckets all come through
@@ -384,17 +404,7 @@ def test_inline_reads_need_no_thread_and_read_each_bucket_when_asked(
     arenas = Arenas(torch.device("cpu"))
     before = threading.active_count()
     with FileReader(ckpt, threads=0) as reader:
-        executor = Executor(
-            plan, LocalTransport(), dests, reader, host_arenas=arenas, comm_arenas=arenas
-        )
-        prefetch = ReadAhead(
-            plan,
-            0,
-            reader=reader,
-            arenas=arenas,
-            direct_targets=executor.copier.direct_targets,
-            inline=True,
-        )
+        executor, prefetch = _one_rank(plan, dests, reader, arenas, inline=True)
         try:
             assert prefetch.ready.empty() and reader.bytes_read == 0  # nothing before asked
             for number, bucket in enumerate(plan.buckets):
