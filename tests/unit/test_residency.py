@@ -118,3 +118,42 @@ def test_cached_range_tells_block_by_block(tmp_path: Path) -> None:
         assert cached_range(fd, 5, 0) is True  # nothing asked: nothing missing
     finally:
         os.close(fd)
+
+
+def test_a_large_file_is_probed_in_windows_spread_over_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond SAMPLED_FROM bytes the probe asks cachestat about WINDOWS windows spread over
+    the file, a cost per file rather than per byte, and their fraction stands for the
+    file's."""
+    from distload import residency
+
+    path = tmp_path / "model.safetensors"
+    mib = 1024 * 1024
+    _write(path, 8 * mib)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if residency.cached_pages(fd, 0, 4096) is None:
+            pytest.skip("cachestat(2) unavailable here (Linux before 6.5)")
+    finally:
+        os.close(fd)
+    monkeypatch.setattr(residency, "SAMPLED_FROM", mib)
+    monkeypatch.setattr(residency, "WINDOWS", 8)
+    monkeypatch.setattr(residency, "WINDOW", 64 * 1024)
+    asked: list[tuple[int, int]] = []
+    real = residency.cached_pages
+
+    def counted(fd: int, offset: int, length: int) -> int | None:
+        asked.append((offset, length))
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(residency, "cached_pages", counted)
+    assert resident_fraction(path) == 1.0
+    assert len(asked) == 8 and all(n == 64 * 1024 for _, n in asked)
+    assert asked[0][0] == 0 and asked[-1][0] + asked[-1][1] > 7 * mib  # spread to the end
+    evict(path, 4 * mib, 4 * mib)  # the second half gone
+    if resident_fraction(path) == 1.0:
+        pytest.skip("this filesystem keeps its pages (tmpfs?): nothing can be evicted")
+    assert resident_fraction(path) == 0.5
+    evict(path)
+    assert resident_fraction(path) == 0.0
