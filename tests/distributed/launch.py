@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,6 +56,23 @@ def run_group(
 ) -> list[Outcome]:
     """Run ``tests.distributed.scenarios.<scenario>(args)`` on ``world`` ranks."""
     tmp = Path(tempfile.mkdtemp(prefix="distload-group-"))
+    try:
+        return _run_in(tmp, world, scenario, args, timeout, bootstrap, extra_env, scenarios)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_in(
+    tmp: Path,
+    world: int,
+    scenario: str,
+    args: dict[str, Any] | None,
+    timeout: float,
+    bootstrap: str,
+    extra_env: dict[str, str] | None,
+    scenarios: str,
+) -> list[Outcome]:
+    """:func:`run_group` in the scratch folder ``tmp`` (logs, results, the file store)."""
     env = dict(os.environ)
     env.update(
         {
