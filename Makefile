@@ -10,7 +10,7 @@ NPROC ?= 4
 SIZE_MB ?= 256
 PYTEST_ARGS ?= -n auto --dist loadgroup
 
-.PHONY: install demo test lint bench bench-memory bench-concurrency clean
+.PHONY: install demo test lint bench bench-floor bench-memory bench-concurrency clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null \
@@ -30,6 +30,9 @@ lint: install
 
 bench: install
 	$(PYTHON) -m distload bench --size-mb 1500 --shard-mb 400 --scenarios tp4,dp4,2node --cache cold,warm --rounds 5 --methods load_file,get_slice,fastsafetensors,distload --results benchmarks/RESULTS.md
+
+bench-floor: install
+	$(PYTHON) -m distload bench --size-mb 1500 --shard-mb 400 --scenarios tp4 --cache warm,cold --rounds 7 --methods get_slice,floor,distload --results benchmarks/RESULTS-floor.md
 
 bench-concurrency: install
 	$(PYTHON) benchmarks/concurrency.py --rounds 7

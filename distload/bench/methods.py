@@ -135,6 +135,56 @@ def fastsafetensors(c: Context) -> None:
         loader.close()
 
 
+def floor(c: Context) -> None:
+    """Not an alternative users have: the cost of the bytes alone. Each rank reads its own
+    parts straight from the files with one copy per byte and nothing else -- whole rows
+    (row blocks, whole tensors) by ``preadv`` into the destination, column blocks copied out
+    of a mapping of the file -- no coordination, no checks, no error handling across
+    ranks. What a loader of one copy per byte can reach on this machine; the gap between it
+    and a method is that method's own work."""
+    import mmap
+    import os
+
+    from distload.storage import byte_view
+
+    metas = {t.name: t for t in c.index.tensors}
+    fds: dict[str, int] = {}
+    maps: dict[str, tuple[mmap.mmap, torch.Tensor]] = {}
+    try:
+        for name, (_, box) in c.wanted.items():
+            meta, dest = metas[name], c.dests[name]
+            if meta.file not in fds:
+                fds[meta.file] = os.open(c.root / meta.file, os.O_RDONLY)
+            fd = fds[meta.file]
+            rows = all(
+                s.start == 0 and s.stop == n for s, n in zip(box[1:], meta.shape[1:], strict=True)
+            )
+            if rows:  # contiguous bytes of the file: read straight into the destination
+                view, at = (
+                    byte_view(dest),
+                    meta.offset + (box[0].start if box else 0) * meta.row_bytes,
+                )
+                while len(view):
+                    got = os.preadv(fd, [view], at)
+                    if got <= 0:
+                        raise OSError(f"{meta.file}: short read at {at} for {name}")
+                    view, at = view[got:], at + got
+                continue
+            if meta.file not in maps:
+                mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                maps[meta.file] = (mapping, torch.frombuffer(mapping, dtype=torch.uint8))
+            stored = maps[meta.file][1][meta.offset : meta.offset + meta.nbytes]
+            dest.copy_(stored.view(to_torch(meta.dtype)).view(meta.shape)[box])
+            del stored
+    finally:
+        while maps:  # the tensor over a mapping goes first (it holds the mapping's buffer)
+            _, (mapping, tensor) = maps.popitem()
+            del tensor
+            mapping.close()
+        for fd in fds.values():
+            os.close(fd)
+
+
 def distload_load(c: Context) -> None:
     """distload: each byte read once, only slices moved, into ``out=``."""
     import distload
@@ -151,6 +201,7 @@ METHODS: dict[str, Callable[[Context], None]] = {
     "dcp_hf": dcp_hf,
     "fastsafetensors": fastsafetensors,
     "distload": distload_load,
+    "floor": floor,
 }
 
 

@@ -14,6 +14,9 @@ from collections import Counter
 MiB = 2**20
 
 Rows = dict[str, dict[str, list[list[dict]]]]  # scenario -> method -> rounds -> rank rows
+# the method that moves the bytes alone (``distload.bench.methods.floor``): a limit of the
+# machine measured in the same run, not an alternative
+FLOOR = "floor"
 
 
 def spread(values: list[float], digits: int = 2) -> str:
@@ -39,8 +42,9 @@ def pairwise(
     figures: dict[str, dict[str, list]],
 ) -> tuple[list[float], list[float], Counter[str]]:
     """Round by round: distload's time and CPU seconds over those of the fastest alternative
-    of that round, and which alternative that was."""
-    alternatives = [m for m in figures if m != "distload"]
+    of that round, and which alternative that was (``floor`` is no alternative: see
+    :func:`against_floor`)."""
+    alternatives = [m for m in figures if m not in ("distload", FLOOR)]
     ratios: list[float] = []
     cpu_ratios: list[float] = []
     fastest: Counter[str] = Counter()
@@ -52,6 +56,24 @@ def pairwise(
         ratios.append(mine / figures[best]["seconds"][k])
         cpu_ratios.append(figures["distload"]["cpu"][k] / figures[best]["cpu"][k])
     return ratios, cpu_ratios, fastest
+
+
+def against_floor(
+    figures: dict[str, dict[str, list]],
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Round by round, each method's time and CPU seconds over the floor's of that round
+    (empty without a floor)."""
+    if FLOOR not in figures:
+        return {}
+    base = figures[FLOOR]
+    return {
+        m: (
+            [a / b for a, b in zip(f["seconds"], base["seconds"], strict=True)],
+            [a / b for a, b in zip(f["cpu"], base["cpu"], strict=True)],
+        )
+        for m, f in figures.items()
+        if m != FLOOR
+    }
 
 
 def _direct(limits: dict) -> str:
@@ -153,6 +175,14 @@ def _section(
             "",
             f"distload / fastest alternative per round: "
             f"{', '.join(f'{r:.2f}' for r in ratios)} (fastest: {who}).",
+        ]
+    over = against_floor(figures)
+    if over:
+        lines += [
+            "",
+            "Over the floor (the bytes alone, one copy each), pair by pair: "
+            + "; ".join(f"`{m}` time {spread(t)}, CPU {spread(c)}" for m, (t, c) in over.items())
+            + ".",
         ]
     kind = scenario.split(maxsplit=1)[0]
     if model and kind in model and scenario.endswith("cold") and "distload" in figures:

@@ -59,11 +59,14 @@ def test_bench_runs_every_method_bit_exact(tmp_path: Path) -> None:
         assert set(rows) == expected, table
         for method, cells in rows.items():
             assert cells[5] == "True", (method, table)  # bit exact
-            assert float(cells[2].split()[0]) > 0, (method, table)  # CPU seconds measured
+            if method != "floor":  # (the floor of 6 MB takes a few ms: 0.00 s at 2 digits)
+                assert float(cells[2].split()[0]) > 0, (method, table)  # CPU seconds measured
         if scenario.endswith("cold"):
             assert float(rows["distload"][4]) == pytest.approx(1.0, abs=0.3)  # read ~once
         ratios = section.split("fastest alternative per round: ", 1)[1].split(" (")[0]
         assert len(ratios.split(", ")) == 1, section  # one round: one pair
+        assert "fastest: `floor`" not in section  # the floor is a limit, not an alternative
+        assert "Over the floor" in section and "`distload` time" in section, section
     summary = table.split("## Summary\n", 1)[1].split("\n## ", 1)[0]
     for scenario in ("tp2 cold", "tp2 warm", "dp2 cold", "dp2 warm"):
         assert f"| {scenario} |" in summary, summary
@@ -81,12 +84,26 @@ def test_ratios_are_taken_pair_by_pair() -> None:
         "distload": {"seconds": [1.0, 3.0, 1.2], "cpu": [2.0, 2.0, 2.0]},
         "get_slice": {"seconds": [2.0, 6.0, 1.0], "cpu": [1.0, 1.0, 4.0]},
         "load_file": {"seconds": [4.0, 5.0, 3.0], "cpu": [1.0, 1.0, 1.0]},
+        "floor": {"seconds": [0.5, 0.5, 0.5], "cpu": [0.5, 0.5, 0.5]},  # a limit, no rival
     }
     ratios, cpu, fastest = pairwise(figures)
     assert ratios == [0.5, 0.6, 1.2]
     assert cpu == [2.0, 2.0, 0.5]
     assert fastest == {"get_slice": 2, "load_file": 1}
     assert spread(ratios) == "0.60 [0.50-1.20]"
+
+
+def test_every_method_is_set_against_the_floor_pair_by_pair() -> None:
+    from distload.bench.tables import against_floor
+
+    figures = {
+        "distload": {"seconds": [1.0, 3.0], "cpu": [2.0, 2.0]},
+        "get_slice": {"seconds": [2.0, 6.0], "cpu": [1.0, 4.0]},
+        "floor": {"seconds": [0.5, 2.0], "cpu": [1.0, 2.0]},
+    }
+    over = against_floor(figures)
+    assert over == {"distload": ([2.0, 1.5], [2.0, 1.0]), "get_slice": ([4.0, 3.0], [1.0, 2.0])}
+    assert against_floor({"distload": figures["distload"]}) == {}
 
 
 def test_scenario_kinds_name_their_process_count() -> None:
